@@ -1,0 +1,50 @@
+"""Kernel backends: where preserved fds go at reboot and come back from after it.
+
+Both follow the shape of the kernel's Live Update Orchestrator: sessions, fds under
+tokens, a reboot that hands everything over, retrieval by the next boot, and finish.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from liveupdated.core.orchestrator import FdEntry
+
+Key = tuple[str, str]  # (session, token)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What the previous boot handed over, as found at start-up."""
+
+    boot_id: str
+    keys: frozenset[Key]
+
+
+class Backend(Protocol):
+    name: str
+
+    def find_handover(self) -> Handover | None:
+        """The previous kernel's handover, if this start is the first of a new boot."""
+
+    def preserve_fd(self, key: Key, fd: int) -> None: ...
+
+    def unpreserve_fd(self, key: Key) -> None: ...
+
+    def write_handover(
+        self,
+        fds: Mapping[Key, int],
+        entries: Mapping[Key, FdEntry],
+        boot_id: str,
+        progress: Callable[[int], None],
+    ) -> int:
+        """Blocking: serialize every fd for the next kernel; returns bytes carried."""
+
+    def discard_handover(self) -> None:
+        """Cancel: remove every trace of a (partial) handover."""
+
+    def retrieve_fd(self, key: Key, entry: FdEntry) -> int:
+        """After the reboot: rebuild the fd; Corrupted if its data fails its checks."""
+
+    def finish(self) -> None:
+        """The update is over: release everything the previous boot handed over."""

@@ -1,0 +1,167 @@
+"""The simulated kernel: a handover area on disk stands in for kexec-preserved memory.
+
+At Reboot each memfd's data extents are copied kernel-side into a sparse file, and the
+kexec record (metadata of every fd, checksummed) is written last and atomically: it is
+the commit point. The next start finds the record and is, for liveupdated, a new boot.
+"""
+
+import os
+import shutil
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from liveupdated.backends import Handover, Key
+from liveupdated.core.errors import Corrupted, NoSuchToken
+from liveupdated.core.names import escape_path_label
+from liveupdated.core.orchestrator import FdEntry
+from liveupdated.fds import memfd
+from liveupdated.journal import fsync_directory, write_atomically
+
+RECORD_NAME = "kexec-record.json"
+DATA_DIR = "data"
+
+
+class CarriedFd(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    session: str
+    token: str
+    file: str
+    size: int
+    name: str
+    seals: int
+    position: int
+    extents: list[tuple[int, int]]
+
+
+class KexecRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    boot_id: str
+    fds: list[CarriedFd]
+
+
+class SimulatedBackend:
+    name = "simulated"
+
+    def __init__(self, area: Path) -> None:
+        self.area = area
+        self._record: KexecRecord | None = None
+
+    def _data_file(self, key: Key) -> str:
+        return f"{escape_path_label(key[0])}.{escape_path_label(key[1])}"
+
+    def find_handover(self) -> Handover | None:
+        record = self._load_record()
+        if record is None:
+            return None
+        return Handover(record.boot_id, frozenset((f.session, f.token) for f in record.fds))
+
+    def _load_record(self) -> KexecRecord | None:
+        if self._record is not None:
+            return self._record
+        path = self.area / RECORD_NAME
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        body, _, checksum = raw.rpartition(b"\n")
+        try:
+            if int(checksum) != zlib.crc32(body):
+                raise ValueError("checksum mismatch")
+            self._record = KexecRecord.model_validate_json(body)
+        except (ValueError, ValidationError) as exc:
+            raise Corrupted(f"kexec record {path} fails its checks: {exc}") from exc
+        return self._record
+
+    def preserve_fd(self, key: Key, fd: int) -> None:
+        """Nothing to do before the reboot: the daemon holds the fd itself."""
+
+    def unpreserve_fd(self, key: Key) -> None:
+        """Nothing to do before the reboot: the daemon holds the fd itself."""
+
+    def write_handover(
+        self,
+        fds: Mapping[Key, int],
+        entries: Mapping[Key, FdEntry],
+        boot_id: str,
+        progress: Callable[[int], None],
+    ) -> int:
+        self.discard_handover()
+        data_dir = self.area / DATA_DIR
+        data_dir.mkdir(parents=True)
+        carried: list[CarriedFd] = []
+        total = 0
+        for key, fd in fds.items():
+            entry = entries[key]
+            size = os.fstat(fd).st_size
+            position = os.lseek(fd, 0, os.SEEK_CUR)
+            extents = memfd.data_extents(fd, size)
+            file = self._data_file(key)
+            out = os.open(data_dir / file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+            try:
+                os.ftruncate(out, size)
+                total += memfd.copy_extents(fd, out, extents)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            progress(total)
+            carried.append(
+                CarriedFd(
+                    session=key[0],
+                    token=key[1],
+                    file=file,
+                    size=size,
+                    name=entry.name,
+                    seals=memfd.seals_of(fd),
+                    position=position,
+                    extents=extents,
+                )
+            )
+        fsync_directory(data_dir)
+        body = KexecRecord(boot_id=boot_id, fds=carried).model_dump_json().encode()
+        write_atomically(self.area / RECORD_NAME, body + b"\n" + str(zlib.crc32(body)).encode())
+        return total
+
+    def discard_handover(self) -> None:
+        record = self.area / RECORD_NAME
+        if record.exists():
+            record.unlink()
+            fsync_directory(self.area)
+        shutil.rmtree(self.area / DATA_DIR, ignore_errors=True)
+        self.area.mkdir(parents=True, exist_ok=True)
+        self._record = None
+
+    def retrieve_fd(self, key: Key, entry: FdEntry) -> int:
+        record = self._load_record()
+        carried = next(
+            (f for f in record.fds if (f.session, f.token) == key), None
+        ) if record else None
+        if carried is None:
+            raise NoSuchToken(f"{key[0]}/{key[1]} is not in the handover of the previous boot")
+        path = self.area / DATA_DIR / carried.file
+        try:
+            src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise Corrupted(f"handover data of {key[0]}/{key[1]} is missing ({path})") from None
+        try:
+            if os.fstat(src).st_size != carried.size:
+                raise Corrupted(
+                    f"handover data of {key[0]}/{key[1]} has {os.fstat(src).st_size} bytes, "
+                    f"its record says {carried.size}"
+                )
+            fd = memfd.create(carried.name, carried.size)
+            try:
+                memfd.copy_extents(src, fd, carried.extents)
+                memfd.finish_restore(fd, carried.position, carried.seals)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        finally:
+            os.close(src)
+
+    def finish(self) -> None:
+        self.discard_handover()
+

@@ -1,0 +1,6 @@
+"""The D-Bus edge: parse, authorize, call the service, translate results and errors."""
+
+BUS_NAME = "org.liveupdate1"
+MANAGER_INTERFACE = "org.liveupdate1.Manager"
+SESSION_INTERFACE = "org.liveupdate1.Session"
+ERROR_PREFIX = "org.liveupdate1.Error."

@@ -1,0 +1,86 @@
+"""Who is calling: the uid and systemd unit behind a bus connection, cached per name.
+
+Unique bus names are never reused, so a resolved identity stays valid until the name
+leaves the bus (NameOwnerChanged), when it is forgotten.
+"""
+
+import contextvars
+import os
+import re
+
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from liveupdated.core.errors import AccessDenied
+from liveupdated.core.orchestrator import Caller
+
+CURRENT_MESSAGE: contextvars.ContextVar[Message] = contextvars.ContextVar("current_message")
+_UNIT_RE = re.compile(r"[^/]+\.(service|scope)$")
+
+
+def unit_of_pid(pid: int) -> str:
+    """The systemd unit a process runs in, from its cgroup path ("" if none)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        path = line.split(":", 2)[-1]
+        for part in reversed(path.split("/")):
+            if _UNIT_RE.fullmatch(part):
+                return part
+    return ""
+
+
+class Callers:
+    def __init__(self, bus: MessageBus, system_bus: bool) -> None:
+        self._bus = bus
+        self._cache: dict[str, Caller] = {}
+        self._admin_uids = {0} if system_bus else {0, os.getuid()}
+
+    def forget(self, name: str) -> None:
+        self._cache.pop(name, None)
+
+    async def current(self) -> Caller:
+        """The caller of the method call being handled."""
+        sender = CURRENT_MESSAGE.get().sender
+        if not sender:
+            raise AccessDenied("the call has no sender; cannot tell who is calling")
+        caller = self._cache.get(sender)
+        if caller is None:
+            caller = await self._resolve(sender)
+            self._cache[sender] = caller
+        return caller
+
+    async def _resolve(self, sender: str) -> Caller:
+        reply = await self._bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="GetConnectionCredentials",
+                signature="s",
+                body=[sender],
+            )
+        )
+        if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
+            raise AccessDenied(f"cannot get the credentials of {sender}")
+        creds = reply.body[0]
+        uid = int(creds["UnixUserID"].value)
+        pid = creds.get("ProcessID")
+        unit = unit_of_pid(int(pid.value)) if pid is not None else ""
+        return Caller(uid=uid, unit=unit, client=sender, admin=uid in self._admin_uids)
+
+    async def has_owner(self, name: str) -> bool:
+        reply = await self._bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="NameHasOwner",
+                signature="s",
+                body=[name],
+            )
+        )
+        return bool(reply is not None and reply.body and reply.body[0])

@@ -1,0 +1,108 @@
+"""org.liveupdate1.Manager: sessions and the host's update, on /org/liveupdate1."""
+
+from typing import Annotated, Any
+
+from dbus_fast.annotations import DBusObjectPath, DBusStr, DBusUInt64
+from dbus_fast.annotations import DBusSignature as Sig
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+
+import liveupdated
+from liveupdated.bus import MANAGER_INTERFACE
+from liveupdated.bus.callers import CURRENT_MESSAGE, Callers
+from liveupdated.bus.connection import FdOwningBus
+from liveupdated.bus.errors import contract
+from liveupdated.core.names import session_path
+from liveupdated.service import LiveUpdate
+from liveupdated.systemd import boot_id
+
+SessionList = Annotated[list[list[Any]], Sig("a(sousu)")]
+
+
+class Manager(ServiceInterface):
+    def __init__(self, service: LiveUpdate, callers: Callers, bus: FdOwningBus) -> None:
+        super().__init__(MANAGER_INTERFACE)
+        self._service = service
+        self._callers = callers
+        self._bus = bus
+        self._boot_id = boot_id()
+
+    @dbus_method(name="CreateSession")
+    @contract
+    async def create_session(self, name: DBusStr) -> DBusObjectPath:
+        caller = await self._callers.current()
+        session = await self._service.create_session(caller, name)
+        return session_path(session.name)
+
+    @dbus_method(name="RetrieveSession")
+    @contract
+    async def retrieve_session(self, name: DBusStr) -> DBusObjectPath:
+        caller = await self._callers.current()
+        return session_path(self._service.retrieve_session(caller, name).name)
+
+    @dbus_method(name="ListSessions")
+    @contract
+    async def list_sessions(self) -> SessionList:
+        caller = await self._callers.current()
+        core = self._service.core
+        return [
+            [s.name, session_path(s.name), s.uid, core.session_state(s), len(s.fds)]
+            for s in sorted(core.visible_sessions(caller), key=lambda s: s.name)
+        ]
+
+    @dbus_method(name="Prepare")
+    @contract
+    async def prepare(self) -> None:
+        await self._service.prepare(await self._callers.current())
+
+    @dbus_method(name="Freeze")
+    @contract
+    async def freeze(self) -> None:
+        await self._service.freeze(await self._callers.current())
+
+    @dbus_method(name="Cancel")
+    @contract
+    async def cancel(self) -> None:
+        await self._service.cancel(await self._callers.current())
+
+    @dbus_method(name="Reboot")
+    @contract
+    async def reboot(self) -> None:
+        serial = CURRENT_MESSAGE.get().serial
+        await self._service.reboot(await self._callers.current())
+        self._bus.when_replied(serial, self._service.reboot_requested.set)
+
+    @dbus_method(name="Finish")
+    @contract
+    async def finish(self) -> None:
+        await self._service.finish(await self._callers.current())
+
+    @dbus_property(access=PropertyAccess.READ, name="State")
+    def state(self) -> DBusStr:
+        return self._service.core.phase.value
+
+    @dbus_property(access=PropertyAccess.READ, name="Backend")
+    def backend(self) -> DBusStr:
+        return self._service.backend.name
+
+    @dbus_property(access=PropertyAccess.READ, name="BootId")
+    def boot_id(self) -> DBusStr:
+        return self._boot_id
+
+    @dbus_property(access=PropertyAccess.READ, name="Version")
+    def version(self) -> DBusStr:
+        return liveupdated.__version__
+
+    @dbus_property(access=PropertyAccess.READ, name="LastBlackoutUSec")
+    def last_blackout_usec(self) -> DBusUInt64:
+        return self._service.core.last_blackout_usec
+
+    @dbus_signal(name="StateChanged")
+    def state_changed(self, old: str, new: str) -> Annotated[list[str], Sig("ss")]:
+        return [old, new]
+
+    def announce_phase(self, old: str, new: str) -> None:
+        self.state_changed(old, new)
+        self.emit_properties_changed(
+            {"State": new, "LastBlackoutUSec": self._service.core.last_blackout_usec}
+        )

@@ -1,0 +1,124 @@
+"""org.liveupdate1.Session: one VMM's fds, on /org/liveupdate1/session/<name>."""
+
+import os
+from typing import Annotated, Any
+
+from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
+from dbus_fast.annotations import DBusSignature as Sig
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+
+from liveupdated.bus import SESSION_INTERFACE
+from liveupdated.bus.callers import Callers
+from liveupdated.bus.errors import contract
+from liveupdated.core.orchestrator import Session
+from liveupdated.service import LiveUpdate
+
+StringList = Annotated[list[str], Sig("as")]
+FdList = Annotated[list[list[Any]], Sig("a(ssast)")]
+
+
+class SessionObject(ServiceInterface):
+    def __init__(self, name: str, service: LiveUpdate, callers: Callers) -> None:
+        super().__init__(SESSION_INTERFACE)
+        self.session_name = name
+        self._service = service
+        self._callers = callers
+
+    @property
+    def _session(self) -> Session:
+        return self._service.core.session(self.session_name)
+
+    @dbus_method(name="PreserveFd")
+    @contract
+    async def preserve_fd(self, token: DBusStr, fd: DBusUnixFd, requires: StringList) -> None:
+        try:
+            caller = await self._callers.current()
+        except BaseException:
+            os.close(fd)
+            raise
+        await self._service.preserve_fd(caller, self.session_name, token, fd, requires)
+
+    @dbus_method(name="UnpreserveFd")
+    @contract
+    async def unpreserve_fd(self, token: DBusStr) -> None:
+        caller = await self._callers.current()
+        await self._service.unpreserve_fd(caller, self.session_name, token)
+
+    @dbus_method(name="RetrieveFd")
+    @contract
+    async def retrieve_fd(self, token: DBusStr) -> DBusUnixFd:
+        caller = await self._callers.current()
+        return await self._service.retrieve_fd(caller, self.session_name, token)
+
+    @dbus_method(name="ListFds")
+    @contract
+    async def list_fds(self) -> FdList:
+        caller = await self._callers.current()
+        session = self._service.core.owned_session(caller, self.session_name)
+        vault = self._service.vault
+        rows = []
+        for token, entry in sorted(session.fds.items()):
+            key = (self.session_name, token)
+            size = os.fstat(vault.get(key)).st_size if key in vault else entry.size
+            kind = f"{entry.kind} (lost)" if entry.lost else entry.kind
+            rows.append([token, kind, list(entry.requires), size])
+        return rows
+
+    @dbus_method(name="DelayFreeze")
+    @contract
+    async def delay_freeze(self, enable: DBusBool) -> None:
+        caller = await self._callers.current()
+        await self._service.delay_freeze(caller, self.session_name, enable)
+
+    @dbus_method(name="ReadyForFreeze")
+    @contract
+    async def ready_for_freeze(self) -> None:
+        caller = await self._callers.current()
+        await self._service.ready_for_freeze(caller, self.session_name)
+
+    @dbus_method(name="Finish")
+    @contract
+    async def finish(self) -> None:
+        caller = await self._callers.current()
+        await self._service.finish_session(caller, self.session_name)
+
+    @dbus_method(name="Close")
+    @contract
+    async def close(self) -> None:
+        caller = await self._callers.current()
+        await self._service.close_session(caller, self.session_name)
+
+    @dbus_property(access=PropertyAccess.READ, name="Name")
+    def name_(self) -> DBusStr:
+        return self.session_name
+
+    @dbus_property(access=PropertyAccess.READ, name="Owner")
+    def owner(self) -> DBusUInt32:
+        return self._session.uid
+
+    @dbus_property(access=PropertyAccess.READ, name="Unit")
+    def unit(self) -> DBusStr:
+        return self._session.unit
+
+    @dbus_property(access=PropertyAccess.READ, name="State")
+    def state(self) -> DBusStr:
+        return self._service.core.session_state(self._session)
+
+    @dbus_property(access=PropertyAccess.READ, name="FdCount")
+    def fd_count(self) -> DBusUInt32:
+        return len(self._session.fds)
+
+    @dbus_property(access=PropertyAccess.READ, name="PreservedBytes")
+    def preserved_bytes(self) -> DBusUInt64:
+        return self._session.preserved_bytes
+
+    def announce_change(self) -> None:
+        session = self._session
+        self.emit_properties_changed(
+            {
+                "State": self._service.core.session_state(session),
+                "FdCount": len(session.fds),
+                "PreservedBytes": session.preserved_bytes,
+            }
+        )

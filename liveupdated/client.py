@@ -1,0 +1,193 @@
+"""An asyncio client of the org.liveupdate1 contract, for VMMs written in Python.
+
+Speaks D-Bus only. Contract errors come back as the same exception classes the daemon
+raises (liveupdated.core.errors), so `except NoSuchToken:` works on the client side.
+"""
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from dbus_fast import DBusError, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from liveupdated.bus import BUS_NAME, ERROR_PREFIX, MANAGER_INTERFACE, SESSION_INTERFACE
+from liveupdated.bus.address import connect
+from liveupdated.core import errors
+from liveupdated.core.names import MANAGER_PATH
+
+_ERRORS = {ERROR_PREFIX + cls.name: cls for cls in errors.ALL_ERRORS}
+
+
+class BusError(Exception):
+    """A D-Bus error outside the contract (no daemon, denied by bus policy, ...)."""
+
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}")
+        self.name = name
+        self.text = text
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    name: str
+    path: str
+    owner: int
+    state: str
+    fd_count: int
+
+
+@dataclass(frozen=True)
+class FdInfo:
+    token: str
+    kind: str
+    requires: list[str]
+    size: int
+
+
+class Client:
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+
+    @classmethod
+    async def connect(cls, spec: str = "system") -> "Client":
+        return cls(await connect(spec))
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+    async def call(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        unix_fds: Sequence[int] = (),
+    ) -> list[Any]:
+        reply = await self.bus.call(
+            Message(
+                destination=BUS_NAME,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=list(body),
+                unix_fds=list(unix_fds),
+            )
+        )
+        assert reply is not None
+        if reply.message_type is MessageType.ERROR:
+            text = reply.body[0] if reply.body else ""
+            name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
+            raise _ERRORS[name](text) if name in _ERRORS else BusError(name, text)
+        body_out = list(reply.body)
+        if reply.unix_fds:
+            body_out = [reply.unix_fds[v] if s.token == "h" else v
+                        for s, v in zip(reply.signature_tree.types, body_out, strict=True)]
+        return body_out
+
+    async def _manager(self, member: str, signature: str = "", *body: Any) -> list[Any]:
+        return await self.call(MANAGER_PATH, MANAGER_INTERFACE, member, signature, body)
+
+    async def property(self, name: str, path: str = MANAGER_PATH,
+                       interface: str = MANAGER_INTERFACE) -> Any:
+        (variant,) = await self.call(
+            path, "org.freedesktop.DBus.Properties", "Get", "ss", [interface, name]
+        )
+        return variant.value
+
+    async def properties(self, path: str = MANAGER_PATH,
+                         interface: str = MANAGER_INTERFACE) -> dict[str, Any]:
+        (values,) = await self.call(
+            path, "org.freedesktop.DBus.Properties", "GetAll", "s", [interface]
+        )
+        return {k: v.value for k, v in values.items()}
+
+    async def state(self) -> str:
+        return str(await self.property("State"))
+
+    async def create_session(self, name: str) -> "SessionClient":
+        (path,) = await self._manager("CreateSession", "s", name)
+        return SessionClient(self, name, path)
+
+    async def retrieve_session(self, name: str) -> "SessionClient":
+        (path,) = await self._manager("RetrieveSession", "s", name)
+        return SessionClient(self, name, path)
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        (rows,) = await self._manager("ListSessions")
+        return [SessionInfo(*row) for row in rows]
+
+    async def prepare(self) -> None:
+        await self._manager("Prepare")
+
+    async def freeze(self) -> None:
+        await self._manager("Freeze")
+
+    async def cancel(self) -> None:
+        await self._manager("Cancel")
+
+    async def reboot(self) -> None:
+        await self._manager("Reboot")
+
+    async def finish(self) -> None:
+        await self._manager("Finish")
+
+
+class SessionClient:
+    def __init__(self, client: Client, name: str, path: str) -> None:
+        self.client = client
+        self.name = name
+        self.path = path
+
+    async def _call(self, member: str, signature: str = "", body: Sequence[Any] = (),
+                    unix_fds: Sequence[int] = ()) -> list[Any]:
+        return await self.client.call(
+            self.path, SESSION_INTERFACE, member, signature, body, unix_fds
+        )
+
+    async def preserve_fd(self, token: str, fd: int, requires: Sequence[str] = ()) -> None:
+        """Hand `fd` over; the caller keeps its own copy and may close it afterwards."""
+        await self._call("PreserveFd", "shas", [token, 0, list(requires)], [fd])
+
+    async def unpreserve_fd(self, token: str) -> None:
+        await self._call("UnpreserveFd", "s", [token])
+
+    async def retrieve_fd(self, token: str) -> int:
+        """A new fd owned by the caller (close it when done)."""
+        (fd,) = await self._call("RetrieveFd", "s", [token])
+        os.set_inheritable(fd, False)
+        return int(fd)
+
+    async def list_fds(self) -> list[FdInfo]:
+        (rows,) = await self._call("ListFds")
+        return [FdInfo(*row) for row in rows]
+
+    async def delay_freeze(self, enable: bool = True) -> None:
+        await self._call("DelayFreeze", "b", [enable])
+
+    async def ready_for_freeze(self) -> None:
+        await self._call("ReadyForFreeze")
+
+    async def finish(self) -> None:
+        await self._call("Finish")
+
+    async def close(self) -> None:
+        await self._call("Close")
+
+    async def properties(self) -> dict[str, Any]:
+        return await self.client.properties(self.path, SESSION_INTERFACE)
+
+
+__all__ = ["BusError", "Client", "DBusError", "FdInfo", "SessionClient", "SessionInfo"]

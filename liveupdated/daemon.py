@@ -1,0 +1,286 @@
+"""liveupdated: start-up, recovery, wiring of core, journal, backend, bus and systemd.
+
+The only module that knows every part. It recovers the state (journal, fd store,
+handover) before it owns the bus name and says READY=1, and it exits non-zero if it
+loses the bus, so that systemd restarts it with its fd store.
+"""
+
+import asyncio
+import contextlib
+import os
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+
+import structlog
+from dbus_fast import Message, MessageType, NameFlag, RequestNameReply
+
+from liveupdated import logs
+from liveupdated.backends import Backend
+from liveupdated.backends.simulated import SimulatedBackend
+from liveupdated.bus import BUS_NAME
+from liveupdated.bus.address import connect
+from liveupdated.bus.callers import Callers
+from liveupdated.bus.connection import FdOwningBus, fd_guard
+from liveupdated.bus.manager import Manager
+from liveupdated.bus.session import SessionObject
+from liveupdated.config import Config, parse_args
+from liveupdated.core.errors import Corrupted, LiveUpdateError
+from liveupdated.core.names import MANAGER_PATH, SESSION_PATH_PREFIX, session_path
+from liveupdated.core.orchestrator import Orchestrator, Phase, Session
+from liveupdated.core.records import Record
+from liveupdated.journal import Journal
+from liveupdated.service import LiveUpdate
+from liveupdated.systemd import Notifier, boot_id, take_listen_fds
+from liveupdated.vault import Vault
+
+log = structlog.get_logger("liveupdated")
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def make_backend(config: Config) -> Backend:
+    if config.resolved_backend() == "kernel":
+        from liveupdated.backends.kernel import KernelBackend
+
+        return KernelBackend(config.state_dir)
+    return SimulatedBackend(config.handover_area)
+
+
+def replay(config: Config) -> tuple[Orchestrator, Journal]:
+    journal, records, damage = Journal.open(config.state_dir / "journal")
+    if damage is not None:
+        log.error("journal_tail_cut", offset=damage.offset, cut_bytes=damage.cut_bytes,
+                  reason=damage.reason)
+    core = Orchestrator(config.limits)
+    for number, record in enumerate(records):
+        try:
+            core.apply(record)
+        except (KeyError, ValueError) as exc:
+            raise Corrupted(
+                f"journal record {number} ({record.type}) contradicts the records before it"
+            ) from exc
+    return core, journal
+
+
+def reclaim_fds(core: Orchestrator, vault: Vault) -> list[Record]:
+    """Match the fds systemd kept for us with the journal: keep, close or report."""
+    for name, fd in take_listen_fds():
+        session, _, token = name.partition("/")
+        entry = core.sessions[session].fds.get(token) if session in core.sessions else None
+        # After the reboot only restored fds are ours; earlier ones are the old boot's.
+        known = entry is not None and (core.phase is not Phase.UPDATED or entry.restored)
+        if known and (session, token) not in vault:
+            vault.keep((session, token), fd, store=False)
+        else:
+            log.warning("unknown_fd_closed", fdname=name)
+            os.close(fd)
+    if core.phase is Phase.UPDATED:
+        return []  # fds not held come back from the handover on request
+    missing = [
+        (s.name, t) for s in core.sessions.values() for t in s.fds if (s.name, t) not in vault
+    ]
+    records = core.fds_lost(missing)
+    for record in records:
+        log.error("fd_lost", session=record.session, token=record.token,
+                  hint="no fd store copy; UnpreserveFd it and preserve it again")
+    return records
+
+
+def recover_handover(core: Orchestrator, backend: Backend) -> list[Record]:
+    """Is this start the first of a new boot? Then the handover is our fds' source now."""
+    handover = backend.find_handover()
+    if handover is None:
+        return []
+    if core.phase is Phase.FROZEN:
+        log.info("handover_found", previous_boot=handover.boot_id, fds=len(handover.keys))
+        return core.rebooted(handover.boot_id)
+    if core.phase is not Phase.UPDATED:
+        log.warning("stale_handover_discarded", phase=core.phase.value)
+        backend.discard_handover()
+    return []
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.notifier = Notifier()
+        self.exit_code = 0
+
+    async def run(self) -> int:
+        config = self.config
+        core, journal = replay(config)
+        vault = Vault(self.notifier)
+        backend = make_backend(config)
+        handover = recover_handover(core, backend)
+        journal.commit_now(handover + reclaim_fds(core, vault))
+        service = LiveUpdate(core, journal, vault, backend, self.notifier, config.freeze_timeout)
+
+        bus = await connect(config.bus, FdOwningBus)
+        assert isinstance(bus, FdOwningBus)
+        callers = Callers(bus, system_bus=config.bus == "system")
+        gone: asyncio.Queue[str] = asyncio.Queue()
+        bus.add_message_handler(fd_guard(lambda path: path in sessions))
+        bus.add_message_handler(_name_watcher(gone, callers))
+        await _add_match(
+            bus, "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+            "member='NameOwnerChanged',path='/org/freedesktop/DBus'"
+        )
+        if core.phase is Phase.NORMAL:
+            for client in core.clients():
+                if not await callers.has_owner(client):
+                    await service.client_gone(client)
+
+        manager = Manager(service, callers, bus)
+        sessions: dict[str, SessionObject] = {}
+
+        def add_session(session: Session) -> None:
+            obj = SessionObject(session.name, service, callers)
+            sessions[session_path(session.name)] = obj
+            bus.export(session_path(session.name), obj)
+
+        def remove_session(name: str) -> None:
+            path = session_path(name)
+            if sessions.pop(path, None) is not None:
+                bus.unexport(path)
+
+        def session_changed(session: Session) -> None:
+            obj = sessions.get(session_path(session.name))
+            if obj is not None:
+                obj.announce_change()
+
+        service.listeners.session_added = add_session
+        service.listeners.session_removed = remove_session
+        service.listeners.session_changed = session_changed
+        service.listeners.phase_changed = manager.announce_phase
+        for session in core.sessions.values():
+            add_session(session)
+        bus.export(MANAGER_PATH, manager)
+
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply is not RequestNameReply.PRIMARY_OWNER:
+            log.error("bus_name_taken", name=BUS_NAME, reply=reply.name)
+            return 1
+        self.notifier.ready(core.status_line())
+        log.info("ready", state=core.phase.value, sessions=len(core.sessions),
+                 fds=core.fd_count(), backend=backend.name, boot_id=boot_id(),
+                 session_path_prefix=SESSION_PATH_PREFIX)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._drop_departed(gone, service))
+                interval = self.notifier.watchdog_interval()
+                if interval:
+                    tasks.create_task(self._watchdog(interval))
+                outcome = await _first(
+                    stop=stop.wait(),
+                    reboot=service.reboot_requested.wait(),
+                    disconnect=bus.wait_for_disconnect(),
+                )
+                raise _Done(outcome)
+        except* _Done as done:
+            outcome = done.exceptions[0].args[0]
+        self.notifier.notify("STOPPING=1")
+        if outcome == "disconnect":
+            log.error("bus_connection_lost")
+            return 1
+        bus.disconnect()
+        journal.close()
+        if outcome == "reboot":
+            return self._reboot_action()
+        log.info("stopped", reason=outcome)
+        return 0
+
+    def _reboot_action(self) -> int:
+        action = self.config.resolved_reboot_action()
+        log.info("rebooting", action=action)
+        if action == "exit":
+            return 0
+        result = subprocess.run(shlex.split(action), check=False)
+        if result.returncode != 0:
+            log.error("reboot_action_failed", action=action, status=result.returncode)
+        return 0
+
+    async def _drop_departed(self, gone: asyncio.Queue[str], service: LiveUpdate) -> None:
+        while True:
+            client = await gone.get()
+            await service.client_gone(client)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+class _Done(Exception):
+    pass
+
+
+async def _first(**waits: Awaitable[object]) -> str:
+    """Name of the first of the given awaitables to finish; the others are cancelled."""
+    tasks = {asyncio.ensure_future(w): name for name, w in waits.items()}
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return tasks[next(iter(done))]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _name_watcher(gone: asyncio.Queue[str], callers: Callers) -> Callable[[Message], bool]:
+    def handle(msg: Message) -> bool:
+        if (
+            msg.message_type is MessageType.SIGNAL
+            and msg.member == "NameOwnerChanged"
+            and msg.sender == "org.freedesktop.DBus"
+            and msg.body[0].startswith(":")
+            and not msg.body[2]
+        ):
+            callers.forget(msg.body[0])
+            gone.put_nowait(msg.body[0])
+        return False
+
+    return handle
+
+
+async def _add_match(bus: FdOwningBus, rule: str) -> None:
+    await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="AddMatch",
+            signature="s",
+            body=[rule],
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    logs.configure(config.log_level)
+    raise_fd_limit()
+    try:
+        code = asyncio.run(Daemon(config).run())
+    except LiveUpdateError as exc:
+        log.error("startup_failed", error=exc.name, message=str(exc))
+        code = 1
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

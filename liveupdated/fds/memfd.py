@@ -1,0 +1,137 @@
+"""The memfd handler: recognise a memfd, read its facts, and rebuild one exactly.
+
+Content is only ever moved by the kernel (sendfile over data extents found with
+SEEK_DATA/SEEK_HOLE); this module never loops over bytes in Python.
+"""
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+
+from liveupdated.core.errors import Corrupted, UnsupportedFd
+from liveupdated.core.orchestrator import FdFacts
+
+KIND = "memfd"
+SUPPORTED = "supported: memfd (memfd_create, without MFD_HUGETLB)"
+HUGETLBFS_MAGIC = 0x958458F6
+_COPY_CHUNK = 1 << 30
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _filesystem_type(fd: int) -> int:
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int.from_bytes(buf.raw[:8], "little", signed=False) & 0xFFFFFFFF
+
+
+def _describe(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "unknown"
+
+
+def memfd_name(link: str) -> str | None:
+    """`NAME` of a /proc fd link "/memfd:NAME (deleted)", or None if it is no memfd."""
+    if not link.startswith("/memfd:"):
+        return None
+    name = link[len("/memfd:") :]
+    return name.removesuffix(" (deleted)")
+
+
+def inspect(fd: int) -> FdFacts:
+    """The facts of a memfd; UnsupportedFd naming the supported types for anything else."""
+    try:
+        st = os.fstat(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as exc:
+        raise UnsupportedFd(f"fd is not usable ({exc.strerror}); {SUPPORTED}") from exc
+    link = _describe(fd)
+    name = memfd_name(link)
+    if not stat.S_ISREG(st.st_mode) or name is None:
+        raise UnsupportedFd(f"fd is {_kind_of(st.st_mode, link)}, not a memfd; {SUPPORTED}")
+    if flags & getattr(os, "O_PATH", 0o10000000):
+        raise UnsupportedFd(f"fd is an O_PATH handle of a memfd; {SUPPORTED}")
+    if flags & os.O_ACCMODE == os.O_WRONLY:
+        raise UnsupportedFd("memfd is open write-only; hand over a readable fd")
+    if _filesystem_type(fd) == HUGETLBFS_MAGIC:
+        raise UnsupportedFd(f"fd is a hugetlb memfd; {SUPPORTED}")
+    return FdFacts(kind=KIND, size=st.st_size, name=name, seals=seals_of(fd))
+
+
+def _kind_of(mode: int, link: str) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return f"a device ({link})"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return f"an unsupported object ({link})"
+
+
+def seals_of(fd: int) -> int:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return 0
+        raise
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of every data extent, holes skipped."""
+    extents: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only holes from here on
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end > start:
+            extents.append((start, end - start))
+        offset = end
+    return extents
+
+
+def copy_extents(src: int, dst: int, extents: list[tuple[int, int]]) -> int:
+    """Kernel-side copy of the given extents from src to the same offsets of dst."""
+    copied = 0
+    for start, length in extents:
+        os.lseek(dst, start, os.SEEK_SET)
+        offset, end = start, start + length
+        while offset < end:
+            sent = os.sendfile(dst, src, offset, min(_COPY_CHUNK, end - offset))
+            if sent == 0:
+                raise Corrupted(f"source ended at byte {offset}, expected data up to {end}")
+            offset += sent
+            copied += sent
+    return copied
+
+
+def create(name: str, size: int) -> int:
+    """A fresh, unsealed memfd of `size` bytes (all holes) that can take seals later."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def finish_restore(fd: int, position: int, seals: int) -> None:
+    """Set the file position and the original seals, in that order (seals may forbid more)."""
+    os.lseek(fd, position, os.SEEK_SET)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)

@@ -1,0 +1,168 @@
+"""The durable record of every state change: an append-only file of checksummed frames.
+
+A frame is `<u32 length><u32 crc32>` and a JSON record. Commits are group-fsync'd off the
+event loop; replay stops at the first damaged frame and cuts the file there, so a torn
+or corrupt tail is never half-applied. This module never interprets records.
+"""
+
+import asyncio
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from liveupdated.core.records import RECORD_ADAPTER, Record
+
+MAGIC = b"LUJRNL\x00\x01"
+_FRAME = struct.Struct("<II")
+MAX_RECORD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A damaged tail found at replay and cut off."""
+
+    offset: int
+    cut_bytes: int
+    reason: str
+
+
+def encode(records: Iterable[Record]) -> bytes:
+    out = bytearray()
+    for record in records:
+        payload = record.model_dump_json().encode()
+        out += _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+    return bytes(out)
+
+
+def decode(data: bytes) -> tuple[list[Record], int, str | None]:
+    """Records of `data` up to the first damaged frame, that frame's offset and why."""
+    if data[: len(MAGIC)] != MAGIC:
+        return [], 0, "bad or missing journal header"
+    records: list[Record] = []
+    offset = len(MAGIC)
+    while offset < len(data):
+        if offset + _FRAME.size > len(data):
+            return records, offset, "torn frame header"
+        length, crc = _FRAME.unpack_from(data, offset)
+        start = offset + _FRAME.size
+        if length > MAX_RECORD_BYTES or start + length > len(data):
+            return records, offset, "torn frame (length past the end)"
+        payload = data[start : start + length]
+        if zlib.crc32(payload) != crc:
+            return records, offset, "checksum mismatch"
+        try:
+            records.append(RECORD_ADAPTER.validate_json(payload))
+        except ValueError as exc:
+            return records, offset, f"unreadable record: {exc.__class__.__name__}"
+        offset = start + length
+    return records, offset, None
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write, fsync, rename over `path`, fsync the directory: all or nothing."""
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_directory(path.parent)
+
+
+class Journal:
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._pending: list[bytes] = []
+        self._batch_done: asyncio.Future[None] | None = None
+        self._writing = False
+        self.commits = 0
+        self.fsyncs = 0
+
+    @classmethod
+    def open(cls, path: Path) -> tuple["Journal", list[Record], Damage | None]:
+        """Open (or create) the journal, replay it and cut a damaged tail."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            write_atomically(path, MAGIC)
+        data = path.read_bytes()
+        records, good, reason = decode(data)
+        damage = None
+        if reason is not None:
+            damage = Damage(good, len(data) - good, reason)
+            if good == 0:
+                write_atomically(path, MAGIC)
+            else:
+                with path.open("r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        return cls(path, fd), records, damage
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _write_and_sync(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fdatasync(self._fd)
+        self.fsyncs += 1
+
+    def commit_now(self, records: Iterable[Record]) -> None:
+        """Blocking commit, for start-up and shutdown paths outside the event loop's work."""
+        data = encode(records)
+        if data:
+            self._write_and_sync(data)
+            self.commits += 1
+
+    async def commit(self, records: list[Record]) -> None:
+        """Durable when this returns. Concurrent commits share one fsync (group commit)."""
+        if not records:
+            return
+        loop = asyncio.get_running_loop()
+        self._pending.append(encode(records))
+        self.commits += 1
+        if self._batch_done is None:
+            self._batch_done = loop.create_future()
+        mine = self._batch_done
+        if self._writing:
+            await mine
+            return
+        self._writing = True
+        try:
+            while self._pending:
+                data = b"".join(self._pending)
+                self._pending.clear()
+                done, self._batch_done = self._batch_done, None
+                assert done is not None
+                try:
+                    await asyncio.shield(asyncio.to_thread(self._write_and_sync, data))
+                except BaseException as exc:
+                    done.set_exception(exc)
+                    raise
+                done.set_result(None)
+        finally:
+            self._writing = False
+        await mine
+
+    def compact(self, records: Iterable[Record]) -> None:
+        """Replace the journal with `records` (the live state), crash-safely."""
+        write_atomically(self.path, MAGIC + encode(records))
+        self.close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)

@@ -1,0 +1,40 @@
+"""Structured logs: one JSON object a line, prefixed with its syslog priority for journald.
+
+journald reads a leading `<N>` as the line's priority, so `journalctl -p err` works.
+"""
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+
+
+def _syslog_prefix(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event["_priority"] = _PRIORITY.get(method, 6)
+    return event
+
+
+def _render(_: Any, __: str, event: dict[str, Any]) -> str:
+    priority = event.pop("_priority", 6)
+    return f"<{priority}>" + structlog.processors.JSONRenderer(sort_keys=False)(_, __, event)
+
+
+def configure(level: str = "info") -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _syslog_prefix,
+            _render,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )

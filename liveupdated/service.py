@@ -1,0 +1,258 @@
+"""The live-update service: each contract operation as core decision, journal, effects.
+
+It runs a command through the pure core, makes the resulting records durable, then
+carries out their effects on held fds, the backend and whoever listens (the bus edge).
+It knows nothing of D-Bus; it never acknowledges a change that is not in the journal.
+"""
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from liveupdated.backends import Backend, Key
+from liveupdated.core.errors import Corrupted, Timeout, WrongState
+from liveupdated.core.orchestrator import Caller, FdEntry, Orchestrator, Phase, Session
+from liveupdated.core.records import (
+    FdPreserved,
+    FdReleased,
+    FdRestored,
+    PhaseChanged,
+    Rebooted,
+    Record,
+    SessionCreated,
+    SessionDropped,
+)
+from liveupdated.fds import memfd
+from liveupdated.journal import Journal
+from liveupdated.systemd import Notifier, boot_id
+from liveupdated.vault import Vault
+
+log = structlog.get_logger("liveupdated")
+
+
+@dataclass
+class Listeners:
+    """Callbacks of the bus edge; the service calls them after a change is durable."""
+
+    session_added: Callable[[Session], None] = lambda s: None
+    session_removed: Callable[[str], None] = lambda n: None
+    session_changed: Callable[[Session], None] = lambda s: None
+    phase_changed: Callable[[str, str], None] = lambda old, new: None
+
+
+@dataclass
+class FreezeBarrier:
+    """Wakes a waiting Freeze whenever a session reports ready (or the phase moves)."""
+
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    freezing: bool = False
+
+
+class LiveUpdate:
+    def __init__(
+        self,
+        core: Orchestrator,
+        journal: Journal,
+        vault: Vault,
+        backend: Backend,
+        notifier: Notifier,
+        freeze_timeout: float = 10.0,
+    ) -> None:
+        self.core = core
+        self.journal = journal
+        self.vault = vault
+        self.backend = backend
+        self.notifier = notifier
+        self.freeze_timeout = freeze_timeout
+        self.listeners = Listeners()
+        self.barrier = FreezeBarrier()
+        self.reboot_requested = asyncio.Event()
+        self.rebooting = False
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    async def _durable(self, records: list[Record]) -> None:
+        """Journal the records the core already applied, then carry out their effects."""
+        await self.journal.commit(records)
+        self._effects(records)
+
+    def _effects(self, records: list[Record]) -> None:
+        changed: dict[str, None] = {}
+        for record in records:
+            match record:
+                case SessionCreated():
+                    self.listeners.session_added(self.core.sessions[record.session])
+                    log.info("session_created", session=record.session, uid=record.uid,
+                             unit=record.unit)
+                case FdPreserved():
+                    changed[record.session] = None
+                case FdReleased():
+                    key = (record.session, record.token)
+                    self.vault.release(key)
+                    self.backend.unpreserve_fd(key)
+                    changed[record.session] = None
+                    log.info("fd_released", session=record.session, token=record.token,
+                             reason=record.reason)
+                case SessionDropped():
+                    changed.pop(record.session, None)
+                    self.listeners.session_removed(record.session)
+                    log.info("session_dropped", session=record.session, reason=record.reason)
+                case PhaseChanged():
+                    self.barrier.changed.set()
+                    self.listeners.phase_changed(record.old, record.new)
+                    changed.update(dict.fromkeys(self.core.sessions))
+                    log.info("state_changed", old=record.old, new=record.new)
+                case Rebooted():
+                    changed.update(dict.fromkeys(self.core.sessions))
+                case _:
+                    if hasattr(record, "session"):
+                        changed[record.session] = None
+                    self.barrier.changed.set()
+        for name in changed:
+            if name in self.core.sessions:
+                self.listeners.session_changed(self.core.sessions[name])
+        self.notifier.status(self.core.status_line())
+
+    # ---- sessions --------------------------------------------------------------------
+
+    async def create_session(self, caller: Caller, name: str) -> Session:
+        await self._durable(self.core.create_session(caller, name))
+        return self.core.sessions[name]
+
+    def retrieve_session(self, caller: Caller, name: str) -> Session:
+        return self.core.retrieve_session(caller, name)
+
+    async def preserve_fd(
+        self, caller: Caller, session: str, token: str, fd: int, requires: Sequence[str]
+    ) -> None:
+        """Takes ownership of `fd`: it is kept, or closed on every failure path."""
+        try:
+            self.core.check_preserve(caller, session, token, requires)
+            facts = memfd.inspect(fd)
+            records = self.core.preserve_fd(caller, session, token, requires, facts)
+        except BaseException:
+            os.close(fd)
+            raise
+        key = (session, token)
+        self.vault.keep(key, fd)
+        self.backend.preserve_fd(key, fd)
+        await self._durable(records)
+        log.info("fd_preserved", session=session, token=token, bytes=facts.size,
+                 requires=list(requires))
+
+    async def unpreserve_fd(self, caller: Caller, session: str, token: str) -> None:
+        await self._durable(self.core.unpreserve_fd(caller, session, token))
+
+    async def retrieve_fd(self, caller: Caller, session: str, token: str) -> int:
+        """A new fd for the caller (a dup of the one held); the caller must close it."""
+        entry = self.core.check_retrieve_fd(caller, session, token)
+        key = (session, token)
+        if key not in self.vault:
+            if self.core.phase is not Phase.UPDATED:
+                raise Corrupted(f"{session}/{token} is journaled but its fd is not held")
+            await self._restore(key, entry)
+        log.info("fd_retrieved", session=session, token=token, phase=self.core.phase.value)
+        return self.vault.dup(key)
+
+    async def _restore(self, key: Key, entry: FdEntry) -> None:
+        fd = await asyncio.to_thread(self.backend.retrieve_fd, key, entry)
+        if key in self.vault:  # a concurrent RetrieveFd restored it first
+            os.close(fd)
+            return
+        self.vault.keep(key, fd)
+        if not entry.restored:
+            await self._durable(self.core.fd_restored(*key))
+        log.info("fd_restored", session=key[0], token=key[1], bytes=entry.size)
+
+    async def delay_freeze(self, caller: Caller, session: str, enable: bool) -> None:
+        await self._durable(self.core.delay_freeze(caller, session, enable))
+
+    async def ready_for_freeze(self, caller: Caller, session: str) -> None:
+        await self._durable(self.core.ready_for_freeze(caller, session))
+
+    async def finish_session(self, caller: Caller, session: str) -> None:
+        await self._durable(self.core.finish_session(caller, session))
+
+    async def close_session(self, caller: Caller, session: str) -> None:
+        await self._durable(self.core.close_session(caller, session))
+
+    async def client_gone(self, client: str) -> None:
+        await self._durable(self.core.client_gone(client))
+
+    # ---- the host's update -----------------------------------------------------------
+
+    async def prepare(self, caller: Caller) -> None:
+        await self._durable(self.core.prepare(caller))
+
+    async def freeze(self, caller: Caller) -> None:
+        self.core.check_freeze(caller)
+        if self.barrier.freezing:
+            raise WrongState("a Freeze is already waiting for its barrier")
+        self.barrier.freezing = True
+        try:
+            await self._wait_for_barrier()
+            records = self.core.freeze(caller)
+        finally:
+            self.barrier.freezing = False
+        await self._durable(records)
+
+    async def _wait_for_barrier(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.freeze_timeout
+        while self.core.freeze_laggards():
+            self.barrier.changed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                laggards = ", ".join(self.core.freeze_laggards())
+                raise Timeout(
+                    f"Freeze waited {self.freeze_timeout:g}s for ReadyForFreeze from: "
+                    f"{laggards}; the state stays prepared (retry Freeze or Cancel)"
+                )
+            try:
+                async with asyncio.timeout(remaining):
+                    await self.barrier.changed.wait()
+            except TimeoutError:
+                continue
+            if self.core.phase is not Phase.PREPARED:
+                raise WrongState(f"the update was moved to {self.core.phase.value} during Freeze")
+
+    async def cancel(self, caller: Caller) -> None:
+        if self.rebooting:
+            raise WrongState("Reboot is writing the handover; it can no longer be cancelled")
+        records = self.core.cancel(caller)
+        await asyncio.to_thread(self.backend.discard_handover)
+        await self._durable(records)
+
+    async def reboot(self, caller: Caller) -> int:
+        """Write the handover for the next kernel; the daemon then stops as the old kernel."""
+        self.core.check_reboot(caller)
+        if self.rebooting:
+            raise WrongState("Reboot is already in progress")
+        self.rebooting = True
+        entries = {
+            (name, token): entry
+            for name, session in self.core.sessions.items()
+            for token, entry in session.fds.items()
+        }
+        self.notifier.notify("EXTEND_TIMEOUT_USEC=600000000", "STATUS=writing handover")
+        try:
+            carried = await asyncio.to_thread(
+                self.backend.write_handover, self.vault.items(), entries, boot_id(),
+                lambda n: None,
+            )
+        except BaseException:
+            self.rebooting = False
+            await asyncio.to_thread(self.backend.discard_handover)
+            raise
+        log.info("handover_written", fds=len(entries), bytes=carried)
+        self.reboot_requested.set()
+        return carried
+
+    async def finish(self, caller: Caller) -> None:
+        records = self.core.finish(caller)
+        await self._durable(records)
+        await asyncio.to_thread(self.backend.finish)
+        await asyncio.to_thread(self.journal.compact, self.core.snapshot())

@@ -1,0 +1,54 @@
+"""The fds the daemon holds, keyed by (session, token), mirrored into systemd's fd store.
+
+Every fd the daemon keeps goes through here, so that a restart or crash of the daemon
+gets each one back from the store; nothing else closes a held fd.
+"""
+
+import os
+from collections.abc import Iterator
+
+from liveupdated.backends import Key
+from liveupdated.systemd import Notifier, fd_name
+
+
+class Vault:
+    def __init__(self, notifier: Notifier) -> None:
+        self._fds: dict[Key, int] = {}
+        self._notifier = notifier
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._fds
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._fds)
+
+    def get(self, key: Key) -> int:
+        return self._fds[key]
+
+    def items(self) -> dict[Key, int]:
+        return dict(self._fds)
+
+    def keep(self, key: Key, fd: int, *, store: bool = True) -> None:
+        """Take ownership of `fd`; `store=False` when it came from the fd store already."""
+        os.set_inheritable(fd, False)
+        self._fds[key] = fd
+        if store:
+            self._notifier.store_fd(fd_name(*key), fd)
+
+    def dup(self, key: Key) -> int:
+        return os.dup(self._fds[key])
+
+    def release(self, key: Key) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            self._notifier.remove_fd(fd_name(*key))
+            os.close(fd)
+
+    def close_all(self) -> None:
+        """Close without removing from the fd store: for a daemon that is going away."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

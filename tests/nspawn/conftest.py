@@ -1,0 +1,67 @@
+"""Fixtures for the systemd-nspawn integration tests: a cached Debian root and containers.
+Skips without root or systemd-nspawn, except under CI=true where that is a failure."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from .container import Container, ContainerFactory, StrPath, overlay_root
+from .rootfs import CACHE_DIR, cache_key, cached_rootfs
+
+TOOLS = ("systemd-nspawn", "nsenter", "setpriv", "mount", "tar", "zstd")
+
+
+def _unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "nspawn tests need root"
+    tools = list(TOOLS)
+    if not (CACHE_DIR / f"rootfs-{cache_key()}.tar.zst").exists():
+        tools.append("debootstrap")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        return f"nspawn tests need {', '.join(missing)}: run scripts/nspawn-deps.sh"
+    return None
+
+
+@pytest.fixture(scope="session")
+def nspawn_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A bootable Debian root unpacked from the cache; shared, so never write to it."""
+    problem = _unavailable()
+    if problem is not None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"{problem} (not skipping: CI is set)")
+        pytest.skip(problem)
+    root = cached_rootfs(tmp_path_factory.mktemp("nspawn") / "root")
+    yield root
+    shutil.rmtree(root)
+
+
+@pytest.fixture
+def container(nspawn_root: Path, tmp_path: Path) -> Iterator[ContainerFactory]:
+    """Factory for containers on private overlays of ``nspawn_root``, stopped at teardown."""
+    numbers = itertools.count()
+    with ExitStack() as stack:
+
+        def make(
+            binds: Sequence[tuple[StrPath, str]] = (),
+            *,
+            boot: bool = True,
+            timeout: float = 60.0,
+            nspawn_args: Sequence[str] = (),
+        ) -> Container:
+            scratch = tmp_path / f"container-{next(numbers)}"
+            root = stack.enter_context(overlay_root(nspawn_root, scratch))
+            new = Container(root, binds, log_path=scratch / "console.log", nspawn_args=nspawn_args)
+            stack.callback(new.close)
+            if boot:
+                new.start(timeout)
+            return new
+
+        yield make

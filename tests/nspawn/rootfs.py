@@ -1,0 +1,194 @@
+"""Bootable Debian root file systems for the systemd-nspawn integration tests.
+Built once with debootstrap and cached as a zstd tarball keyed on suite and packages."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SUITE = "bookworm"
+PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "python3",
+    "python3-venv",
+    "iproute2",
+    "procps",
+    "libglib2.0-bin",
+)
+# Bump when _customize() changes so that stale cached roots are rebuilt.
+REVISION = "1"
+HOSTNAME = "liveupdated-test"
+CACHE_DIR = Path("/var/cache/liveupdated-tests")
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# Units that cannot work in a container sharing the host's network and kernel.
+MASKED_UNITS = ("systemd-networkd-wait-online.service",)
+
+_TAR_FLAGS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
+
+
+class RootfsError(RuntimeError):
+    """Building or unpacking the root file system failed."""
+
+
+def cache_key() -> str:
+    """Return the cache key for the current suite, package list and setup revision."""
+    text = "\n".join([SUITE, ",".join(sorted(PACKAGES)), REVISION])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_rootfs(dest_dir: Path, cache_dir: Path = CACHE_DIR) -> Path:
+    """Unpack the cached root into dest_dir, building the cache first if needed."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tarball = cache_dir / f"rootfs-{cache_key()}.tar.zst"
+    if not tarball.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(cache_dir / f"{tarball.name}.lock"):
+            if not tarball.exists():
+                _build_tarball(tarball)
+    _run(
+        [
+            "tar",
+            "--extract",
+            "--zstd",
+            "--preserve-permissions",
+            *_TAR_FLAGS,
+            "-C",
+            str(dest_dir),
+            "-f",
+            str(tarball),
+        ]
+    )
+    return dest_dir
+
+
+def host_mirror(suite: str = SUITE) -> str:
+    """Return the Debian mirror the host's apt sources use for suite."""
+    deb822 = Path("/etc/apt/sources.list.d/debian.sources")
+    if deb822.exists():
+        for stanza in deb822.read_text().split("\n\n"):
+            fields = _deb822_fields(stanza)
+            if "deb" in fields.get("types", []) and suite in fields.get("suites", []):
+                uris = fields.get("uris", [])
+                if uris:
+                    return uris[0]
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            words = [w for w in line.split("#", 1)[0].split() if not w.startswith("[")]
+            if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
+                return words[1]
+    return DEFAULT_MIRROR
+
+
+def _deb822_fields(stanza: str) -> dict[str, list[str]]:
+    fields: dict[str, list[str]] = {}
+    for line in stanza.splitlines():
+        if line.startswith("#") or ":" not in line or line[:1].isspace():
+            continue
+        name, value = line.split(":", 1)
+        fields[name.strip().lower()] = value.split()
+    return fields
+
+
+def _build_tarball(tarball: Path) -> None:
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=tarball.parent))
+    try:
+        root = build / "root"
+        try:
+            _run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(PACKAGES)}",
+                    SUITE,
+                    str(root),
+                    host_mirror(),
+                ]
+            )
+        except RootfsError as exc:
+            log = root / "debootstrap/debootstrap.log"
+            detail = "\n".join(log.read_text().splitlines()[-30:]) if log.exists() else ""
+            raise RootfsError(f"{exc}\n{detail}") from None
+        _customize(root)
+        partial = build / tarball.name
+        _run(
+            [
+                "tar",
+                "--create",
+                "--use-compress-program=zstd -T0",
+                *_TAR_FLAGS,
+                "-C",
+                str(root),
+                "-f",
+                str(partial),
+                ".",
+            ]
+        )
+        os.rename(partial, tarball)
+    finally:
+        _unmount_under(build)
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _customize(root: Path) -> None:
+    # An empty machine-id: every container gets its own id at boot, without
+    # first-boot semantics (no systemd-firstboot prompts on the console).
+    (root / "etc/machine-id").write_text("")
+    dbus_id = root / "var/lib/dbus/machine-id"
+    if dbus_id.exists() or dbus_id.is_symlink():
+        dbus_id.unlink()
+    dbus_id.parent.mkdir(parents=True, exist_ok=True)
+    dbus_id.symlink_to("/etc/machine-id")
+    (root / "etc/hostname").write_text(f"{HOSTNAME}\n")
+    (root / "etc/hosts").write_text(
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+    for unit in MASKED_UNITS:
+        link = root / "etc/systemd/system" / unit
+        if not link.is_symlink():
+            link.symlink_to("/dev/null")
+    for pattern in (
+        "var/cache/apt/*.bin",
+        "var/cache/apt/archives/*.deb",
+        "var/lib/apt/lists/*_*",
+        "var/log/*.log",
+    ):
+        for path in root.glob(pattern):
+            path.unlink()
+
+
+def _unmount_under(path: Path) -> None:
+    """Lazily unmount anything left mounted below path (e.g. by a failed debootstrap)."""
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mountinfo") as mountinfo:
+        points = [line.split()[4] for line in mountinfo]
+    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "--lazy", point], check=False)
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(
+        cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
+        raise RootfsError(f"{cmd[0]} exited with {result.returncode}:\n{tail}")

@@ -105,6 +105,7 @@ async def run_demo(size_text: str = "1G", as_json: bool = False) -> int:
                 await vmm.reboot()
             os.close(guest)  # the old VMM process is gone with the old kernel
             status = old.wait()
+            old.close()
             timeline.mark(f"Reboot: handover written, daemon exited {status}")
             new = DaemonProcess(bus.address, root / "state", "--backend", "simulated", log=log)
             new.start()
@@ -122,6 +123,7 @@ async def run_demo(size_text: str = "1G", as_json: bool = False) -> int:
                 state = await vmm.state()
                 timeline.mark(f"Finish: state {state}")
             new.stop()
+            new.close()
         log.close()
     ok = before == after and state == "normal" and status == 0
     report = {

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Self
 
 CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -33,6 +33,7 @@ class PrivateBus:
         self.socket = directory / "bus"
         self.address = f"unix:path={self.socket}"
         self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     def start(self) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -42,7 +43,7 @@ class PrivateBus:
         self.process = subprocess.Popen(
             ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
             stdout=subprocess.PIPE,
-            stderr=(self.directory / "dbus-daemon.log").open("ab"),
+            stderr=self._open_log(),
             stdin=subprocess.DEVNULL,
         )
         assert self.process.stdout is not None
@@ -52,7 +53,14 @@ class PrivateBus:
         os.chmod(self.socket, 0o777)
         return self
 
+    def _open_log(self) -> IO[bytes]:
+        self._log = (self.directory / "dbus-daemon.log").open("ab")
+        return self._log
+
     def stop(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=10)

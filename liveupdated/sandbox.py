@@ -1,20 +1,112 @@
 """Run liveupdated as a child process and know when it is ready: for demo, tests, bench.
 
-Readiness is the daemon's own READY=1 on a notify socket this module listens on.
+Readiness is the daemon's own READY=1 on the notify socket this module listens on. The
+listener also keeps an fd store as systemd does (FDSTORE=1, FDNAME=, FDSTOREREMOVE=1,
+and LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID on the next start), so restarts and crashes
+can be tested without systemd.
 """
 
+import array
 import os
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+# Put inherited fds at 3.. and set LISTEN_PID to the daemon's own pid, as systemd does.
+_LAUNCHER = """
+import os, sys
+fds = [int(f) for f in os.environ.pop("SANDBOX_FDS").split(",") if f]
+moved = [os.dup(fd) for fd in fds]
+for i, fd in enumerate(moved):
+    os.dup2(fd, 3 + i)
+for fd in set(moved) | set(fds):
+    if fd >= 3 + len(fds):
+        os.close(fd)
+if fds:
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.environ["LISTEN_FDS"] = str(len(fds))
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
+
+
+class Notifications:
+    """A notify socket with the parts of systemd's service manager that liveupdated uses."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="lud-notify-"))
+        self.path = self.directory / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(str(self.path))
+        self.store: dict[str, int] = {}
+        self.messages: list[str] = []
+        self.ready = threading.Event()
+        self.changed = threading.Condition()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        fd_size = array.array("i").itemsize
+        while True:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(
+                    65536, socket.CMSG_SPACE(253 * fd_size)
+                )
+            except OSError:
+                return
+            if not data:
+                return
+            fds = array.array("i")
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
+            self._handle(data.decode(), list(fds))
+
+    def _handle(self, text: str, fds: list[int]) -> None:
+        fields = dict(line.split("=", 1) for line in text.split("\n") if "=" in line)
+        with self.changed:
+            self.messages.append(text)
+            name = fields.get("FDNAME", "stored")
+            if fields.get("FDSTORE") == "1":
+                for fd in fds:
+                    old = self.store.pop(name, None)
+                    if old is not None:
+                        os.close(old)
+                    self.store[name] = fd
+                fds = []
+            if fields.get("FDSTOREREMOVE") == "1" and name in self.store:
+                os.close(self.store.pop(name))
+            for fd in fds:
+                os.close(fd)
+            if fields.get("READY") == "1":
+                self.ready.set()
+            self.changed.notify_all()
+
+    def wait_for(self, predicate: Callable[["Notifications"], bool], timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: predicate(self), timeout)
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(10)
+        for fd in self.store.values():
+            os.close(fd)
+        self.store.clear()
+        self.path.unlink(missing_ok=True)
+        self.directory.rmdir()
+
 
 class DaemonProcess:
+    """One liveupdated process; `start()` returns once it has sent READY=1."""
+
     def __init__(
         self,
         bus_address: str,
@@ -22,12 +114,15 @@ class DaemonProcess:
         *extra_args: str,
         log: IO[bytes] | None = None,
         env: dict[str, str] | None = None,
+        notifications: Notifications | None = None,
     ) -> None:
         self.bus_address = bus_address
         self.state_dir = state_dir
         self.extra_args = list(extra_args)
         self.log = log
         self.env = env or {}
+        self.notifications = notifications or Notifications()
+        self._own_notifications = notifications is None
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.ready_at = 0.0
@@ -39,35 +134,38 @@ class DaemonProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "liveupdated.daemon", "--bus", self.bus_address,
+            "-m", "liveupdated.daemon", "--bus", self.bus_address,
             "--state-dir", str(self.state_dir), "--reboot-action", "exit", *self.extra_args,
         ]
 
-    def start(self, timeout: float = 30.0) -> Self:
-        """Start the daemon and return once it has sent READY=1."""
-        directory = Path(tempfile.mkdtemp(prefix="lud-notify-"))
-        path = directory / "notify"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(str(path))
-            sock.settimeout(timeout)
-            env = {**os.environ, "NOTIFY_SOCKET": str(path), **self.env}
-            env.pop("INVOCATION_ID", None)
-            self.started_at = time.monotonic()
-            self.process = subprocess.Popen(
-                self.command(), env=env, stdout=self.log, stderr=self.log,
-                stdin=subprocess.DEVNULL,
-            )
-            try:
-                while True:
-                    message = sock.recv(65536).decode()
-                    if "READY=1" in message.split("\n"):
-                        self.ready_at = time.monotonic()
-                        break
-            except TimeoutError:
+    def start(self, timeout: float = 60.0) -> Self:
+        notes = self.notifications
+        notes.ready.clear()
+        stored = list(notes.store.items())
+        fds = [fd for _, fd in stored]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        env = {
+            **os.environ,
+            "NOTIFY_SOCKET": str(notes.path),
+            "SANDBOX_FDS": ",".join(map(str, fds)),
+            "LISTEN_FDNAMES": ":".join(name for name, _ in stored),
+            **self.env,
+        }
+        env.pop("INVOCATION_ID", None)
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, *self.command()],
+            env=env, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL,
+            pass_fds=fds,
+        )
+        while not notes.ready.wait(0.05):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"liveupdated exited {self.process.returncode} before READY=1")
+            if time.monotonic() - self.started_at > timeout:
                 self.kill()
-                raise RuntimeError(f"liveupdated sent no READY=1 within {timeout}s") from None
-        path.unlink()
-        directory.rmdir()
+                raise RuntimeError(f"liveupdated sent no READY=1 within {timeout}s")
+        self.ready_at = time.monotonic()
         return self
 
     def wait(self, timeout: float = 60.0) -> int:
@@ -75,9 +173,9 @@ class DaemonProcess:
         return self.process.wait(timeout)
 
     def stop(self) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.terminate()
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
         return self.process.wait(30)
 
     def kill(self) -> None:
@@ -85,10 +183,16 @@ class DaemonProcess:
             self.process.kill()
             self.process.wait(30)
 
+    def close(self) -> None:
+        self.kill()
+        if self._own_notifications:
+            self.notifications.close()
+
     def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.kill()
+        self.close()
+

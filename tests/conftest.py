@@ -1,0 +1,68 @@
+"""Fixtures that start real things: a private dbus-daemon and liveupdated processes."""
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from liveupdated.client import Client
+from liveupdated.privatebus import PrivateBus
+from liveupdated.sandbox import DaemonProcess
+
+DaemonFactory = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    os.chmod(tmp_path, 0o755)
+    with PrivateBus(tmp_path / "bus") as private_bus:
+        yield private_bus
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def start_daemon(
+    bus: PrivateBus, state_dir: Path, tmp_path: Path
+) -> Iterator[DaemonFactory]:
+    """Start liveupdated on the test bus (same state dir each time: a restart or a boot)."""
+    started: list[DaemonProcess] = []
+    log = (tmp_path / "daemon.log").open("ab")
+
+    def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(
+            bus.address, state_dir, "--backend", "simulated", *args, log=log, env=env
+        )
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+    log.close()
+
+
+@pytest.fixture
+def daemon(start_daemon: DaemonFactory) -> DaemonProcess:
+    return start_daemon()
+
+
+@pytest.fixture
+async def client(bus: PrivateBus, daemon: DaemonProcess) -> AsyncIterator[Client]:
+    async with await Client.connect(bus.address) as c:
+        yield c
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def make_memfd(size: int = 1 << 20, data: bytes = b"guest", name: str = "ram") -> int:
+    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, data, 0)
+    return fd

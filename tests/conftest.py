@@ -1,6 +1,8 @@
 """Fixtures that start real things: a private dbus-daemon and liveupdated processes."""
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -14,10 +16,12 @@ DaemonFactory = Callable[..., DaemonProcess]
 
 
 @pytest.fixture
-def bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    os.chmod(tmp_path, 0o755)
-    with PrivateBus(tmp_path / "bus") as private_bus:
+def bus() -> Iterator[PrivateBus]:
+    """A private dbus-daemon whose socket any uid can reach (pytest's tmp dirs are 0700)."""
+    directory = Path(tempfile.mkdtemp(prefix="lud-bus-"))
+    with PrivateBus(directory) as private_bus:
         yield private_bus
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,104 @@
+"""The journal: framing, replay, torn and corrupt tails, group commit, compaction."""
+
+import asyncio
+import os
+from pathlib import Path
+
+from liveupdated.core.records import FdPreserved, Record, SessionCreated, SessionDropped
+from liveupdated.journal import MAGIC, Journal, decode, encode
+
+RECORDS: list[Record] = [
+    SessionCreated(session="vm", uid=1000, unit="vmm.service", client=":1.5"),
+    FdPreserved(session="vm", token="ram", kind="memfd", requires=(), size=1 << 30,
+                name="guest", seals=6),
+    FdPreserved(session="vm", token="kvm", kind="memfd", requires=("ram",), size=0,
+                name="k", seals=0),
+    SessionDropped(session="vm", reason="closed"),
+]
+
+
+def written(path: Path, records: list[Record]) -> bytes:
+    journal, _, _ = Journal.open(path)
+    journal.commit_now(records)
+    journal.close()
+    return path.read_bytes()
+
+
+def test_records_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    written(path, RECORDS)
+    journal, records, damage = Journal.open(path)
+    journal.close()
+    assert records == RECORDS
+    assert damage is None
+
+
+def test_a_cut_at_every_byte_replays_to_a_valid_prefix_and_is_trimmed(tmp_path: Path) -> None:
+    data = MAGIC + encode(RECORDS)
+    ends = [len(MAGIC) + len(encode(RECORDS[:n])) for n in range(len(RECORDS) + 1)]
+    for cut in range(len(MAGIC), len(data) + 1):
+        path = tmp_path / f"j{cut}"
+        path.write_bytes(data[:cut])
+        journal, records, damage = Journal.open(path)
+        journal.close()
+        whole = sum(1 for end in ends[1:] if end <= cut)
+        assert records == RECORDS[:whole]
+        assert (damage is None) == (cut in ends)
+        assert path.stat().st_size == ends[whole]
+
+
+def test_a_flipped_bit_stops_replay_at_that_record(tmp_path: Path) -> None:
+    data = bytearray(MAGIC + encode(RECORDS))
+    second = len(MAGIC) + len(encode(RECORDS[:1]))
+    data[second + 12] ^= 0x01  # inside the second record's payload
+    path = tmp_path / "journal"
+    path.write_bytes(bytes(data))
+    journal, records, damage = Journal.open(path)
+    journal.close()
+    assert records == RECORDS[:1]
+    assert damage is not None and damage.reason == "checksum mismatch"
+    assert damage.offset == second
+    assert path.stat().st_size == second
+
+
+def test_a_bad_header_starts_an_empty_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    path.write_bytes(b"garbage" + encode(RECORDS))
+    journal, records, damage = Journal.open(path)
+    journal.close()
+    assert records == []
+    assert damage is not None
+    assert path.read_bytes() == MAGIC
+
+
+def test_decode_rejects_an_implausible_length() -> None:
+    records, offset, reason = decode(MAGIC + b"\xff\xff\xff\x7f\x00\x00\x00\x00")
+    assert (records, offset) == ([], len(MAGIC))
+    assert reason is not None and "length" in reason
+
+
+async def test_concurrent_commits_share_fsyncs(tmp_path: Path) -> None:
+    journal, _, _ = Journal.open(tmp_path / "journal")
+    batches = [[SessionCreated(session=f"s{i}", uid=0, unit="", client=":1.1")]
+               for i in range(50)]
+    await asyncio.gather(*(journal.commit(b) for b in batches))
+    journal.close()
+    assert journal.commits == 50
+    assert journal.fsyncs < 50
+    _, records, damage = Journal.open(tmp_path / "journal")
+    assert damage is None
+    assert sorted(r.session for r in records) == sorted(f"s{i}" for i in range(50))  # type: ignore[union-attr]
+
+
+def test_compaction_replaces_the_journal_with_the_live_state(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    journal, _, _ = Journal.open(path)
+    journal.commit_now(RECORDS)
+    journal.compact(RECORDS[:1])
+    journal.commit_now(RECORDS[1:2])
+    journal.close()
+    _, records, damage = Journal.open(path)
+    assert records == RECORDS[:2]
+    assert damage is None
+    assert not (tmp_path / "journal.new").exists()
+    assert os.listdir(tmp_path) == ["journal"]

@@ -1,0 +1,122 @@
+"""The memfd handler and the simulated handover area, on real memfds and files."""
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from liveupdated.backends.simulated import RECORD_NAME, SimulatedBackend
+from liveupdated.core.errors import Corrupted, UnsupportedFd
+from liveupdated.core.orchestrator import FdEntry
+from liveupdated.demo import fingerprint, make_guest_memory
+from liveupdated.fds import memfd
+
+
+def entry(token: str, name: str = "ram") -> FdEntry:
+    return FdEntry(token, "memfd", (), 0, name, 0)
+
+
+def test_memfd_facts() -> None:
+    fd = os.memfd_create("guest ram:1", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 8192)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+    facts = memfd.inspect(fd)
+    os.close(fd)
+    assert (facts.kind, facts.size, facts.name, facts.seals) == (
+        "memfd", 8192, "guest ram:1", fcntl.F_SEAL_GROW
+    )
+
+
+def _unsupported(tmp_path: Path) -> dict[str, int]:
+    r, w = os.pipe()
+    os.close(w)
+    a, b = socket.socketpair()
+    b.close()
+    (tmp_path / "file").write_bytes(b"x")
+    memfd_wronly = os.memfd_create("w")
+    return {
+        "a pipe": r,
+        "a socket": a.detach(),
+        "a regular file": os.open(tmp_path / "file", os.O_RDONLY),
+        "a directory": os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY),
+        "hugetlb": os.memfd_create("huge", os.MFD_HUGETLB),
+        "O_PATH": os.open(f"/proc/self/fd/{memfd_wronly}", os.O_PATH),
+        "write-only": os.open(f"/proc/self/fd/{memfd_wronly}", os.O_WRONLY),
+    }
+
+
+def test_everything_but_a_memfd_is_unsupported_and_names_what_is(tmp_path: Path) -> None:
+    for what, fd in _unsupported(tmp_path).items():
+        with pytest.raises(UnsupportedFd, match=what) as info:
+            memfd.inspect(fd)
+        if what != "write-only":
+            assert "supported: memfd" in str(info.value)
+        os.close(fd)
+
+
+def test_data_extents_skip_holes() -> None:
+    fd = os.memfd_create("sparse")
+    os.ftruncate(fd, 64 << 20)
+    os.pwrite(fd, b"a" * 4096, 8 << 20)
+    os.pwrite(fd, b"b" * 4096, 63 << 20)
+    assert memfd.data_extents(fd, 64 << 20) == [(8 << 20, 4096), (63 << 20, 4096)]
+    os.close(fd)
+
+
+def test_handover_rebuilds_memfds_exactly(tmp_path: Path) -> None:
+    ram = make_guest_memory(128 << 20)
+    sealed = os.memfd_create("rom", os.MFD_ALLOW_SEALING)
+    os.write(sealed, b"firmware" * 1000)
+    fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+    unsealable = os.memfd_create("plain")
+    os.ftruncate(unsealable, 1 << 20)
+    fds = {("vm", "ram"): ram, ("vm", "rom"): sealed, ("vm", "plain"): unsealable}
+    before = {key: fingerprint(fd) for key, fd in fds.items()}
+    area = tmp_path / "handover"
+    carried = SimulatedBackend(area).write_handover(
+        fds, {k: entry(k[1], str(before[k]["name"])) for k in fds}, "boot-1", lambda n: None
+    )
+    assert carried == sum(sum(n for _, n in before[k]["extents"]) for k in fds)  # type: ignore[attr-defined]
+    data_blocks = sum(os.stat(p).st_blocks * 512 for p in (area / "data").iterdir())
+    assert data_blocks < 64 << 20  # sparse: far below the 129 MiB of apparent size
+    for fd in fds.values():
+        os.close(fd)
+
+    backend = SimulatedBackend(area)  # as a fresh daemon of the next boot
+    handover = backend.find_handover()
+    assert handover is not None and handover.boot_id == "boot-1"
+    assert handover.keys == frozenset(fds)
+    for key in fds:
+        fd = backend.retrieve_fd(key, entry(key[1]))
+        assert fingerprint(fd) == before[key]
+        os.close(fd)
+    backend.finish()
+    assert os.listdir(area) == []
+
+
+def test_a_damaged_kexec_record_is_corrupted_not_used(tmp_path: Path) -> None:
+    fd = os.memfd_create("ram")
+    os.write(fd, b"data")
+    area = tmp_path / "handover"
+    SimulatedBackend(area).write_handover({("vm", "ram"): fd}, {("vm", "ram"): entry("ram")},
+                                          "boot", lambda n: None)
+    record = area / RECORD_NAME
+    record.write_bytes(record.read_bytes().replace(b'"size":4', b'"size":5'))
+    with pytest.raises(Corrupted, match="fails its checks"):
+        SimulatedBackend(area).find_handover()
+    os.close(fd)
+
+
+def test_truncated_handover_data_is_corrupted(tmp_path: Path) -> None:
+    fd = os.memfd_create("ram")
+    os.write(fd, b"data" * 1024)
+    area = tmp_path / "handover"
+    backend = SimulatedBackend(area)
+    backend.write_handover({("vm", "ram"): fd}, {("vm", "ram"): entry("ram")}, "b", lambda n: 0)
+    (data_file,) = (area / "data").iterdir()
+    os.truncate(data_file, 100)
+    with pytest.raises(Corrupted, match="has 100 bytes"):
+        SimulatedBackend(area).retrieve_fd(("vm", "ram"), entry("ram"))
+    os.close(fd)

@@ -20,25 +20,33 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_VERIFY = 1, 2, 3, 4
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="liveupdatectl", description="Drive liveupdated.")
-    p.add_argument("--bus", default="system", help="system, session or a D-Bus address")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--bus", default=argparse.SUPPRESS,
+                        help="system, session or a D-Bus address (default system)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+    p = argparse.ArgumentParser(prog="liveupdatectl", description="Drive liveupdated.",
+                                parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="state of the update and of the daemon")
-    sub.add_parser("list", help="sessions and their fds")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, parents=[common])
+
+    command("status", "state of the update and of the daemon")
+    command("list", "sessions and their fds")
     for name in ("prepare", "freeze", "cancel", "reboot", "finish"):
-        sub.add_parser(name, help=f"{name.capitalize()}() the host's update (root)")
-    pre = sub.add_parser("preserve", help="hand over an inherited fd, e.g. 3<>file")
+        command(name, f"{name.capitalize()}() the host's update (root)")
+    pre = command("preserve", "hand over an inherited fd, e.g. 3<>file")
     pre.add_argument("session")
     pre.add_argument("token")
     pre.add_argument("fd", type=int)
     pre.add_argument("--requires", default="", help="comma-separated tokens it needs")
-    ret = sub.add_parser("retrieve", help="get an fd back and run CMD with it as fd 3")
+    ret = command("retrieve", "get an fd back and run CMD with it as fd 3")
     ret.add_argument("session")
     ret.add_argument("token")
     ret.add_argument("--exec", dest="exec_", nargs=argparse.REMAINDER, required=True,
                      metavar="CMD")
-    demo = sub.add_parser("demo", help="a whole update on a private bus, with a timeline")
+    demo = command("demo", "a whole update on a private bus, with a timeline")
     demo.add_argument("--size", default="1G", help="guest memory size (default 1G)")
     return p
 
@@ -177,5 +185,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    args.bus = getattr(args, "bus", "system")
+    args.json = getattr(args, "json", False)
     sys.exit(asyncio.run(_run(args)))
 

@@ -26,14 +26,14 @@ from liveupdated.bus.address import connect
 from liveupdated.bus.callers import Callers
 from liveupdated.bus.connection import FdOwningBus, fd_guard
 from liveupdated.bus.manager import Manager
-from liveupdated.bus.session import SessionObject
+from liveupdated.bus.session import SessionObjects
 from liveupdated.config import Config, parse_args
-from liveupdated.core.errors import Corrupted, LiveUpdateError
-from liveupdated.core.names import MANAGER_PATH, SESSION_PATH_PREFIX, session_path
-from liveupdated.core.orchestrator import Orchestrator, Phase, Session
+from liveupdated.core.errors import Corrupted, LiveUpdateError, WrongState
+from liveupdated.core.names import MANAGER_PATH
+from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import Record
 from liveupdated.journal import Journal
-from liveupdated.service import LiveUpdate
+from liveupdated.service import Listeners, LiveUpdate
 from liveupdated.systemd import Notifier, boot_id, take_listen_fds
 from liveupdated.vault import Vault
 
@@ -48,9 +48,10 @@ def raise_fd_limit() -> None:
 
 def make_backend(config: Config) -> Backend:
     if config.resolved_backend() == "kernel":
-        from liveupdated.backends.kernel import KernelBackend
-
-        return KernelBackend(config.state_dir)
+        raise WrongState(
+            "the kernel backend (/dev/liveupdate) is not part of this release; "
+            "run with --backend simulated"
+        )
     return SimulatedBackend(config.handover_area)
 
 
@@ -87,11 +88,10 @@ def reclaim_fds(core: Orchestrator, vault: Vault) -> list[Record]:
     missing = [
         (s.name, t) for s in core.sessions.values() for t in s.fds if (s.name, t) not in vault
     ]
-    records = core.fds_lost(missing)
-    for record in records:
-        log.error("fd_lost", session=record.session, token=record.token,
-                  hint="no fd store copy; UnpreserveFd it and preserve it again")
-    return records
+    for session, token in missing:
+        log.error("fd_lost", session=session, token=token,
+                  hint="no copy in the fd store; UnpreserveFd it and preserve it again")
+    return core.fds_lost(missing)
 
 
 def recover_handover(core: Orchestrator, backend: Backend) -> list[Record]:
@@ -112,56 +112,43 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.notifier = Notifier()
-        self.exit_code = 0
 
-    async def run(self) -> int:
-        config = self.config
-        core, journal = replay(config)
+    def recover(self) -> LiveUpdate:
+        """Journal, handover and fd store into one consistent state, made durable."""
+        core, journal = replay(self.config)
         vault = Vault(self.notifier)
-        backend = make_backend(config)
+        backend = make_backend(self.config)
         handover = recover_handover(core, backend)
         journal.commit_now(handover + reclaim_fds(core, vault))
-        service = LiveUpdate(core, journal, vault, backend, self.notifier, config.freeze_timeout)
-
-        bus = await connect(config.bus, FdOwningBus)
-        assert isinstance(bus, FdOwningBus)
-        callers = Callers(bus, system_bus=config.bus == "system")
-        gone: asyncio.Queue[str] = asyncio.Queue()
-        bus.add_message_handler(fd_guard(lambda path: path in sessions))
-        bus.add_message_handler(_name_watcher(gone, callers))
-        await _add_match(
-            bus, "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
-            "member='NameOwnerChanged',path='/org/freedesktop/DBus'"
+        return LiveUpdate(
+            core, journal, vault, backend, self.notifier, self.config.freeze_timeout
         )
+
+    async def run(self) -> int:
+        service = self.recover()
+        core = service.core
+        bus = await connect(self.config.bus, FdOwningBus)
+        assert isinstance(bus, FdOwningBus)
+        callers = Callers(bus, system_bus=self.config.bus == "system")
+        sessions = SessionObjects(bus, service, callers)
+        departed: asyncio.Queue[str] = asyncio.Queue()
+        bus.add_message_handler(fd_guard(sessions.__contains__))
+        bus.add_message_handler(_name_watcher(departed, callers))
+        await _add_match(bus, NAME_OWNER_CHANGED)
         if core.phase is Phase.NORMAL:
             for client in core.clients():
                 if not await callers.has_owner(client):
                     await service.client_gone(client)
 
         manager = Manager(service, callers, bus)
-        sessions: dict[str, SessionObject] = {}
-
-        def add_session(session: Session) -> None:
-            obj = SessionObject(session.name, service, callers)
-            sessions[session_path(session.name)] = obj
-            bus.export(session_path(session.name), obj)
-
-        def remove_session(name: str) -> None:
-            path = session_path(name)
-            if sessions.pop(path, None) is not None:
-                bus.unexport(path)
-
-        def session_changed(session: Session) -> None:
-            obj = sessions.get(session_path(session.name))
-            if obj is not None:
-                obj.announce_change()
-
-        service.listeners.session_added = add_session
-        service.listeners.session_removed = remove_session
-        service.listeners.session_changed = session_changed
-        service.listeners.phase_changed = manager.announce_phase
+        service.listeners = Listeners(
+            session_added=sessions.add,
+            session_removed=sessions.remove,
+            session_changed=sessions.changed,
+            phase_changed=manager.announce_phase,
+        )
         for session in core.sessions.values():
-            add_session(session)
+            sessions.add(session)
         bus.export(MANAGER_PATH, manager)
 
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -170,37 +157,41 @@ class Daemon:
             return 1
         self.notifier.ready(core.status_line())
         log.info("ready", state=core.phase.value, sessions=len(core.sessions),
-                 fds=core.fd_count(), backend=backend.name, boot_id=boot_id(),
-                 session_path_prefix=SESSION_PATH_PREFIX)
+                 fds=core.fd_count(), backend=service.backend.name, boot_id=boot_id())
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._drop_departed(gone, service))
-                interval = self.notifier.watchdog_interval()
-                if interval:
-                    tasks.create_task(self._watchdog(interval))
-                outcome = await _first(
-                    stop=stop.wait(),
-                    reboot=service.reboot_requested.wait(),
-                    disconnect=bus.wait_for_disconnect(),
-                )
-                raise _Done(outcome)
-        except* _Done as done:
-            outcome = done.exceptions[0].args[0]
+        outcome = await self._serve(service, bus, departed)
         self.notifier.notify("STOPPING=1")
         if outcome == "disconnect":
             log.error("bus_connection_lost")
             return 1
         bus.disconnect()
-        journal.close()
+        service.journal.close()
         if outcome == "reboot":
             return self._reboot_action()
         log.info("stopped", reason=outcome)
         return 0
+
+    async def _serve(
+        self, service: LiveUpdate, bus: FdOwningBus, departed: asyncio.Queue[str]
+    ) -> str:
+        """Serve until a signal, a completed Reboot() or the loss of the bus."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        async with asyncio.TaskGroup() as tasks:
+            helpers = [tasks.create_task(self._drop_departed(departed, service))]
+            interval = self.notifier.watchdog_interval()
+            if interval:
+                helpers.append(tasks.create_task(self._watchdog(interval)))
+            outcome = await _first(
+                stop=stop.wait(),
+                reboot=service.reboot_requested.wait(),
+                disconnect=bus.wait_for_disconnect(),  # type: ignore[no-untyped-call]
+            )
+            for helper in helpers:
+                helper.cancel()
+        return outcome
 
     def _reboot_action(self) -> int:
         action = self.config.resolved_reboot_action()
@@ -221,10 +212,6 @@ class Daemon:
         while True:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
-
-
-class _Done(Exception):
-    pass
 
 
 async def _first(**waits: Awaitable[object]) -> str:
@@ -253,6 +240,12 @@ def _name_watcher(gone: asyncio.Queue[str], callers: Callers) -> Callable[[Messa
         return False
 
     return handle
+
+
+NAME_OWNER_CHANGED = (
+    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+    "member='NameOwnerChanged',path='/org/freedesktop/DBus'"
+)
 
 
 async def _add_match(bus: FdOwningBus, rule: str) -> None:

@@ -14,8 +14,9 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 from liveupdated.client import Client
 from liveupdated.fds import memfd
@@ -60,8 +61,23 @@ def make_guest_memory(size: int, seed: int = 7) -> int:
     return fd
 
 
-def fingerprint(fd: int) -> dict[str, object]:
+@dataclass(frozen=True)
+class Fingerprint:
     """What must survive the update, including a digest of every data extent."""
+
+    size: int
+    seals: int
+    name: str | None
+    position: int
+    extents: list[tuple[int, int]]
+    sha256: str
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(length for _, length in self.extents)
+
+
+def fingerprint(fd: int) -> Fingerprint:
     size = os.fstat(fd).st_size
     extents = memfd.data_extents(fd, size)
     digest = hashlib.sha256()
@@ -69,85 +85,115 @@ def fingerprint(fd: int) -> dict[str, object]:
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
             for start, length in extents:
                 digest.update(view[start : start + length])
-    return {
-        "size": size,
-        "seals": memfd.seals_of(fd),
-        "name": memfd.memfd_name(os.readlink(f"/proc/self/fd/{fd}")),
-        "position": os.lseek(fd, 0, os.SEEK_CUR),
-        "extents": extents,
-        "sha256": digest.hexdigest(),
-    }
+    return Fingerprint(
+        size=size,
+        seals=memfd.seals_of(fd),
+        name=memfd.memfd_name(os.readlink(f"/proc/self/fd/{fd}")),
+        position=os.lseek(fd, 0, os.SEEK_CUR),
+        extents=extents,
+        sha256=digest.hexdigest(),
+    )
+
+
+@dataclass
+class Outcome:
+    before: Fingerprint | None = None
+    after: Fingerprint | None = None
+    old_exit: int = -1
+    freeze_done: float = 0.0
+    blackout_ms: float = 0.0
+    daemon_blackout_usec: int = 0
+    final_state: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.before is not None
+            and self.before == self.after
+            and self.old_exit == 0
+            and self.final_state == "normal"
+        )
+
+
+async def _old_boot(bus: PrivateBus, state: Path, log: IO[bytes], size: int,
+                    timeline: Timeline, outcome: Outcome) -> None:
+    with DaemonProcess(bus.address, state, "--backend", "simulated", log=log) as old:
+        timeline.mark("liveupdated ready")
+        guest = make_guest_memory(size)
+        outcome.before = fingerprint(guest)
+        timeline.mark(f"VMM made {size >> 20} MiB guest memory")
+        async with await Client.connect(bus.address) as vmm:
+            session = await vmm.create_session("demo-vm")
+            await session.preserve_fd("guest-ram", guest)
+            timeline.mark("VMM handed over its memfd")
+            await vmm.prepare()
+            timeline.mark("Prepare (brownout)")
+            await vmm.freeze()
+            outcome.freeze_done = time.monotonic()
+            timeline.mark("Freeze (blackout starts)")
+            await vmm.reboot()
+        os.close(guest)  # the old VMM process is gone with the old kernel
+        outcome.old_exit = old.wait()
+        timeline.mark(f"Reboot: handover written, daemon exited {outcome.old_exit}")
+
+
+async def _new_boot(bus: PrivateBus, state: Path, log: IO[bytes], timeline: Timeline,
+                    outcome: Outcome) -> None:
+    with DaemonProcess(bus.address, state, "--backend", "simulated", log=log):
+        timeline.mark("new boot: liveupdated ready")
+        async with await Client.connect(bus.address) as vmm:
+            session = await vmm.retrieve_session("demo-vm")
+            restored = await session.retrieve_fd("guest-ram")
+            outcome.blackout_ms = (time.monotonic() - outcome.freeze_done) * 1e3
+            timeline.mark("VMM got its memfd back (blackout ends)")
+            outcome.after = fingerprint(restored)
+            os.close(restored)
+            timeline.mark("VMM verified content, size, seals, name, holes")
+            outcome.daemon_blackout_usec = int(await vmm.property("LastBlackoutUSec"))
+            await vmm.finish()
+            outcome.final_state = await vmm.state()
+            timeline.mark(f"Finish: state {outcome.final_state}")
 
 
 async def run_demo(size_text: str = "1G", as_json: bool = False) -> int:
     size = parse_size(size_text)
     timeline = Timeline()
+    outcome = Outcome()
     with tempfile.TemporaryDirectory(prefix="liveupdated-demo-") as tmp:
         root = Path(tmp)
-        log = (root / "daemon.log").open("ab")
-        with PrivateBus(root / "bus") as bus:
+        with (root / "daemon.log").open("ab") as log, PrivateBus(root / "bus") as bus:
             timeline.mark("private bus up")
-            old = DaemonProcess(bus.address, root / "state", "--backend", "simulated", log=log)
-            old.start()
-            timeline.mark("liveupdated ready")
-            guest = make_guest_memory(size)
-            before = fingerprint(guest)
-            timeline.mark(f"VMM made {size >> 20} MiB guest memory")
-            async with await Client.connect(bus.address) as vmm:
-                session = await vmm.create_session("demo-vm")
-                await session.preserve_fd("guest-ram", guest)
-                timeline.mark("VMM handed over its memfd")
-                await vmm.prepare()
-                timeline.mark("Prepare (brownout)")
-                await vmm.freeze()
-                freeze_done = time.monotonic()
-                timeline.mark("Freeze (blackout starts)")
-                await vmm.reboot()
-            os.close(guest)  # the old VMM process is gone with the old kernel
-            status = old.wait()
-            old.close()
-            timeline.mark(f"Reboot: handover written, daemon exited {status}")
-            new = DaemonProcess(bus.address, root / "state", "--backend", "simulated", log=log)
-            new.start()
-            timeline.mark("new boot: liveupdated ready")
-            async with await Client.connect(bus.address) as vmm:
-                session = await vmm.retrieve_session("demo-vm")
-                restored = await session.retrieve_fd("guest-ram")
-                blackout_ms = (time.monotonic() - freeze_done) * 1e3
-                timeline.mark("VMM got its memfd back (blackout ends)")
-                after = fingerprint(restored)
-                os.close(restored)
-                timeline.mark("VMM verified content, size, seals, name, holes")
-                daemon_blackout = int(await vmm.property("LastBlackoutUSec"))
-                await vmm.finish()
-                state = await vmm.state()
-                timeline.mark(f"Finish: state {state}")
-            new.stop()
-            new.close()
-        log.close()
-    ok = before == after and state == "normal" and status == 0
+            await _old_boot(bus, root / "state", log, size, timeline, outcome)
+            await _new_boot(bus, root / "state", log, timeline, outcome)
+    _report(outcome, timeline, size, as_json)
+    return 0 if outcome.ok else 4
+
+
+def _report(outcome: Outcome, timeline: Timeline, size: int, as_json: bool) -> None:
+    assert outcome.before is not None
+    wanted = asdict(outcome.before)
+    got = asdict(outcome.after) if outcome.after else {}
     report = {
-        "ok": ok,
+        "ok": outcome.ok,
         "size_bytes": size,
-        "data_bytes": sum(length for _, length in before["extents"]),  # type: ignore[attr-defined]
-        "blackout_ms": round(blackout_ms, 1),
-        "daemon_blackout_ms": round(daemon_blackout / 1e3, 1),
+        "data_bytes": outcome.before.data_bytes,
+        "blackout_ms": round(outcome.blackout_ms, 1),
+        "daemon_blackout_ms": round(outcome.daemon_blackout_usec / 1e3, 1),
         "phases": [{"phase": p, "at_ms": round(a, 1), "took_ms": round(d, 1)}
                    for p, a, d in timeline.rows],
-        "mismatch": {k: [before[k], after[k]] for k in before if before[k] != after[k]},
+        "mismatch": {k: [wanted[k], got.get(k)] for k in wanted if wanted[k] != got.get(k)},
     }
     if as_json:
         print(json.dumps(report))
-    else:
-        print(f"liveupdated demo: {size >> 20} MiB sparse memfd, "
-              f"{report['data_bytes'] >> 20} MiB of data, seals {before['seals']:#x}\n")
-        print(f"{'at ms':>9}  {'took ms':>9}  phase")
-        for phase, at, took in timeline.rows:
-            print(f"{at:9.1f}  {took:9.1f}  {phase}")
-        print(f"\nblackout (Freeze to memfd back): {blackout_ms:.1f} ms "
-              f"(daemon's own LastBlackoutUSec: {daemon_blackout / 1e3:.1f} ms)")
-        print("verification:", "OK, byte-exact" if ok else f"FAILED {report['mismatch']}")
-    return 0 if ok else 4
+        return
+    print(f"liveupdated demo: {size >> 20} MiB sparse memfd, "
+          f"{outcome.before.data_bytes >> 20} MiB of data, seals {outcome.before.seals:#x}\n")
+    print(f"{'at ms':>9}  {'took ms':>9}  phase")
+    for phase, at, took in timeline.rows:
+        print(f"{at:9.1f}  {took:9.1f}  {phase}")
+    print(f"\nblackout (Freeze to memfd back): {outcome.blackout_ms:.1f} ms "
+          f"(the daemon's LastBlackoutUSec: {outcome.daemon_blackout_usec / 1e3:.1f} ms)")
+    print("verification:", "OK, byte-exact" if outcome.ok else f"FAILED {report['mismatch']}")
 
 
 def main() -> None:

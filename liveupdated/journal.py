@@ -9,7 +9,7 @@ import asyncio
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +131,7 @@ class Journal:
             self._write_and_sync(data)
             self.commits += 1
 
-    async def commit(self, records: list[Record]) -> None:
+    async def commit(self, records: Sequence[Record]) -> None:
         """Durable when this returns. Concurrent commits share one fsync (group commit)."""
         if not records:
             return

@@ -3,23 +3,24 @@
 journald reads a leading `<N>` as the line's priority, so `journalctl -p err` works.
 """
 
+import json
 import logging
 import sys
 from typing import Any
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 
 
-def _syslog_prefix(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-    event["_priority"] = _PRIORITY.get(method, 6)
-    return event
+def _render(_: WrappedLogger, method: str, event: EventDict) -> str:
+    priority = _PRIORITY.get(method, 6)
+    return f"<{priority}>" + json.dumps(event, default=_fallback)
 
 
-def _render(_: Any, __: str, event: dict[str, Any]) -> str:
-    priority = event.pop("_priority", 6)
-    return f"<{priority}>" + structlog.processors.JSONRenderer(sort_keys=False)(_, __, event)
+def _fallback(value: Any) -> str:
+    return str(value)
 
 
 def configure(level: str = "info") -> None:
@@ -29,7 +30,6 @@ def configure(level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            _syslog_prefix,
             _render,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -143,7 +143,7 @@ class DaemonProcess:
         notes.ready.clear()
         stored = list(notes.store.items())
         fds = [fd for _, fd in stored]
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         env = {
             **os.environ,

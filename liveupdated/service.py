@@ -18,7 +18,6 @@ from liveupdated.core.orchestrator import Caller, FdEntry, Orchestrator, Phase, 
 from liveupdated.core.records import (
     FdPreserved,
     FdReleased,
-    FdRestored,
     PhaseChanged,
     Rebooted,
     Record,
@@ -74,12 +73,12 @@ class LiveUpdate:
 
     # ---- plumbing --------------------------------------------------------------------
 
-    async def _durable(self, records: list[Record]) -> None:
+    async def _durable(self, records: Sequence[Record]) -> None:
         """Journal the records the core already applied, then carry out their effects."""
         await self.journal.commit(records)
         self._effects(records)
 
-    def _effects(self, records: list[Record]) -> None:
+    def _effects(self, records: Sequence[Record]) -> None:
         changed: dict[str, None] = {}
         for record in records:
             match record:

@@ -1,5 +1,7 @@
 """The orchestrator core, driven directly: one rule, one test."""
 
+from collections.abc import Callable
+
 import pytest
 
 from liveupdated.core.errors import (
@@ -38,14 +40,15 @@ def replayed(core: Orchestrator, records: list) -> Orchestrator:  # type: ignore
 
 def test_full_cycle_moves_through_every_phase() -> None:
     core = core_with("ram")
-    core.prepare(ROOT)
-    assert core.phase is Phase.PREPARED
-    core.freeze(ROOT)
-    assert core.phase is Phase.FROZEN
-    core.rebooted("boot-a")
-    assert core.phase is Phase.UPDATED
-    core.finish(ROOT)
-    assert core.phase is Phase.NORMAL
+    phases = []
+    steps: list[Callable[[], object]] = [
+        lambda: core.prepare(ROOT), lambda: core.freeze(ROOT),
+        lambda: core.rebooted("boot-a"), lambda: core.finish(ROOT),
+    ]
+    for step in steps:
+        step()
+        phases.append(core.phase)
+    assert phases == [Phase.PREPARED, Phase.FROZEN, Phase.UPDATED, Phase.NORMAL]
     assert core.sessions == {}
 
 

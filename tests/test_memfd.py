@@ -76,9 +76,9 @@ def test_handover_rebuilds_memfds_exactly(tmp_path: Path) -> None:
     before = {key: fingerprint(fd) for key, fd in fds.items()}
     area = tmp_path / "handover"
     carried = SimulatedBackend(area).write_handover(
-        fds, {k: entry(k[1], str(before[k]["name"])) for k in fds}, "boot-1", lambda n: None
+        fds, {k: entry(k[1], str(before[k].name)) for k in fds}, "boot-1", lambda n: None
     )
-    assert carried == sum(sum(n for _, n in before[k]["extents"]) for k in fds)  # type: ignore[attr-defined]
+    assert carried == sum(before[k].data_bytes for k in fds)
     data_blocks = sum(os.stat(p).st_blocks * 512 for p in (area / "data").iterdir())
     assert data_blocks < 64 << 20  # sparse: far below the 129 MiB of apparent size
     for fd in fds.values():
@@ -114,7 +114,7 @@ def test_truncated_handover_data_is_corrupted(tmp_path: Path) -> None:
     os.write(fd, b"data" * 1024)
     area = tmp_path / "handover"
     backend = SimulatedBackend(area)
-    backend.write_handover({("vm", "ram"): fd}, {("vm", "ram"): entry("ram")}, "b", lambda n: 0)
+    backend.write_handover({("vm", "ram"): fd}, {("vm", "ram"): entry("ram")}, "b", lambda n: None)
     (data_file,) = (area / "data").iterdir()
     os.truncate(data_file, 100)
     with pytest.raises(Corrupted, match="has 100 bytes"):

@@ -20,7 +20,9 @@ async def test_memfds_come_back_byte_exact_after_reboot(
     small = make_memfd(12345, b"x" * 12345, name="firmware")
     fcntl.fcntl(small, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
     empty = make_memfd(0, b"", name="empty")
-    expected = {"ram": fingerprint(ram), "firmware": fingerprint(small), "empty": fingerprint(empty)}
+    expected = {
+        "ram": fingerprint(ram), "firmware": fingerprint(small), "empty": fingerprint(empty)
+    }
     async with await Client.connect(bus.address) as vmm:
         session = await vmm.create_session("vm-1")
         await session.preserve_fd("ram", ram)

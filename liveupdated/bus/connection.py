@@ -6,6 +6,7 @@ each fd the daemon sends in a reply is a dup that is closed once written.
 """
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ class FdOwningBus(MessageBus):
     def when_replied(self, serial: int, callback: Callable[[], None]) -> None:
         self._reply_watchers[serial] = callback
 
-    def send(self, msg: Message) -> asyncio.Future[Any]:
+    def send(self, msg: Message) -> asyncio.Future[Any]:  # type: ignore[override]
         future: asyncio.Future[Any] = super().send(msg)
         if msg.unix_fds and msg.message_type is MessageType.METHOD_RETURN:
             fds = list(msg.unix_fds)
@@ -43,10 +44,8 @@ class FdOwningBus(MessageBus):
 
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def fd_guard(is_session_path: Callable[[str], bool]) -> Callable[[Message], Message | bool]:

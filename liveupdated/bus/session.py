@@ -3,6 +3,7 @@
 import os
 from typing import Annotated, Any
 
+from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
 from dbus_fast.annotations import DBusSignature as Sig
 from dbus_fast.constants import PropertyAccess
@@ -11,6 +12,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 from liveupdated.bus import SESSION_INTERFACE
 from liveupdated.bus.callers import Callers
 from liveupdated.bus.errors import contract
+from liveupdated.core.names import session_path
 from liveupdated.core.orchestrator import Session
 from liveupdated.service import LiveUpdate
 
@@ -114,6 +116,7 @@ class SessionObject(ServiceInterface):
         return self._session.preserved_bytes
 
     def announce_change(self) -> None:
+        """PropertiesChanged for what a command may have changed."""
         session = self._session
         self.emit_properties_changed(
             {
@@ -122,3 +125,31 @@ class SessionObject(ServiceInterface):
                 "PreservedBytes": session.preserved_bytes,
             }
         )
+
+
+class SessionObjects:
+    """The exported session objects, one per session of the core, by object path."""
+
+    def __init__(self, bus: MessageBus, service: LiveUpdate, callers: Callers) -> None:
+        self._bus = bus
+        self._service = service
+        self._callers = callers
+        self._objects: dict[str, SessionObject] = {}
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._objects
+
+    def add(self, session: Session) -> None:
+        path = session_path(session.name)
+        self._objects[path] = SessionObject(session.name, self._service, self._callers)
+        self._bus.export(path, self._objects[path])
+
+    def remove(self, name: str) -> None:
+        path = session_path(name)
+        if self._objects.pop(path, None) is not None:
+            self._bus.unexport(path)
+
+    def changed(self, session: Session) -> None:
+        obj = self._objects.get(session_path(session.name))
+        if obj is not None:
+            obj.announce_change()

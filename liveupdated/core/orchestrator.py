@@ -150,7 +150,7 @@ class Orchestrator:
 
     # ---- the one mutator -------------------------------------------------------------
 
-    def apply(self, record: Record) -> None:  # noqa: PLR0912 - one branch per record type
+    def apply(self, record: Record) -> None:
         match record:
             case SessionCreated():
                 self.sessions[record.session] = Session(
@@ -241,7 +241,7 @@ class Orchestrator:
     def owned_session(self, caller: Caller, name: str) -> Session:
         """The session, if the caller is its owner or root; AccessDenied otherwise."""
         session = self.session(name)
-        if caller.uid != session.uid and caller.uid != 0:
+        if caller.uid not in (session.uid, 0):
             raise AccessDenied(
                 f"session {name!r} belongs to uid {session.uid}; only it or root may use it"
             )

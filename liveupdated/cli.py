@@ -114,9 +114,8 @@ async def _wait_until_not_normal(client: Client) -> None:
         return False
 
     client.bus.add_message_handler(on_signal)
-    await client.call(
-        "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
-        ["type='signal',interface='org.liveupdate1.Manager',member='StateChanged'"],
+    await client.add_match(
+        "type='signal',interface='org.liveupdate1.Manager',member='StateChanged'"
     )
     while await client.state() == "normal":
         await changed.wait()

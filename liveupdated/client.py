@@ -74,10 +74,11 @@ class Client:
         signature: str = "",
         body: Sequence[Any] = (),
         unix_fds: Sequence[int] = (),
+        destination: str = BUS_NAME,
     ) -> list[Any]:
         reply = await self.bus.call(
             Message(
-                destination=BUS_NAME,
+                destination=destination,
                 path=path,
                 interface=interface,
                 member=member,
@@ -96,6 +97,10 @@ class Client:
             body_out = [reply.unix_fds[v] if s.token == "h" else v
                         for s, v in zip(reply.signature_tree.types, body_out, strict=True)]
         return body_out
+
+    async def add_match(self, rule: str) -> None:
+        await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+                        [rule], destination="org.freedesktop.DBus")
 
     async def _manager(self, member: str, signature: str = "", *body: Any) -> list[Any]:
         return await self.call(MANAGER_PATH, MANAGER_INTERFACE, member, signature, body)

@@ -1,0 +1,205 @@
+"""Ownership over a real bus: a session belongs to the uid (and unit) that created it.
+
+Only that uid or root may see, use or retrieve it, before and after the reboot; the
+host's update (Prepare, Freeze, Cancel, Reboot, Finish) is the admin's alone.
+"""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from liveupdated.client import Client
+from liveupdated.core.errors import AccessDenied
+from liveupdated.core.records import SessionCreated
+from liveupdated.privatebus import PrivateBus
+from tests.conftest import make_memfd
+from tests.other_uid import OtherUid, content_digest, digest
+from tests.test_rules_support import NOBODY, NOGROUP_UID, Host, session_names, unit_cgroup
+
+
+@pytest.fixture
+def host(bus: PrivateBus, tmp_path: Path) -> Iterator[Host]:
+    with Host(bus, tmp_path) as h:
+        yield h
+
+
+RAM = b"nobody's guest memory"
+
+
+async def test_owner_uid_and_unit_are_recorded_in_the_journal(host: Host) -> None:
+    await host.start()
+    with unit_cgroup() as cgroup:
+        if cgroup is None:
+            pytest.skip("no cgroup can be created here to stand in for a systemd unit")
+        async with OtherUid(host.address, NOBODY, cgroup=cgroup) as nobody:
+            await nobody.call("create_session", name="vm-nobody")
+            props = await nobody.call("session_properties", session="vm-nobody")
+            created = [
+                r for r in host.journal_records()
+                if isinstance(r, SessionCreated) and r.session == "vm-nobody"
+            ]
+    assert [(r.uid, r.unit) for r in created] == [(NOBODY, cgroup.name)]
+    assert (props["Owner"], props["Unit"]) == (NOBODY, cgroup.name)
+
+
+async def test_list_sessions_shows_root_all_and_others_their_own(host: Host) -> None:
+    await host.start()
+    async with (
+        await host.connect() as root,
+        OtherUid(host.address, NOBODY) as nobody,
+        OtherUid(host.address, NOGROUP_UID) as third,
+    ):
+        await root.create_session("vm-root")
+        await nobody.call("create_session", name="vm-nobody")
+        rows = {s.name: s.owner for s in await root.list_sessions()}
+        assert rows == {"vm-root": 0, "vm-nobody": NOBODY}
+        assert [row[0] for row in await nobody.call("list_sessions")] == ["vm-nobody"]
+        assert [row[2] for row in await nobody.call("list_sessions")] == [NOBODY]
+        assert await third.call("list_sessions") == []
+
+
+async def _assert_denied_everything(
+    intruder: OtherUid, session: str, token: str
+) -> None:
+    calls: list[tuple[str, dict[str, object]]] = [
+        ("preserve_fd", {"token": "intruder", "data": b"x".hex()}),
+        ("unpreserve_fd", {"token": token}),
+        ("retrieve_fd", {"token": token}),
+        ("list_fds", {}),
+        ("delay_freeze", {"enable": True}),
+        ("close", {}),
+    ]
+    for op, args in calls:
+        with pytest.raises(AccessDenied, match=session):
+            await intruder.call(op, session=session, **args)
+
+
+async def test_another_uid_is_denied_every_session_call(host: Host) -> None:
+    await host.start()
+    async with (
+        await host.connect() as root,
+        OtherUid(host.address, NOBODY) as nobody,
+        OtherUid(host.address, NOGROUP_UID) as third,
+    ):
+        mine = await root.create_session("vm-root")
+        fd = make_memfd(4096, b"root ram")
+        await mine.preserve_fd("ram", fd)
+        await nobody.call("create_session", name="vm-nobody")
+        await nobody.call("preserve_fd", session="vm-nobody", token="ram", data=RAM.hex())
+        before = (await mine.list_fds(), await nobody.call("list_fds", session="vm-nobody"))
+
+        await _assert_denied_everything(nobody, "vm-root", "ram")
+        await _assert_denied_everything(third, "vm-nobody", "ram")
+        await root.prepare()
+        with pytest.raises(AccessDenied, match="vm-root"):
+            await nobody.call("ready_for_freeze", session="vm-root")
+        with pytest.raises(AccessDenied, match="vm-nobody"):
+            await third.call("ready_for_freeze", session="vm-nobody")
+        await root.cancel()
+
+        after = (await mine.list_fds(), await nobody.call("list_fds", session="vm-nobody"))
+        assert after == before
+        assert sorted(await session_names(root)) == ["vm-nobody", "vm-root"]
+        got = await mine.retrieve_fd("ram")
+        assert os.fstat(got).st_ino == os.fstat(fd).st_ino
+        os.close(got)
+        os.close(fd)
+
+
+async def test_root_may_use_any_uids_session(host: Host) -> None:
+    await host.start()
+    async with await host.connect() as root, OtherUid(host.address, NOBODY) as nobody:
+        path = await nobody.call("create_session", name="vm-nobody")
+        await nobody.call("preserve_fd", session="vm-nobody", token="ram", data=RAM.hex())
+        theirs = await root.retrieve_session  # noqa: B018 - RetrieveSession is UPDATED-only
+        del theirs
+        from liveupdated.client import SessionClient
+
+        session = SessionClient(root, "vm-nobody", path)
+        fd = await session.retrieve_fd("ram")
+        assert digest(fd) == content_digest(RAM, len(RAM))
+        os.close(fd)
+        extra = make_memfd(100, b"added by root")
+        await session.preserve_fd("by-root", extra)
+        os.close(extra)
+        assert [f.token for f in await session.list_fds()] == ["by-root", "ram"]
+        assert (await session.properties())["Owner"] == NOBODY
+        await session.close()
+        assert await nobody.call("list_sessions") == []
+
+
+@pytest.mark.parametrize("third_uid", [False, True], ids=["nobody", "uid-65533"])
+async def test_host_commands_are_the_admins(host: Host, third_uid: bool) -> None:
+    await host.start()
+    uid = NOGROUP_UID if third_uid else NOBODY
+    async with await host.connect() as root, OtherUid(host.address, uid) as user:
+        await user.call("create_session", name="vm")
+        await user.call("preserve_fd", session="vm", token="ram", data=RAM.hex())
+        denied = {
+            "normal": ["prepare", "freeze", "cancel", "reboot", "finish"],
+            "prepared": ["prepare", "freeze", "cancel", "reboot", "finish"],
+            "frozen": ["prepare", "freeze", "cancel", "reboot", "finish"],
+        }
+        for state, advance in (("normal", root.prepare), ("prepared", root.freeze),
+                               ("frozen", None)):
+            for op in denied[state]:
+                with pytest.raises(AccessDenied):
+                    await user.call(op)
+                assert await root.state() == state, f"{op} by uid {uid} moved the host"
+            if advance is not None:
+                await advance()
+        await host.reboot(root)
+    async with await host.connect() as root, OtherUid(host.address, uid) as user:
+        for op in ["prepare", "freeze", "cancel", "reboot", "finish"]:
+            with pytest.raises(AccessDenied):
+                await user.call(op)
+            assert await root.state() == "updated"
+        await root.finish()
+        assert await root.state() == "normal"
+
+
+async def test_ownership_holds_after_the_reboot(host: Host) -> None:
+    await host.start()
+    async with await host.connect() as root, OtherUid(host.address, NOBODY) as nobody:
+        await nobody.call("create_session", name="vm-nobody")
+        await nobody.call("preserve_fd", session="vm-nobody", token="ram", data=RAM.hex(),
+                          size=8192)
+        await nobody.call("preserve_fd", session="vm-nobody", token="disk",
+                          data=b"disk".hex())
+        await root.prepare()
+        await root.freeze()
+        await host.reboot(root)
+
+    async with (
+        await host.connect() as root,
+        OtherUid(host.address, NOBODY) as nobody,
+        OtherUid(host.address, NOGROUP_UID) as third,
+    ):
+        assert await third.call("list_sessions") == []
+        with pytest.raises(AccessDenied, match="vm-nobody"):
+            await third.call("retrieve_session", name="vm-nobody")
+        with pytest.raises(AccessDenied, match="vm-nobody"):
+            await third.call("retrieve_fd", session="vm-nobody", token="ram")
+        with pytest.raises(AccessDenied, match="vm-nobody"):
+            await third.call("finish_session", session="vm-nobody")
+        with pytest.raises(AccessDenied, match="vm-nobody"):
+            await third.call("list_fds", session="vm-nobody")
+
+        assert [r[:3] for r in await nobody.call("list_sessions")] == [
+            ["vm-nobody", "/org/liveupdate1/session/vm_2dnobody", NOBODY]
+        ]
+        await nobody.call("retrieve_session", name="vm-nobody")
+        got = await nobody.call("retrieve_fd", session="vm-nobody", token="ram")
+        assert got == content_digest(RAM, 8192)
+        root_session = await root.retrieve_session("vm-nobody")
+        fd = await root_session.retrieve_fd("disk")
+        assert digest(fd) == content_digest(b"disk", 4)
+        os.close(fd)
+        await nobody.call("finish_session", session="vm-nobody")
+        await root.finish()
+
+
+async def _unused(client: Client) -> None:  # pragma: no cover - keeps imports honest
+    del client

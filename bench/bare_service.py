@@ -9,8 +9,8 @@ import sys
 from typing import Any
 
 from dbus_fast import Message, MessageType, NameFlag, RequestNameReply
-from dbus_fast.annotations import DBusUnixFd
 from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method
 
 NAME = "org.liveupdate1.BenchBare"
@@ -20,12 +20,17 @@ PATH = "/org/liveupdate1/BenchBare"
 class ClosingBus(MessageBus):
     """Closes the fds of each reply once it is written (dbus-fast never does)."""
 
-    def send(self, msg: Message) -> asyncio.Future[Any]:
+    def send(self, msg: Message) -> asyncio.Future[Any]:  # type: ignore[override]
         future: asyncio.Future[Any] = super().send(msg)
         if msg.unix_fds and msg.message_type is MessageType.METHOD_RETURN:
             fds = list(msg.unix_fds)
-            future.add_done_callback(lambda _: [os.close(fd) for fd in fds])
+            future.add_done_callback(lambda _: close_all(fds))
         return future
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class Bare(ServiceInterface):
@@ -43,7 +48,7 @@ async def serve(address: str) -> None:
     if await bus.request_name(NAME, NameFlag.DO_NOT_QUEUE) is not RequestNameReply.PRIMARY_OWNER:
         raise SystemExit(f"{NAME} is taken")
     print("ready", flush=True)
-    await bus.wait_for_disconnect()
+    await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ def block_at(chunk: int, offset: int) -> bytes:
     return _block(chunk, (offset // chunk) % _DISTINCT_BLOCKS)
 
 
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Layout:
     size: int

@@ -7,6 +7,7 @@ It knows nothing of D-Bus; it never acknowledges a change that is not in the jou
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -69,7 +70,9 @@ class LiveUpdate:
         self.listeners = Listeners()
         self.barrier = FreezeBarrier()
         self.reboot_requested = asyncio.Event()
+        self.host_commands = asyncio.Lock()  # Prepare, Freeze, Cancel, Reboot, Finish
         self.rebooting = False
+        self._last_progress = 0.0
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -91,7 +94,6 @@ class LiveUpdate:
                 case FdReleased():
                     key = (record.session, record.token)
                     self.vault.release(key)
-                    self.backend.unpreserve_fd(key)
                     changed[record.session] = None
                     log.info("fd_released", session=record.session, token=record.token,
                              reason=record.reason)
@@ -137,7 +139,6 @@ class LiveUpdate:
             raise
         key = (session, token)
         self.vault.keep(key, fd)
-        self.backend.preserve_fd(key, fd)
         await self._durable(records)
         log.info("fd_preserved", session=session, token=token, bytes=facts.size,
                  requires=list(requires))
@@ -183,8 +184,19 @@ class LiveUpdate:
 
     # ---- the host's update -----------------------------------------------------------
 
+    def _held(self) -> tuple[dict[Key, int], dict[Key, FdEntry]]:
+        entries = {
+            (name, token): entry
+            for name, session in self.core.sessions.items()
+            for token, entry in session.fds.items()
+        }
+        return self.vault.items(), entries
+
     async def prepare(self, caller: Caller) -> None:
-        await self._durable(self.core.prepare(caller))
+        async with self.host_commands:
+            self.core.check_transition(caller, "Prepare")
+            await asyncio.to_thread(self.backend.prepare_handover, *self._held())
+            await self._durable(self.core.prepare(caller))
 
     async def freeze(self, caller: Caller) -> None:
         self.core.check_freeze(caller)
@@ -192,11 +204,11 @@ class LiveUpdate:
             raise WrongState("a Freeze is already waiting for its barrier")
         self.barrier.freezing = True
         try:
-            await self._wait_for_barrier()
-            records = self.core.freeze(caller)
+            await self._wait_for_barrier()  # outside the lock: Cancel may interrupt it
+            async with self.host_commands:
+                await self._durable(self.core.freeze(caller))
         finally:
             self.barrier.freezing = False
-        await self._durable(records)
 
     async def _wait_for_barrier(self) -> None:
         loop = asyncio.get_running_loop()
@@ -221,37 +233,41 @@ class LiveUpdate:
     async def cancel(self, caller: Caller) -> None:
         if self.rebooting:
             raise WrongState("Reboot is writing the handover; it can no longer be cancelled")
-        records = self.core.cancel(caller)
-        await asyncio.to_thread(self.backend.discard_handover)
-        await self._durable(records)
+        async with self.host_commands:
+            self.core.check_transition(caller, "Cancel")
+            await asyncio.to_thread(self.backend.discard_handover)
+            await self._durable(self.core.cancel(caller))
 
     async def reboot(self, caller: Caller) -> int:
         """Write the handover for the next kernel; the daemon then stops as the old kernel."""
         self.core.check_reboot(caller)
         if self.rebooting:
             raise WrongState("Reboot is already in progress")
-        self.rebooting = True
-        entries = {
-            (name, token): entry
-            for name, session in self.core.sessions.items()
-            for token, entry in session.fds.items()
-        }
-        self.notifier.notify("EXTEND_TIMEOUT_USEC=600000000", "STATUS=writing handover")
-        try:
-            carried = await asyncio.to_thread(
-                self.backend.write_handover, self.vault.items(), entries, boot_id(),
-                lambda n: None,
-            )
-        except BaseException:
-            self.rebooting = False
-            await asyncio.to_thread(self.backend.discard_handover)
-            raise
+        async with self.host_commands:
+            self.rebooting = True
+            fds, entries = self._held()
+            self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000", "STATUS=writing handover")
+            try:
+                carried = await asyncio.to_thread(
+                    self.backend.write_handover, fds, entries, boot_id(), self._report_progress
+                )
+            except BaseException:
+                self.rebooting = False
+                raise
         log.info("handover_written", fds=len(entries), bytes=carried)
-        self.reboot_requested.set()
         return carried
 
+    def _report_progress(self, carried: int) -> None:
+        """From the writer thread: keep systemd's start/stop timeout from firing."""
+        now = time.monotonic()
+        if now - self._last_progress >= 1.0:
+            self._last_progress = now
+            self.notifier.notify(
+                "EXTEND_TIMEOUT_USEC=30000000", f"STATUS=writing handover: {carried >> 20} MiB"
+            )
+
     async def finish(self, caller: Caller) -> None:
-        records = self.core.finish(caller)
-        await self._durable(records)
-        await asyncio.to_thread(self.backend.finish)
-        await asyncio.to_thread(self.journal.compact, self.core.snapshot())
+        async with self.host_commands:
+            await self._durable(self.core.finish(caller))
+            await asyncio.to_thread(self.backend.finish)
+            await asyncio.to_thread(self.journal.compact, self.core.snapshot())

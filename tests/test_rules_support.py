@@ -8,6 +8,7 @@ leftovers a test inspects afterwards: journal, handover area, the daemon's open 
 import asyncio
 import contextlib
 import os
+import pwd
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,7 +27,18 @@ from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess, Notifications
 
 NOBODY = 65534
-NOGROUP_UID = 65533  # a third uid: neither root nor nobody
+
+
+def _third_uid() -> int:
+    """A uid that is neither root nor nobody and has a passwd entry (dbus-daemon rejects
+    connections from uids it cannot look up): `daemon` on every Debian, else any."""
+    try:
+        return pwd.getpwnam("daemon").pw_uid
+    except KeyError:
+        return next(p.pw_uid for p in pwd.getpwall() if p.pw_uid not in (0, NOBODY))
+
+
+OTHER_UID = _third_uid()
 
 
 class Host:

@@ -22,14 +22,22 @@ class Handover:
 
 
 class Backend(Protocol):
+    """The daemon holds every fd until Prepare; a backend sees them only from then on.
+
+    Called in this order: find_handover at start; prepare_handover (brownout, may be
+    slow, the VMs still run); write_handover at Reboot (blackout: minimal work); then
+    the kexec. discard_handover undoes the last two on Cancel. After the kexec,
+    retrieve_fd rebuilds fds on request and finish ends the update. Every method but
+    find_handover runs in a worker thread and may block.
+    """
+
     name: str
 
     def find_handover(self) -> Handover | None:
         """The previous kernel's handover, if this start is the first of a new boot."""
 
-    def preserve_fd(self, key: Key, fd: int) -> None: ...
-
-    def unpreserve_fd(self, key: Key) -> None: ...
+    def prepare_handover(self, fds: Mapping[Key, int], entries: Mapping[Key, FdEntry]) -> None:
+        """Brownout work: whatever can be handed over before the VMs stop."""
 
     def write_handover(
         self,

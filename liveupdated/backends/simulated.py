@@ -75,11 +75,8 @@ class SimulatedBackend:
             raise Corrupted(f"kexec record {path} fails its checks: {exc}") from exc
         return self._record
 
-    def preserve_fd(self, key: Key, fd: int) -> None:
-        """Nothing to do before the reboot: the daemon holds the fd itself."""
-
-    def unpreserve_fd(self, key: Key) -> None:
-        """Nothing to do before the reboot: the daemon holds the fd itself."""
+    def prepare_handover(self, fds: Mapping[Key, int], entries: Mapping[Key, FdEntry]) -> None:
+        """Nothing to do: memfd content may change until the VMs stop."""
 
     def write_handover(
         self,

@@ -281,6 +281,10 @@ class Orchestrator:
         if not caller.admin:
             raise AccessDenied(f"{command} drives the host's update; only root may call it")
 
+    def check_transition(self, caller: Caller, command: str) -> None:
+        """Raise what `command` (Prepare, Freeze, Cancel, Finish) would raise; no change."""
+        self._transition(caller, command)
+
     def _transition(self, caller: Caller, command: str) -> list[Record]:
         self._require_admin(caller, command)
         allowed, new = PHASE_TRANSITIONS[command]

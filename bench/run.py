@@ -1,0 +1,489 @@
+"""Benchmarks of liveupdated against baselines measured in the same run (DESIGN.md §6).
+
+`bench/run.py [--quick] [--json]` prints a table; with --json, one JSON object last.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+from guestmem import Layout, close_all
+
+from liveupdated import sandbox
+from liveupdated.client import Client
+from liveupdated.privatebus import PrivateBus
+from liveupdated.sandbox import DaemonProcess, Notifications
+
+BENCH = Path(__file__).resolve().parent
+MIB, GIB = 1 << 20, 1 << 30
+CONCURRENCY = 32  # calls in flight; thousands would fill a send buffer (PITFALLS.md)
+FDS_PER_SESSION = 125  # the kernel takes 128 fds per session: 80 sessions for 10,000 fds
+BARE_NAME, BARE_PATH = "org.liveupdate1.BenchBare", "/org/liveupdate1/BenchBare"
+
+# sandbox's launcher loses the fds whose dup lands on their own slot (os.dup is
+# close-on-exec and dup2 onto itself keeps that) and needs 2n fd numbers, over
+# RLIMIT_NOFILE (20000 here) at 10,000 fds. This one moves fds down in place.
+sandbox._LAUNCHER = """
+import os, sys
+fds = [int(f) for f in os.environ.pop("SANDBOX_FDS").split(",") if f]
+pairs = sorted(zip(fds, os.environ.get("LISTEN_FDNAMES", "").split(":")))
+for i, (fd, _) in enumerate(pairs):
+    if fd != 3 + i:
+        os.dup2(fd, 3 + i)
+        os.close(fd)
+if fds:
+    os.environ["LISTEN_FDNAMES"] = ":".join(name for _, name in pairs)
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.environ["LISTEN_FDS"] = str(len(fds))
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repeats: int  # of each scenario
+    restarts: int  # daemon restarts with 10,000 fds
+    imports: int  # bare import timings
+    preserve_calls: int
+    handover: tuple[int, int, int]  # memfd size, chunk, chunks; 256 sessions x 4 memfds
+    blackout: tuple[int, int, int]  # the same, for 64 VMs x 4 memfds
+
+
+QUICK = Sizes(1, 3, 5, 10_000, (2 * MIB, 256 << 10, 2), (64 * MIB, MIB, 1))
+FULL = Sizes(3, 5, 9, 10_000, (16 * MIB, MIB, 4), (256 * MIB, MIB, 8))
+SPARSE = (64 * GIB, MIB, 64)
+
+
+class Results:
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+        self.units: dict[str, str] = {}
+
+    def add(self, name: str, value: float, unit: str) -> float:
+        self.samples.setdefault(name, []).append(value)
+        self.units[name] = unit
+        return value
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {"median": self.median(name), "min": min(v), "max": max(v), "n": len(v)}
+            for name, v in self.samples.items()
+        }
+
+
+# (key, description, is it met?, target)
+TARGETS: list[tuple[str, str, Callable[[float], bool], str]] = [
+    ("preserve_ratio", "PreserveFd rate / bare fd method", lambda v: v >= 0.7, ">= 0.7"),
+    ("handover_ratio", "handover write / cp --sparse=always", lambda v: v >= 0.7, ">= 0.7"),
+    ("sparse_64g_s", "64 GiB sparse memfd carried", lambda v: v < 0.5, "well under 1 s"),
+    ("restore_ratio", "start to READY=1 / bare import", lambda v: v <= 2, "<= 2"),
+    ("rss_mib_10k", "daemon RSS holding 10,000 fds", lambda v: v <= 64, "<= 64 MiB"),
+]
+
+
+def progress(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def since(start: float) -> float:
+    return time.perf_counter() - start
+
+
+async def drive(count: int, call: Callable[[int], Awaitable[object]]) -> float:
+    """Seconds to make `count` calls with CONCURRENCY of them in flight."""
+    numbers = iter(range(count))
+
+    async def worker() -> None:
+        for i in numbers:
+            await call(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return since(start)
+
+
+def timed(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return since(started)
+
+
+def start_bare_service(address: str, stack: ExitStack) -> None:
+    """The baseline's own process, on the same bus; stopped when `stack` closes."""
+    bare = subprocess.Popen([sys.executable, str(BENCH / "bare_service.py"), address],
+                            stdout=subprocess.PIPE)
+
+    def stop() -> None:
+        bare.terminate()
+        bare.wait(10)
+        if bare.stdout is not None:
+            bare.stdout.close()
+
+    stack.callback(stop)
+    if bare.stdout is None or bare.stdout.readline() != b"ready\n":
+        raise RuntimeError("the bare dbus-fast service did not start")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def carried_bytes(log: Path) -> int:
+    """`bytes` of the daemon's last handover_written log line."""
+    lines = [ln for ln in log.read_text().splitlines() if '"handover_written"' in ln]
+    return int(json.loads(lines[-1][lines[-1].index("{"):])["bytes"])
+
+
+class Bench:
+    def __init__(self, sizes: Sizes, stack: ExitStack, bus: PrivateBus, root: Path) -> None:
+        self.sizes = sizes
+        self.stack = stack
+        self.bus = bus
+        self.root = root
+        self.log_path = root / "daemons.log"
+        self.log = stack.enter_context(self.log_path.open("ab"))
+        self.results = Results()
+        self.rng = random.Random(1)
+        self.clients: set[Client] = set()
+        stack.callback(lambda: self.drop(*self.clients))
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    def notifications(self) -> Notifications:
+        """An fd store of its own: one per boot (a reboot empties systemd's store)."""
+        notes = Notifications()
+        self.stack.callback(lambda: notes.close() if notes.sock.fileno() >= 0 else None)
+        return notes
+
+    def start(self, state: Path, notes: Notifications,
+              name: str = "start_empty_s") -> DaemonProcess:
+        daemon = DaemonProcess(self.bus.address, state, "--backend", "simulated",
+                               log=self.log, notifications=notes)
+        self.stack.callback(daemon.kill)
+        started = time.perf_counter()
+        daemon.start()
+        self.results.add(name, since(started), "s")
+        return daemon
+
+    async def client(self) -> Client:
+        client = await Client.connect(self.bus.address)
+        self.clients.add(client)
+        return client
+
+    def drop(self, *clients: Client) -> None:
+        for client in clients:
+            self.clients.discard(client)
+            client.close()
+
+    def memfds(self, layouts: list[Layout]) -> list[int]:
+        fds = [layout.memfd(f"guest{i}") for i, layout in enumerate(layouts)]
+        self.stack.callback(close_all, fds)
+        return fds
+
+    def layouts(self, count: int, shape: tuple[int, int, int]) -> list[Layout]:
+        return [Layout.scattered(*shape, self.rng) for _ in range(count)]
+
+    def scratch(self, name: str) -> Path:
+        path = self.root / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    async def freeze_and_reboot(self, client: Client, daemon: DaemonProcess, tag: str) -> None:
+        """Freeze and Reboot (timed on the client: call to reply), then the old daemon's exit."""
+        started = time.perf_counter()
+        await client.freeze()
+        self.results.add(f"{tag}_freeze_s", since(started), "s")
+        os.sync()  # earlier writes are not this handover's to pay for
+        started = time.perf_counter()
+        await client.reboot()
+        self.results.add(f"{tag}_reboot_s", since(started), "s")
+        started = time.perf_counter()
+        if daemon.wait() != 0:
+            raise RuntimeError("liveupdated did not exit 0 after Reboot")
+        self.results.add(f"{tag}_exit_s", since(started), "s")
+
+    # ---- PreserveFd, RSS and restore with 10,000 fds ---------------------------------
+
+    async def preserve(self) -> None:
+        start_bare_service(self.bus.address, self.stack)
+        (fd,) = self.memfds([Layout(MIB, 4096, (0,))])
+        calls = self.sizes.preserve_calls
+        for repeat in range(self.sizes.repeats):
+            progress(f"PreserveFd x {calls}, repeat {repeat + 1}")
+            bare_rate = calls / await self.bare_calls(calls, fd)
+            self.results.add("bare_calls_per_s", bare_rate, "calls/s")
+            restarts = 0 if repeat else self.sizes.restarts  # restarts of the first daemon only
+            await self.restore(*await self.fill(fd, repeat), restarts=restarts)
+
+    async def bare_calls(self, calls: int, fd: int) -> float:
+        bus = await MessageBus(bus_address=self.bus.address, negotiate_unix_fd=True).connect()
+        echo = Message(destination=BARE_NAME, path=BARE_PATH, interface=BARE_NAME,
+                       member="Echo", signature="h", body=[0], unix_fds=[fd])
+
+        async def call(_: int) -> None:
+            reply = await bus.call(echo)
+            assert reply is not None and len(reply.unix_fds) == 1, reply
+            os.close(reply.unix_fds[0])
+
+        try:
+            return await drive(calls, call)
+        finally:
+            bus.disconnect()
+
+    async def fill(
+        self, fd: int, repeat: int
+    ) -> tuple[DaemonProcess, Client, Notifications, Path]:
+        state, notes = self.scratch(f"preserve{repeat}"), self.notifications()
+        daemon = self.start(state, notes)
+        client = await self.client()
+        sessions = [await client.create_session(f"vm{i}")
+                    for i in range(-(-self.sizes.preserve_calls // FDS_PER_SESSION))]
+
+        async def call(i: int) -> None:
+            await sessions[i // FDS_PER_SESSION].preserve_fd(f"ram{i}", fd)
+
+        seconds = await drive(self.sizes.preserve_calls, call)
+        rate = self.results.add("preserve_calls_per_s", self.sizes.preserve_calls / seconds,
+                                "calls/s")
+        self.results.add("preserve_ratio", rate / self.results.samples["bare_calls_per_s"][-1], "")
+        self.results.add("rss_mib_10k", rss_mib(daemon.pid), "MiB")
+        return daemon, client, notes, state
+
+    async def restore(self, daemon: DaemonProcess, client: Client, notes: Notifications,
+                      state: Path, restarts: int) -> None:
+        """Restart the daemon with its fds in the store; the owner stays on the bus."""
+        held = self.sizes.preserve_calls
+        for restart in range(restarts):
+            progress(f"restart with {held} fds, {restart + 1}/{restarts}")
+            daemon.stop()
+            daemon = self.start(state, notes, "restore_s")
+            self.results.add("rss_mib_10k_restarted", rss_mib(daemon.pid), "MiB")
+        if restarts:
+            fds = sum(s.fd_count for s in await client.list_sessions())
+            if fds != held or len(os.listdir(f"/proc/{daemon.pid}/fd")) < held:
+                raise RuntimeError(f"the restarted daemon holds {fds} fds, not {held}")
+        daemon.stop()
+        self.drop(client)
+        notes.close()
+        shutil.rmtree(state)
+
+    def imports(self) -> None:
+        progress("bare imports")
+        for _ in range(self.sizes.imports):
+            for name, code in (("import_s", "import liveupdated.daemon"), ("python_s", "pass")):
+                self.results.add(name, timed([sys.executable, "-c", code]), "s")
+
+    # ---- handover throughput against cp ----------------------------------------------
+
+    async def handover(self) -> None:
+        layouts = self.layouts(256 * 4, self.sizes.handover)
+        fds = self.memfds(layouts)
+        shm = Path(tempfile.mkdtemp(prefix="lud-bench-", dir="/dev/shm"))
+        self.stack.callback(shutil.rmtree, shm)
+        sources = [str(shm / f"vm{i // 4}.ram{i % 4}") for i in range(len(layouts))]
+        for layout, path in zip(layouts, sources, strict=True):
+            layout.file(path)
+        data = sum(layout.data_bytes for layout in layouts)
+        for repeat in range(self.sizes.repeats):
+            progress(f"handover of {data / MIB:.0f} MiB in 1024 memfds, repeat {repeat + 1}")
+            await self.handover_once(fds, data, repeat)
+            target = self.scratch(f"cp{repeat}")
+            target.mkdir()
+            os.sync()
+            cp_s = self.results.add(
+                "cp_s", timed(["cp", "--sparse=always", *sources, str(target)]), "s")
+            sync_s = self.results.add(
+                "cp_sync_s", timed(["sync", "--file-system", str(target)]), "s")
+            shutil.rmtree(target)
+            reboot_s = self.results.samples["handover_reboot_s"][-1]
+            self.results.add("handover_bytes_per_s", data / reboot_s, "B/s")
+            self.results.add("cp_bytes_per_s", data / cp_s, "B/s")
+            self.results.add("cp_sync_bytes_per_s", data / (cp_s + sync_s), "B/s")
+            self.results.add("handover_ratio", cp_s / reboot_s, "")
+            self.results.add("handover_ratio_vs_cp_sync", (cp_s + sync_s) / reboot_s, "")
+
+    async def handover_once(self, fds: list[int], data: int, repeat: int) -> None:
+        state, notes = self.scratch(f"handover{repeat}"), self.notifications()
+        daemon = self.start(state, notes)
+        client = await self.client()
+        sessions = [await client.create_session(f"vm{i}") for i in range(len(fds) // 4)]
+        await drive(len(fds), lambda i: sessions[i // 4].preserve_fd(f"ram{i % 4}", fds[i]))
+        await client.prepare()
+        await self.freeze_and_reboot(client, daemon, "handover")
+        if carried_bytes(self.log_path) != data:
+            raise RuntimeError(f"the handover carried {carried_bytes(self.log_path)} bytes, "
+                               f"not {data}")
+        self.drop(client)
+        notes.close()
+        shutil.rmtree(state)
+
+    # ---- one 64 GiB sparse memfd, and a host of 64 VMs across the update -------------
+
+    async def sparse(self) -> None:
+        (layout,) = self.layouts(1, SPARSE)
+        (fd,) = self.memfds([layout])
+        for repeat in range(self.sizes.repeats):
+            progress(f"64 GiB sparse memfd, repeat {repeat + 1}")
+            await self.update("sparse", [[fd]], [[layout]], repeat)
+            total = sum(self.results.samples[f"sparse_{part}_s"][-1]
+                        for part in ("freeze", "reboot", "start", "all_fds"))
+            self.results.add("sparse_64g_s", total, "s")
+
+    async def blackout(self) -> None:
+        layouts = self.layouts(64 * 4, self.sizes.blackout)
+        fds = self.memfds(layouts)
+        per_vm = [fds[i:i + 4] for i in range(0, len(fds), 4)]
+        layouts_per_vm = [layouts[i:i + 4] for i in range(0, len(layouts), 4)]
+        data = sum(layout.data_bytes for layout in layouts) / MIB
+        for repeat in range(self.sizes.repeats):
+            progress(f"blackout of 64 VMs x 4 memfds, {data:.0f} MiB, repeat {repeat + 1}")
+            await self.update("host", per_vm, layouts_per_vm, repeat)
+            total = sum(self.results.samples[f"host_{part}_s"][-1]
+                        for part in ("freeze", "reboot", "exit", "start", "all_fds"))
+            self.results.add("host_blackout_s", total, "s")
+
+    async def update(self, tag: str, vms: list[list[int]], layouts: list[list[Layout]],
+                     repeat: int) -> None:
+        """A whole update, one client per VM, that checks every restored memfd."""
+        state, notes = self.scratch(f"{tag}{repeat}"), self.notifications()
+        daemon = self.start(state, notes)
+        admin = await self.client()
+        clients = [await self.client() for _ in vms]
+        for i, (client, fds) in enumerate(zip(clients, vms, strict=True)):
+            session = await client.create_session(f"vm{i}")
+            for j, fd in enumerate(fds):
+                await session.preserve_fd(f"ram{j}", fd)
+        started = time.perf_counter()
+        await admin.prepare()
+        self.results.add(f"{tag}_prepare_s", since(started), "s")
+        await self.freeze_and_reboot(admin, daemon, tag)
+        self.drop(admin, *clients)
+        notes.close()  # the old kernel's fds are gone with it
+
+        notes = self.notifications()
+        admin = await self.client()
+        clients = [await self.client() for _ in vms]  # new VMMs, waiting for the bus name
+        daemon = self.start(state, notes, f"{tag}_start_s")
+        ready = time.perf_counter()
+        slots = asyncio.Semaphore(CONCURRENCY)
+        arrivals: list[float] = []
+
+        async def vm(i: int) -> list[int]:
+            async with slots:
+                session = await clients[i].retrieve_session(f"vm{i}")
+            fds = []
+            for j in range(len(vms[i])):
+                async with slots:
+                    fds.append(await session.retrieve_fd(f"ram{j}"))
+                arrivals.append(since(ready))
+            return fds
+
+        restored = await asyncio.gather(*(vm(i) for i in range(len(vms))))
+        self.results.add(f"{tag}_first_fd_s", min(arrivals), "s")
+        self.results.add(f"{tag}_all_fds_s", max(arrivals), "s")
+        self.results.add(f"{tag}_daemon_blackout_s",
+                         await admin.property("LastBlackoutUSec") / 1e6, "s")
+        for fds, expected in zip(restored, layouts, strict=True):
+            if not all(layout.matches(fd) for fd, layout in zip(fds, expected, strict=True)):
+                raise RuntimeError(f"{tag}: a restored memfd differs from the original")
+        await admin.finish()
+        daemon.stop()
+        self.drop(admin, *clients)
+        notes.close()
+        shutil.rmtree(state)
+        for fd in [fd for fds in restored for fd in fds]:
+            os.close(fd)
+
+
+def machine(root: Path) -> dict[str, Any]:
+    def fs_type(path: Path) -> str:
+        mounts = [line.split()[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        resolved = str(path.resolve()).rstrip("/") + "/"
+        best = max((m for m in mounts if resolved.startswith(m[0].rstrip("/") + "/")),
+                   key=lambda m: len(m[0]))
+        return best[1]
+
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": os.uname().release,
+            "fs_state_dir": fs_type(root), "fs_dev_shm": fs_type(Path("/dev/shm"))}
+
+
+RAW = ["preserve_calls_per_s", "bare_calls_per_s", "handover_bytes_per_s", "cp_bytes_per_s",
+       "cp_sync_bytes_per_s", "restore_s", "import_s", "sparse_freeze_s", "sparse_reboot_s",
+       "sparse_start_s", "sparse_all_fds_s", "host_prepare_s", "host_blackout_s"]
+
+
+def report(results: Results, quick: bool, info: dict[str, Any]) -> dict[str, Any]:
+    """Print the table; return the JSON object."""
+    stats = results.summary()
+    print(f"liveupdated bench ({'quick' if quick else 'full'}): {info['nproc']} x {info['cpu']}, "
+          f"kernel {info['kernel']}, state dir on {info['fs_state_dir']}\n")
+    print(f"{'measure':<28} {'median':>11} {'min':>11} {'max':>11} {'n':>3}  unit")
+    for name, s in stats.items():
+        print(f"{name:<28} {s['median']:11.4g} {s['min']:11.4g} {s['max']:11.4g} "
+              f"{s['n']:3d}  {results.units[name]}")
+    headline = {key: stats[key]["median"] for key, *_ in TARGETS}
+    met = {key: is_met(headline[key]) for key, _, is_met, _ in TARGETS}
+    print(f"\n{'target (DESIGN.md §6)':<38} {'median':>8}  {'target':<15} met")
+    for key, text, _, target in TARGETS:
+        print(f"{text:<38} {headline[key]:8.3g}  {target:<15} {'yes' if met[key] else 'NO'}")
+    return {**headline, "raw": {name: stats[name]["median"] for name in RAW}, "met": met,
+            "mode": "quick" if quick else "full", "machine": info, "stats": stats}
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with ExitStack() as stack:
+        root = Path(tempfile.mkdtemp(prefix="lud-bench-"))
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        bus = stack.enter_context(PrivateBus(root / "bus"))
+        bench = Bench(QUICK if quick else FULL, stack, bus, root)
+        started = time.perf_counter()
+        bench.imports()
+        await bench.preserve()
+        await bench.sparse()
+        await bench.blackout()
+        await bench.handover()
+        results = bench.results
+        results.add("restore_ratio", results.median("restore_s") / results.median("import_s"), "")
+        progress(f"done in {since(started):.1f} s")
+        return report(results, quick, machine(root))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (< 50 s)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args()
+    result = asyncio.run(run(args.quick))
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Install liveupdated system-wide, laid out as a distribution does (see packaging/README.md):
+# the code in its own venv under /usr/lib/liveupdated, unit, bus policy, activation file,
+# interfaces, tmpfiles and docs under /usr. Run it on the target system or in a chroot of it.
+#
+#   install.sh [--wheels DIR] [--root DESTDIR] [--python PYTHON] [--enable]
+#
+# --wheels DIR    install liveupdated and its dependencies from DIR only (no index), as made
+#                 by build-wheels.sh; without it pip builds this source tree with the index
+# --root DESTDIR  stage the files under DESTDIR (for a package) instead of /: the venv
+#                 is relocated so that it runs from /usr/lib/liveupdated; nothing is started
+# --python PY     the interpreter the venv is built on (default /usr/bin/python3)
+# --enable        systemctl enable --now liveupdated.service afterwards (DESTDIR / only)
+set -euo pipefail
+
+src=$(cd "$(dirname "$0")/.." && pwd)
+wheels="" destdir="" python=/usr/bin/python3 enable=no
+while (($#)); do
+    case $1 in
+        --wheels) wheels=$(cd "$2" && pwd); shift 2 ;;
+        --root) destdir=${2%/}; shift 2 ;;
+        --python) python=$2; shift 2 ;;
+        --enable) enable=yes; shift ;;
+        *) echo "usage: $0 [--wheels DIR] [--root DESTDIR] [--python PY] [--enable]" >&2; exit 2 ;;
+    esac
+done
+
+prefix=/usr/lib/liveupdated
+venv=$destdir$prefix
+staging=$destdir/usr/lib/.liveupdated.new
+
+# 1. The venv, built beside the old one and swapped in at the end.
+rm -rf "$staging"
+mkdir -p "$(dirname "$staging")"
+"$python" -m venv "$staging"
+pip=("$staging/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
+if [[ -n $wheels ]]; then
+    "${pip[@]}" --no-index --find-links "$wheels" liveupdated
+else
+    "${pip[@]}" "$src"
+fi
+"$staging/bin/python" -m pip uninstall --quiet --yes pip setuptools
+
+# Relocate: scripts and activation files name the directory the venv was built in.
+grep -lrF --null "$staging" "$staging/bin" "$staging/pyvenv.cfg" |
+    xargs -0 --no-run-if-empty sed -i "s|$staging|$prefix|g"
+"$staging/bin/python" -m compileall -q -j0 -s "$staging" -p "$prefix" "$staging/lib" >/dev/null
+rm -rf "$venv.old"
+if [[ -e $venv ]]; then mv "$venv" "$venv.old"; fi
+mv "$staging" "$venv"
+rm -rf "$venv.old"
+
+# 2. Commands, systemd, D-Bus, tmpfiles and docs.
+mkdir -p "$destdir/usr/bin" "$destdir/usr/sbin"
+ln -sfn ../lib/liveupdated/bin/liveupdatectl "$destdir/usr/bin/liveupdatectl"
+ln -sfn ../lib/liveupdated/bin/liveupdated "$destdir/usr/sbin/liveupdated"
+install -D -m 0644 "$src/units/liveupdated.service" "$destdir/usr/lib/systemd/system/liveupdated.service"
+install -D -m 0644 "$src/units/liveupdated.tmpfiles.conf" "$destdir/usr/lib/tmpfiles.d/liveupdated.conf"
+install -D -m 0644 "$src/dbus/org.liveupdate1.conf" "$destdir/usr/share/dbus-1/system.d/org.liveupdate1.conf"
+install -D -m 0644 "$src/dbus/org.liveupdate1.service" \
+    "$destdir/usr/share/dbus-1/system-services/org.liveupdate1.service"
+install -D -m 0644 -t "$destdir/usr/share/dbus-1/interfaces" "$src"/dbus/org.liveupdate1.*.xml
+install -D -m 0644 "$src/packaging/README.md" "$destdir/usr/share/doc/liveupdated/README.md"
+
+# 3. Tell the running system, if this is it.
+if [[ -z $destdir && -d /run/systemd/system ]]; then
+    systemd-tmpfiles --create liveupdated.conf
+    systemctl daemon-reload
+    # The bus must know the name policy before the daemon asks for the name.
+    if systemctl --quiet is-active dbus.service; then systemctl reload dbus.service; fi
+    if [[ $enable == yes ]]; then systemctl enable --now liveupdated.service; fi
+fi

@@ -82,7 +82,7 @@ def reclaim_fds(core: Orchestrator, vault: Vault) -> list[Record]:
             vault.keep((session, token), fd, store=False)
         else:
             log.warning("unknown_fd_closed", fdname=name)
-            os.close(fd)
+            vault.refuse(name, fd)
     if core.phase is Phase.UPDATED:
         return []  # fds not held come back from the handover on request
     missing = [

@@ -27,6 +27,7 @@ fds = [int(f) for f in os.environ.pop("SANDBOX_FDS").split(",") if f]
 moved = [os.dup(fd) for fd in fds]
 for i, fd in enumerate(moved):
     os.dup2(fd, 3 + i)
+    os.set_inheritable(3 + i, True)  # dup2(fd, fd) keeps os.dup's close-on-exec
 for fd in set(moved) | set(fds):
     if fd >= 3 + len(fds):
         os.close(fd)

@@ -47,8 +47,7 @@ class Vault:
             self._notifier.remove_fd(fd_name(*key))
             os.close(fd)
 
-    def close_all(self) -> None:
-        """Close without removing from the fd store: for a daemon that is going away."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+    def refuse(self, name: str, fd: int) -> None:
+        """An fd from the store that is not ours (any more): close it, drop it from the store."""
+        self._notifier.remove_fd(name)
+        os.close(fd)

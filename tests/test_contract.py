@@ -235,7 +235,7 @@ async def test_state_changes_are_signalled(client: Client) -> None:
     client.bus.add_message_handler(on_message)
     await client.add_match("type='signal',sender='org.liveupdate1'")
     await client.prepare()
-    signals = {}
+    signals: dict[str, list[object]] = {}
     while len(signals) < 2:
         member, body = await asyncio.wait_for(seen.get(), 10)
         signals[member] = body

@@ -1,0 +1,225 @@
+"""A restart or crash of the daemon loses nothing: journal plus fd store, in every state.
+
+`sandbox.Notifications` plays systemd's fd store here; the nspawn suite proves the same
+with real systemd.
+"""
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dbus_fast import Message
+
+from liveupdated.client import Client, SessionClient
+from liveupdated.core.errors import DependencyMissing, NoSuchToken
+from liveupdated.privatebus import PrivateBus
+from liveupdated.sandbox import DaemonProcess, Notifications
+from tests.conftest import make_memfd, open_fds
+
+
+@pytest.fixture
+def store() -> Iterator[Notifications]:
+    notes = Notifications()
+    yield notes
+    notes.close()
+
+
+class Host:
+    """Successive daemon processes sharing one state dir and one fd store."""
+
+    def __init__(self, bus: PrivateBus, state: Path, store: Notifications, log: Path) -> None:
+        self.bus, self.state, self.store = bus, state, store
+        self.log = log.open("ab")
+        self.daemons: list[DaemonProcess] = []
+
+    def start(self, store: Notifications | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(self.bus.address, self.state, "--backend", "simulated",
+                               log=self.log, notifications=store or self.store)
+        self.daemons.append(daemon)
+        return daemon.start()
+
+    def crash(self) -> DaemonProcess:
+        """kill -9 the running daemon and start the next one."""
+        self.daemons[-1].process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        self.daemons[-1].wait()
+        return self.start()
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            daemon.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def host(bus: PrivateBus, tmp_path: Path, store: Notifications) -> Iterator[Host]:
+    h = Host(bus, tmp_path / "state", store, tmp_path / "daemon.log")
+    yield h
+    h.close()
+
+
+async def _preserve_two(vmm: Client) -> dict[str, int]:
+    session = await vmm.create_session("vm")
+    fds = {"ram": make_memfd(1 << 20, b"ram content"), "rom": make_memfd(4096, b"rom")}
+    for token, fd in fds.items():
+        await session.preserve_fd(token, fd, ["ram"] if token == "rom" else [])
+    return fds
+
+
+@pytest.mark.parametrize("phase", ["normal", "prepared", "frozen"])
+async def test_kill_9_loses_nothing(host: Host, bus: PrivateBus, phase: str) -> None:
+    host.start()
+    async with await Client.connect(bus.address) as vmm:
+        fds = await _preserve_two(vmm)
+        for step in {"normal": [], "prepared": ["prepare"], "frozen": ["prepare", "freeze"]}[
+            phase
+        ]:
+            await getattr(vmm, step)()
+        assert sorted(host.store.store) == ["vm/ram", "vm/rom"]
+        daemon = host.crash()
+        assert await vmm.state() == phase
+        assert [s.name for s in await vmm.list_sessions()] == ["vm"]
+        session = SessionClient(vmm, "vm", "/org/liveupdate1/session/vm")
+        assert [(f.token, f.kind, f.requires) for f in await session.list_fds()] == [
+            ("ram", "memfd", []), ("rom", "memfd", ["ram"])
+        ]
+        if phase == "normal":
+            back = await session.retrieve_fd("ram")
+            assert os.fstat(back).st_ino == os.fstat(fds["ram"]).st_ino
+            os.close(back)
+        else:
+            if phase == "prepared":
+                await vmm.freeze()
+            await vmm.reboot()
+            assert daemon.wait() == 0
+    for fd in fds.values():
+        os.close(fd)
+    if phase != "normal":
+        host.start()
+        async with await Client.connect(bus.address) as vmm:
+            session = await vmm.retrieve_session("vm")
+            back = await session.retrieve_fd("ram")
+            assert os.pread(back, 11, 0) == b"ram content"
+            os.close(back)
+
+
+async def test_restored_fds_survive_a_crash_after_the_reboot(host: Host, bus: PrivateBus) -> None:
+    old = host.start()
+    async with await Client.connect(bus.address) as vmm:
+        fds = await _preserve_two(vmm)
+        await vmm.prepare()
+        await vmm.freeze()
+        await vmm.reboot()
+    assert old.wait() == 0
+    host.start()
+    async with await Client.connect(bus.address) as vmm:
+        session = await vmm.retrieve_session("vm")
+        first = await session.retrieve_fd("ram")
+        os.pwrite(first, b"written after boot", 0)
+        host.crash()
+        session = await vmm.retrieve_session("vm")
+        again = await session.retrieve_fd("ram")
+        assert os.fstat(again).st_ino == os.fstat(first).st_ino
+        assert os.pread(again, 18, 0) == b"written after boot"
+        await vmm.finish()
+        assert host.store.store == {}
+    for fd in [first, again, *fds.values()]:
+        os.close(fd)
+
+
+async def test_without_the_fd_store_lost_fds_are_reported_never_invented(
+    host: Host, bus: PrivateBus
+) -> None:
+    host.start()
+    async with await Client.connect(bus.address) as vmm:
+        fds = await _preserve_two(vmm)
+        host.daemons[-1].kill()
+        empty = Notifications()
+        try:
+            host.start(store=empty)
+            session = SessionClient(vmm, "vm", "/org/liveupdate1/session/vm")
+            kinds = {f.token: f.kind for f in await session.list_fds()}
+            assert kinds == {"ram": "memfd (lost)", "rom": "memfd (lost)"}
+            with pytest.raises(NoSuchToken, match="lost"):
+                await session.retrieve_fd("ram")
+            await vmm.prepare()
+            with pytest.raises(DependencyMissing, match=r"vm/ram \(its fd was lost"):
+                await vmm.freeze()
+            assert await vmm.state() == "prepared"
+        finally:
+            host.daemons[-1].kill()
+            empty.close()
+    for fd in fds.values():
+        os.close(fd)
+
+
+async def test_fds_the_journal_does_not_know_are_closed(host: Host, bus: PrivateBus) -> None:
+    stray = make_memfd(4096, b"stray")
+    host.store.store["ghost/fd"] = os.dup(stray)
+    daemon = host.start()
+    assert not any(
+        os.readlink(f"/proc/{daemon.pid}/fd/{n}").startswith("/memfd:ram")
+        for n in os.listdir(f"/proc/{daemon.pid}/fd")
+    )
+    async with await Client.connect(bus.address) as vmm:
+        assert await vmm.list_sessions() == []
+    os.close(stray)
+
+
+async def test_released_fds_leave_the_fd_store(host: Host, bus: PrivateBus) -> None:
+    daemon = host.start()
+    async with await Client.connect(bus.address) as vmm:
+        fds = await _preserve_two(vmm)
+        baseline = open_fds(daemon.pid)
+        session = SessionClient(vmm, "vm", "/org/liveupdate1/session/vm")
+        await session.unpreserve_fd("rom")
+        assert host.store.wait_for(lambda n: "vm/rom" not in n.store, 10)
+        assert open_fds(daemon.pid) == baseline - 1
+        await session.close()
+        assert host.store.wait_for(lambda n: n.store == {}, 10)
+    for fd in fds.values():
+        os.close(fd)
+
+
+async def test_a_torn_journal_tail_is_cut_and_logged(host: Host, bus: PrivateBus,
+                                                     tmp_path: Path) -> None:
+    host.start()
+    async with await Client.connect(bus.address) as vmm:
+        fds = await _preserve_two(vmm)
+        host.daemons[-1].kill()
+        journal = tmp_path / "state" / "journal"
+        with journal.open("ab") as f:
+            f.write(b"\x40\x00\x00\x00\x01\x02")  # a frame header cut short by a crash
+        host.start()
+        assert [s.fd_count for s in await vmm.list_sessions()] == [2]
+    log = (tmp_path / "daemon.log").read_text()
+    assert '"event": "journal_tail_cut"' in log and "torn frame" in log
+    for fd in fds.values():
+        os.close(fd)
+
+
+async def test_sessions_of_departed_clients_are_dropped_at_restart(
+    host: Host, bus: PrivateBus
+) -> None:
+    host.start()
+    async with await Client.connect(bus.address) as stays:
+        await stays.create_session("stays")
+        leaver = await Client.connect(bus.address)
+        await leaver.create_session("leaves")
+        host.daemons[-1].kill()
+        gone = asyncio.Event()
+        name = leaver.bus.unique_name
+
+        def on_owner_change(msg: Message) -> bool:
+            if msg.member == "NameOwnerChanged" and msg.body[0] == name and not msg.body[2]:
+                gone.set()
+            return False
+
+        stays.bus.add_message_handler(on_owner_change)
+        await stays.add_match(f"type='signal',member='NameOwnerChanged',arg0='{name}'")
+        leaver.close()
+        await asyncio.wait_for(gone.wait(), 10)
+        host.start()
+        assert [s.name for s in await stays.list_sessions()] == ["stays"]

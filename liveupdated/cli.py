@@ -188,3 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     args.json = getattr(args, "json", False)
     sys.exit(asyncio.run(_run(args)))
 
+
+
+if __name__ == "__main__":
+    main()

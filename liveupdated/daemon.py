@@ -7,7 +7,6 @@ loses the bus, so that systemd restarts it with its fd store.
 
 import asyncio
 import contextlib
-import os
 import resource
 import shlex
 import signal

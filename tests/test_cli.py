@@ -13,9 +13,9 @@ from tests.conftest import make_memfd
 CTL = [sys.executable, "-m", "liveupdated.cli"]
 
 
-def ctl(bus: PrivateBus, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+def ctl(bus: PrivateBus, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CTL, "--bus", bus.address, *args], capture_output=True,
-                          text=True, timeout=60, check=False, **kw)  # type: ignore[call-overload]
+                          text=True, timeout=60, check=False)
 
 
 async def test_status_and_list_as_json_and_tables(client: Client, bus: PrivateBus) -> None:

@@ -150,6 +150,10 @@ class Daemon:
             sessions.add(session)
         bus.export(MANAGER_PATH, manager)
 
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply is not RequestNameReply.PRIMARY_OWNER:
             log.error("bus_name_taken", name=BUS_NAME, reply=reply.name)
@@ -158,7 +162,7 @@ class Daemon:
         log.info("ready", state=core.phase.value, sessions=len(core.sessions),
                  fds=core.fd_count(), backend=service.backend.name, boot_id=boot_id())
 
-        outcome = await self._serve(service, bus, departed)
+        outcome = await self._serve(service, bus, departed, stop)
         self.notifier.notify("STOPPING=1")
         if outcome == "disconnect":
             log.error("bus_connection_lost")
@@ -171,13 +175,13 @@ class Daemon:
         return 0
 
     async def _serve(
-        self, service: LiveUpdate, bus: FdOwningBus, departed: asyncio.Queue[str]
+        self,
+        service: LiveUpdate,
+        bus: FdOwningBus,
+        departed: asyncio.Queue[str],
+        stop: asyncio.Event,
     ) -> str:
         """Serve until a signal, a completed Reboot() or the loss of the bus."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         async with asyncio.TaskGroup() as tasks:
             helpers = [tasks.create_task(self._drop_departed(departed, service))]
             interval = self.notifier.watchdog_interval()

@@ -46,7 +46,7 @@ def start_daemon(
 
     yield start
     for daemon in started:
-        daemon.kill()
+        daemon.close()
     log.close()
 
 

@@ -1,7 +1,10 @@
 """A VMM's memfds survive a whole update across two daemon processes, byte-exact."""
 
 import fcntl
+import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +86,52 @@ async def test_retrieve_in_normal_returns_a_dup_of_the_same_memfd(client: Client
         await session.retrieve_fd("nope")
     os.close(got)
     os.close(fd)
+
+
+async def test_a_client_of_another_library_does_the_whole_cycle(
+    bus: PrivateBus, start_daemon: DaemonFactory
+) -> None:
+    script = Path(__file__).parent / "outside_client.py"
+    old = start_daemon()
+    before = subprocess.run(["/usr/bin/python3", str(script), bus.address, "before"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert before.returncode == 0, before.stderr
+    assert old.wait() == 0
+    start_daemon()
+    after = subprocess.run(["/usr/bin/python3", str(script), bus.address, "after"],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert after.returncode == 0, after.stderr
+    seen = json.loads(after.stdout)
+    assert seen["sha256"] == seen["expected"]
+    assert seen["seals"] == fcntl.F_SEAL_GROW
+    assert seen["name"] == "/memfd:libdbus-ram (deleted)"
+    assert seen["state"] == "updated"
+    async with await Client.connect(bus.address) as c:
+        assert await c.state() == "normal"
+
+
+async def test_handovers_and_retrievals_are_logged_with_session_and_token(
+    bus: PrivateBus, start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    start_daemon()
+    async with await Client.connect(bus.address) as vmm:
+        session = await vmm.create_session("logged")
+        fd = make_memfd()
+        await session.preserve_fd("ram", fd)
+        os.close(await session.retrieve_fd("ram"))
+        os.close(fd)
+        await vmm.prepare()
+    events = [json.loads(line[3:]) for line in (tmp_path / "daemon.log").read_text().splitlines()
+              if line.startswith("<")]
+    by_name = {e["event"]: e for e in events}
+    assert by_name["fd_preserved"]["session"] == "logged"
+    assert by_name["fd_preserved"]["token"] == "ram"
+    assert by_name["fd_preserved"]["method"] == "preserve_fd"
+    assert by_name["fd_preserved"]["sender"] == vmm.bus.unique_name
+    assert by_name["fd_retrieved"]["token"] == "ram"
+    assert by_name["state_changed"]["new"] == "prepared"
+    assert line_priorities(tmp_path / "daemon.log") <= {"<6>", "<4>", "<3>"}
+
+
+def line_priorities(path: Path) -> set[str]:
+    return {line[:3] for line in path.read_text().splitlines() if line.startswith("<")}

@@ -12,6 +12,7 @@ import structlog
 from dbus_fast import DBusError
 
 from liveupdated.bus import ERROR_PREFIX
+from liveupdated.bus.callers import CURRENT_MESSAGE
 from liveupdated.core.errors import ALL_ERRORS, LiveUpdateError
 
 log = structlog.get_logger("liveupdated.bus")
@@ -40,9 +41,12 @@ def contract(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> T:
-        try:
-            return await fn(*args)
-        except Exception as exc:
-            raise to_dbus_error(exc) from exc
+        msg = CURRENT_MESSAGE.get(None)
+        sender = msg.sender if msg is not None else None
+        with structlog.contextvars.bound_contextvars(sender=sender, method=fn.__name__):
+            try:
+                return await fn(*args)
+            except Exception as exc:
+                raise to_dbus_error(exc) from exc
 
     return wrapper

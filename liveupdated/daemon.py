@@ -7,6 +7,7 @@ loses the bus, so that systemd restarts it with its fd store.
 
 import asyncio
 import contextlib
+import os
 import resource
 import shlex
 import signal
@@ -27,7 +28,7 @@ from liveupdated.bus.connection import FdOwningBus, fd_guard
 from liveupdated.bus.manager import Manager
 from liveupdated.bus.session import SessionObjects
 from liveupdated.config import Config, parse_args
-from liveupdated.core.errors import Corrupted, LiveUpdateError, WrongState
+from liveupdated.core.errors import LiveUpdateError, WrongState
 from liveupdated.core.names import MANAGER_PATH
 from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import Record
@@ -54,24 +55,26 @@ def make_backend(config: Config) -> Backend:
     return SimulatedBackend(config.handover_area)
 
 
-def replay(config: Config) -> tuple[Orchestrator, Journal]:
-    journal, records, damage = Journal.open(config.state_dir / "journal")
-    if damage is not None:
-        log.error("journal_tail_cut", offset=damage.offset, cut_bytes=damage.cut_bytes,
-                  reason=damage.reason)
+def replay(config: Config) -> tuple[Orchestrator, Journal, bool]:
+    """The core rebuilt from the journal, and whether any journal record was lost."""
+    journal, records, damages = Journal.open(config.state_dir / "journal")
+    for damage in damages:
+        event = "journal_tail_cut" if damage.cut else "journal_record_skipped"
+        log.error(event, offset=damage.offset, bytes=damage.length, reason=damage.reason)
     core = Orchestrator(config.limits)
+    skipped = 0
     for number, record in enumerate(records):
         try:
             core.apply(record)
-        except (KeyError, ValueError) as exc:
-            raise Corrupted(
-                f"journal record {number} ({record.type}) contradicts the records before it"
-            ) from exc
-    return core, journal
+        except (KeyError, ValueError):  # it depended on a record that was lost
+            skipped += 1
+            log.error("journal_record_inapplicable", number=number, type=record.type)
+    return core, journal, bool(skipped or any(not d.cut for d in damages))
 
 
-def reclaim_fds(core: Orchestrator, vault: Vault) -> list[Record]:
+def reclaim_fds(core: Orchestrator, vault: Vault, journal_damaged: bool) -> list[Record]:
     """Match the fds systemd kept for us with the journal: keep, close or report."""
+    corrupted: list[tuple[str, str, int]] = []
     for name, fd in take_listen_fds():
         session, _, token = name.partition("/")
         entry = core.sessions[session].fds.get(token) if session in core.sessions else None
@@ -79,18 +82,23 @@ def reclaim_fds(core: Orchestrator, vault: Vault) -> list[Record]:
         known = entry is not None and (core.phase is not Phase.UPDATED or entry.restored)
         if known and (session, token) not in vault:
             vault.keep((session, token), fd, store=False)
+        elif journal_damaged and entry is None and session in core.sessions:
+            log.error("fd_record_corrupted", session=session, token=token)
+            vault.keep((session, token), fd, store=False)
+            corrupted.append((session, token, os.fstat(fd).st_size))
         else:
             log.warning("unknown_fd_closed", fdname=name)
             vault.refuse(name, fd)
+    records = core.fds_corrupted(corrupted)
     if core.phase is Phase.UPDATED:
-        return []  # fds not held come back from the handover on request
+        return records  # fds not held come back from the handover on request
     missing = [
         (s.name, t) for s in core.sessions.values() for t in s.fds if (s.name, t) not in vault
     ]
     for session, token in missing:
         log.error("fd_lost", session=session, token=token,
                   hint="no copy in the fd store; UnpreserveFd it and preserve it again")
-    return core.fds_lost(missing)
+    return records + core.fds_lost(missing)
 
 
 def recover_handover(core: Orchestrator, backend: Backend) -> list[Record]:
@@ -99,7 +107,11 @@ def recover_handover(core: Orchestrator, backend: Backend) -> list[Record]:
     if handover is None:
         return []
     if core.phase is Phase.FROZEN:
-        log.info("handover_found", previous_boot=handover.boot_id, fds=len(handover.keys))
+        if handover.damage:
+            log.error("handover_damaged", error=handover.damage,
+                      hint="every RetrieveFd will fail with Corrupted; Finish releases it")
+        else:
+            log.info("handover_found", previous_boot=handover.boot_id, fds=len(handover.keys))
         return core.rebooted(handover.boot_id)
     if core.phase is not Phase.UPDATED:
         log.warning("stale_handover_discarded", phase=core.phase.value)
@@ -114,11 +126,11 @@ class Daemon:
 
     def recover(self) -> LiveUpdate:
         """Journal, handover and fd store into one consistent state, made durable."""
-        core, journal = replay(self.config)
+        core, journal, damaged = replay(self.config)
         vault = Vault(self.notifier)
         backend = make_backend(self.config)
         handover = recover_handover(core, backend)
-        journal.commit_now(handover + reclaim_fds(core, vault))
+        journal.commit_now(handover + reclaim_fds(core, vault, damaged))
         return LiveUpdate(
             core, journal, vault, backend, self.notifier, self.config.freeze_timeout
         )

@@ -1,8 +1,8 @@
 """The durable record of every state change: an append-only file of checksummed frames.
 
 A frame is `<u32 length><u32 crc32>` and a JSON record. Commits are group-fsync'd off the
-event loop; replay stops at the first damaged frame and cuts the file there, so a torn
-or corrupt tail is never half-applied. This module never interprets records.
+event loop. At replay a torn or corrupt tail is cut, and a damaged frame in the middle is
+skipped; no damaged record is ever applied. This module never interprets records.
 """
 
 import asyncio
@@ -22,11 +22,12 @@ MAX_RECORD_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Damage:
-    """A damaged tail found at replay and cut off."""
+    """A damaged frame found at replay: skipped if valid frames follow, else cut off."""
 
     offset: int
-    cut_bytes: int
+    length: int
     reason: str
+    cut: bool
 
 
 def encode(records: Iterable[Record]) -> bytes:
@@ -37,28 +38,46 @@ def encode(records: Iterable[Record]) -> bytes:
     return bytes(out)
 
 
-def decode(data: bytes) -> tuple[list[Record], int, str | None]:
-    """Records of `data` up to the first damaged frame, that frame's offset and why."""
+def _frame(data: bytes, offset: int) -> tuple[int, bytes | None, str]:
+    """(end of the frame, its payload if its checksum holds, what is wrong); end is -1
+    when the frame cannot even be delimited."""
+    if offset + _FRAME.size > len(data):
+        return -1, None, "torn frame header"
+    length, crc = _FRAME.unpack_from(data, offset)
+    start = offset + _FRAME.size
+    if length > MAX_RECORD_BYTES or start + length > len(data):
+        return -1, None, "torn frame (length past the end)"
+    payload = data[start : start + length]
+    if zlib.crc32(payload) != crc:
+        return start + length, None, "checksum mismatch"
+    return start + length, payload, ""
+
+
+def decode(data: bytes) -> tuple[list[Record], list[Damage], int]:
+    """The records of a journal image, its damaged frames, and where its valid part ends.
+
+    A damaged frame followed by a valid one is bit rot in the middle: it is skipped, so
+    the records after it (other sessions) survive. Anything else is a torn tail: cut.
+    """
     if data[: len(MAGIC)] != MAGIC:
-        return [], 0, "bad or missing journal header"
+        return [], [Damage(0, len(data), "bad or missing journal header", cut=True)], 0
     records: list[Record] = []
+    damages: list[Damage] = []
     offset = len(MAGIC)
     while offset < len(data):
-        if offset + _FRAME.size > len(data):
-            return records, offset, "torn frame header"
-        length, crc = _FRAME.unpack_from(data, offset)
-        start = offset + _FRAME.size
-        if length > MAX_RECORD_BYTES or start + length > len(data):
-            return records, offset, "torn frame (length past the end)"
-        payload = data[start : start + length]
-        if zlib.crc32(payload) != crc:
-            return records, offset, "checksum mismatch"
-        try:
-            records.append(RECORD_ADAPTER.validate_json(payload))
-        except ValueError as exc:
-            return records, offset, f"unreadable record: {exc.__class__.__name__}"
-        offset = start + length
-    return records, offset, None
+        end, payload, problem = _frame(data, offset)
+        if payload is not None:
+            try:
+                records.append(RECORD_ADAPTER.validate_json(payload))
+            except ValueError as exc:
+                problem = f"unreadable record: {exc.__class__.__name__}"
+        if problem:
+            if end < 0 or end == len(data) or _frame(data, end)[1] is None:
+                damages.append(Damage(offset, len(data) - offset, problem, cut=True))
+                return records, damages, offset
+            damages.append(Damage(offset, end - offset, problem, cut=False))
+        offset = end
+    return records, damages, offset
 
 
 def fsync_directory(path: Path) -> None:
@@ -93,24 +112,21 @@ class Journal:
         self.fsyncs = 0
 
     @classmethod
-    def open(cls, path: Path) -> tuple["Journal", list[Record], Damage | None]:
+    def open(cls, path: Path) -> tuple["Journal", list[Record], list[Damage]]:
         """Open (or create) the journal, replay it and cut a damaged tail."""
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             write_atomically(path, MAGIC)
         data = path.read_bytes()
-        records, good, reason = decode(data)
-        damage = None
-        if reason is not None:
-            damage = Damage(good, len(data) - good, reason)
-            if good == 0:
-                write_atomically(path, MAGIC)
-            else:
-                with path.open("r+b") as f:
-                    f.truncate(good)
-                    os.fsync(f.fileno())
+        records, damages, end = decode(data)
+        if end == 0:
+            write_atomically(path, MAGIC)
+        elif end < len(data):
+            with path.open("r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        return cls(path, fd), records, damage
+        return cls(path, fd), records, damages
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -174,7 +174,10 @@ class LiveUpdate:
         await self._durable(self.core.ready_for_freeze(caller, session))
 
     async def finish_session(self, caller: Caller, session: str) -> None:
-        await self._durable(self.core.finish_session(caller, session))
+        records = self.core.finish_session(caller, session)
+        await self._durable(records)
+        released = [r.token for r in records if isinstance(r, FdReleased)]
+        await asyncio.to_thread(self.backend.finish_session, session, released)
 
     async def close_session(self, caller: Caller, session: str) -> None:
         await self._durable(self.core.close_session(caller, session))
@@ -194,9 +197,15 @@ class LiveUpdate:
 
     async def prepare(self, caller: Caller) -> None:
         async with self.host_commands:
-            self.core.check_transition(caller, "Prepare")
-            await asyncio.to_thread(self.backend.prepare_handover, *self._held())
-            await self._durable(self.core.prepare(caller))
+            records = self.core.prepare(caller)  # sessions and fds are fixed from here on
+            try:
+                await asyncio.to_thread(self.backend.prepare_handover, *self._held())
+            except BaseException:
+                self.core.apply(  # never journaled: undo the in-memory transition
+                    PhaseChanged(old=Phase.PREPARED.value, new=Phase.NORMAL.value, at_usec=0)
+                )
+                raise
+            await self._durable(records)
 
     async def freeze(self, caller: Caller) -> None:
         self.core.check_freeze(caller)

@@ -27,10 +27,10 @@ def written(path: Path, records: list[Record]) -> bytes:
 def test_records_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "journal"
     written(path, RECORDS)
-    journal, records, damage = Journal.open(path)
+    journal, records, damages = Journal.open(path)
     journal.close()
     assert records == RECORDS
-    assert damage is None
+    assert damages == []
 
 
 def test_a_cut_at_every_byte_replays_to_a_valid_prefix_and_is_trimmed(tmp_path: Path) -> None:
@@ -39,42 +39,56 @@ def test_a_cut_at_every_byte_replays_to_a_valid_prefix_and_is_trimmed(tmp_path: 
     for cut in range(len(MAGIC), len(data) + 1):
         path = tmp_path / f"j{cut}"
         path.write_bytes(data[:cut])
-        journal, records, damage = Journal.open(path)
+        journal, records, damages = Journal.open(path)
         journal.close()
         whole = sum(1 for end in ends[1:] if end <= cut)
         assert records == RECORDS[:whole]
-        assert (damage is None) == (cut in ends)
+        assert (damages == []) == (cut in ends)
+        assert all(d.cut for d in damages)
         assert path.stat().st_size == ends[whole]
 
 
-def test_a_flipped_bit_stops_replay_at_that_record(tmp_path: Path) -> None:
+def test_a_flipped_bit_in_the_middle_skips_only_that_record(tmp_path: Path) -> None:
     data = bytearray(MAGIC + encode(RECORDS))
     second = len(MAGIC) + len(encode(RECORDS[:1]))
     data[second + 12] ^= 0x01  # inside the second record's payload
     path = tmp_path / "journal"
     path.write_bytes(bytes(data))
-    journal, records, damage = Journal.open(path)
+    journal, records, damages = Journal.open(path)
     journal.close()
-    assert records == RECORDS[:1]
-    assert damage is not None and damage.reason == "checksum mismatch"
-    assert damage.offset == second
-    assert path.stat().st_size == second
+    assert records == [RECORDS[0], *RECORDS[2:]]
+    (damage,) = damages
+    assert (damage.offset, damage.reason, damage.cut) == (second, "checksum mismatch", False)
+    assert path.read_bytes() == bytes(data)  # kept: the records after it are valid
+
+
+def test_a_flipped_bit_in_the_last_record_cuts_it(tmp_path: Path) -> None:
+    data = bytearray(MAGIC + encode(RECORDS))
+    last = len(MAGIC) + len(encode(RECORDS[:-1]))
+    data[-3] ^= 0x10
+    path = tmp_path / "journal"
+    path.write_bytes(bytes(data))
+    journal, records, damages = Journal.open(path)
+    journal.close()
+    assert records == RECORDS[:-1]
+    assert [(d.offset, d.cut) for d in damages] == [(last, True)]
+    assert path.stat().st_size == last
 
 
 def test_a_bad_header_starts_an_empty_journal(tmp_path: Path) -> None:
     path = tmp_path / "journal"
     path.write_bytes(b"garbage" + encode(RECORDS))
-    journal, records, damage = Journal.open(path)
+    journal, records, damages = Journal.open(path)
     journal.close()
     assert records == []
-    assert damage is not None
+    assert [d.cut for d in damages] == [True]
     assert path.read_bytes() == MAGIC
 
 
 def test_decode_rejects_an_implausible_length() -> None:
-    records, offset, reason = decode(MAGIC + b"\xff\xff\xff\x7f\x00\x00\x00\x00")
-    assert (records, offset) == ([], len(MAGIC))
-    assert reason is not None and "length" in reason
+    records, damages, end = decode(MAGIC + b"\xff\xff\xff\x7f\x00\x00\x00\x00")
+    assert (records, end) == ([], len(MAGIC))
+    assert "length" in damages[0].reason
 
 
 async def test_concurrent_commits_share_fsyncs(tmp_path: Path) -> None:
@@ -85,8 +99,8 @@ async def test_concurrent_commits_share_fsyncs(tmp_path: Path) -> None:
     journal.close()
     assert journal.commits == 50
     assert journal.fsyncs < 50
-    _, records, damage = Journal.open(tmp_path / "journal")
-    assert damage is None
+    _, records, damages = Journal.open(tmp_path / "journal")
+    assert damages == []
     assert sorted(r.session for r in records) == sorted(f"s{i}" for i in range(50))  # type: ignore[union-attr]
 
 
@@ -97,8 +111,8 @@ def test_compaction_replaces_the_journal_with_the_live_state(tmp_path: Path) -> 
     journal.compact(RECORDS[:1])
     journal.commit_now(RECORDS[1:2])
     journal.close()
-    _, records, damage = Journal.open(path)
+    _, records, damages = Journal.open(path)
     assert records == RECORDS[:2]
-    assert damage is None
+    assert damages == []
     assert not (tmp_path / "journal.new").exists()
     assert os.listdir(tmp_path) == ["journal"]

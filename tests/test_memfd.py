@@ -104,8 +104,36 @@ def test_a_damaged_kexec_record_is_corrupted_not_used(tmp_path: Path) -> None:
                                           "boot", lambda n: None)
     record = area / RECORD_NAME
     record.write_bytes(record.read_bytes().replace(b'"size":4', b'"size":5'))
+    backend = SimulatedBackend(area)
+    handover = backend.find_handover()
+    assert handover is not None and handover.damage is not None
+    assert "fails its checks" in handover.damage
     with pytest.raises(Corrupted, match="fails its checks"):
-        SimulatedBackend(area).find_handover()
+        backend.retrieve_fd(("vm", "ram"), entry("ram"))
+    os.close(fd)
+
+
+def test_handover_content_that_fails_its_checksum_is_not_handed_out(tmp_path: Path) -> None:
+    fd = os.memfd_create("ram")
+    os.write(fd, b"data" * 1024)
+    area = tmp_path / "handover"
+    SimulatedBackend(area).write_handover({("vm", "ram"): fd}, {("vm", "ram"): entry("ram")},
+                                          "boot", lambda n: None)
+    (data_file,) = (area / "data").iterdir()
+    with data_file.open("r+b") as f:
+        f.write(b"D")
+    with pytest.raises(Corrupted, match="fails its checksum"):
+        SimulatedBackend(area).retrieve_fd(("vm", "ram"), entry("ram"))
+    os.close(fd)
+
+
+def test_data_extents_leave_the_shared_file_position_alone() -> None:
+    fd = os.memfd_create("pos")
+    os.ftruncate(fd, 1 << 20)
+    os.pwrite(fd, b"x", 900_000)
+    os.lseek(fd, 1234, os.SEEK_SET)
+    assert memfd.data_extents(fd, 1 << 20) == [(897024, 4096)]
+    assert os.lseek(fd, 0, os.SEEK_CUR) == 1234
     os.close(fd)
 
 

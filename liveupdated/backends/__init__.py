@@ -4,7 +4,7 @@ Both follow the shape of the kernel's Live Update Orchestrator: sessions, fds un
 tokens, a reboot that hands everything over, retrieval by the next boot, and finish.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +19,7 @@ class Handover:
 
     boot_id: str
     keys: frozenset[Key]
+    damage: str | None = None  # the handover exists but fails its checks
 
 
 class Backend(Protocol):
@@ -53,6 +54,9 @@ class Backend(Protocol):
 
     def retrieve_fd(self, key: Key, entry: FdEntry) -> int:
         """After the reboot: rebuild the fd; Corrupted if its data fails its checks."""
+
+    def finish_session(self, session: str, released: Sequence[str]) -> None:
+        """After the reboot: this session is done; drop what it never retrieved."""
 
     def finish(self) -> None:
         """The update is over: release everything the previous boot handed over."""

@@ -8,7 +8,8 @@ the commit point. The next start finds the record and is, for liveupdated, a new
 import os
 import shutil
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -34,6 +35,7 @@ class CarriedFd(BaseModel):
     seals: int
     position: int
     extents: list[tuple[int, int]]
+    crc32: int  # of the data extents, in order
 
 
 class KexecRecord(BaseModel):
@@ -53,7 +55,10 @@ class SimulatedBackend:
         return f"{escape_path_label(key[0])}.{escape_path_label(key[1])}"
 
     def find_handover(self) -> Handover | None:
-        record = self._load_record()
+        try:
+            record = self._load_record()
+        except Corrupted as exc:  # written whole (renamed into place), damaged since
+            return Handover(boot_id="unknown", keys=frozenset(), damage=str(exc))
         if record is None:
             return None
         return Handover(record.boot_id, frozenset((f.session, f.token) for f in record.fds))
@@ -90,32 +95,35 @@ class SimulatedBackend:
         data_dir.mkdir(parents=True)
         carried: list[CarriedFd] = []
         total = 0
-        for key, fd in fds.items():
-            entry = entries[key]
-            size = os.fstat(fd).st_size
-            position = os.lseek(fd, 0, os.SEEK_CUR)
-            extents = memfd.data_extents(fd, size)
-            file = self._data_file(key)
-            out = os.open(data_dir / file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-            try:
-                os.ftruncate(out, size)
-                total += memfd.copy_extents(fd, out, extents)
-                os.fsync(out)
-            finally:
-                os.close(out)
-            progress(total)
-            carried.append(
-                CarriedFd(
-                    session=key[0],
-                    token=key[1],
-                    file=file,
-                    size=size,
-                    name=entry.name,
-                    seals=memfd.seals_of(fd),
-                    position=position,
-                    extents=extents,
+        with ThreadPoolExecutor(max_workers=1) as checksummer:
+            for key, fd in fds.items():
+                entry = entries[key]
+                size = os.fstat(fd).st_size
+                position = os.lseek(fd, 0, os.SEEK_CUR)
+                extents = memfd.data_extents(fd, size)
+                crc = checksummer.submit(memfd.checksum, fd, extents)  # beside the copy
+                file = self._data_file(key)
+                out = os.open(data_dir / file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(out, size)
+                    total += memfd.copy_extents(fd, out, extents)
+                    os.fsync(out)
+                finally:
+                    os.close(out)
+                progress(total)
+                carried.append(
+                    CarriedFd(
+                        session=key[0],
+                        token=key[1],
+                        file=file,
+                        size=size,
+                        name=entry.name,
+                        seals=memfd.seals_of(fd),
+                        position=position,
+                        extents=extents,
+                        crc32=crc.result(),
+                    )
                 )
-            )
         fsync_directory(data_dir)
         body = KexecRecord(boot_id=boot_id, fds=carried).model_dump_json().encode()
         write_atomically(self.area / RECORD_NAME, body + b"\n" + str(zlib.crc32(body)).encode())
@@ -150,7 +158,14 @@ class SimulatedBackend:
                 )
             fd = memfd.create(carried.name, carried.size)
             try:
-                memfd.copy_extents(src, fd, carried.extents)
+                with ThreadPoolExecutor(max_workers=1) as checksummer:
+                    crc = checksummer.submit(memfd.checksum, src, carried.extents)
+                    memfd.copy_extents(src, fd, carried.extents)
+                if crc.result() != carried.crc32:
+                    raise Corrupted(
+                        f"handover data of {key[0]}/{key[1]} fails its checksum; "
+                        "it is not handed out"
+                    )
                 memfd.finish_restore(fd, carried.position, carried.seals)
             except BaseException:
                 os.close(fd)
@@ -158,6 +173,10 @@ class SimulatedBackend:
             return fd
         finally:
             os.close(src)
+
+    def finish_session(self, session: str, released: Sequence[str]) -> None:
+        for token in released:
+            (self.area / DATA_DIR / self._data_file((session, token))).unlink(missing_ok=True)
 
     def finish(self) -> None:
         self.discard_handover()

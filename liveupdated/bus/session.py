@@ -63,7 +63,7 @@ class SessionObject(ServiceInterface):
         for token, entry in sorted(session.fds.items()):
             key = (self.session_name, token)
             size = os.fstat(vault.get(key)).st_size if key in vault else entry.size
-            kind = f"{entry.kind} (lost)" if entry.lost else entry.kind
+            kind = f"{entry.kind} ({entry.problem})" if entry.problem else entry.kind
             rows.append([token, kind, list(entry.requires), size])
         return rows
 

@@ -19,6 +19,7 @@ from enum import StrEnum
 
 from liveupdated.core.errors import (
     AccessDenied,
+    Corrupted,
     DependencyMissing,
     InvalidArgument,
     NoSuchSession,
@@ -30,6 +31,7 @@ from liveupdated.core.errors import (
 )
 from liveupdated.core.names import check_name
 from liveupdated.core.records import (
+    FdCorrupted,
     FdLost,
     FdPreserved,
     FdReleased,
@@ -112,7 +114,7 @@ class FdEntry:
     size: int
     name: str
     seals: int
-    lost: bool = False
+    problem: str = ""  # "lost" (no fd after a restart) or "corrupted" (bad journal record)
     restored: bool = False
 
 
@@ -168,7 +170,11 @@ class Orchestrator:
             case FdReleased():
                 del self.sessions[record.session].fds[record.token]
             case FdLost():
-                self.sessions[record.session].fds[record.token].lost = True
+                self.sessions[record.session].fds[record.token].problem = "lost"
+            case FdCorrupted():
+                self.sessions[record.session].fds[record.token] = FdEntry(
+                    record.token, "memfd", (), record.size, "", 0, problem="corrupted"
+                )
             case FdRestored():
                 self.sessions[record.session].fds[record.token].restored = True
             case SessionDropped():
@@ -209,11 +215,14 @@ class Orchestrator:
                 SessionCreated(session=s.name, uid=s.uid, unit=s.unit, client=s.client)
             )
             for e in s.fds.values():
+                if e.problem == "corrupted":
+                    records.append(FdCorrupted(session=s.name, token=e.token, size=e.size))
+                    continue
                 records.append(
                     FdPreserved(session=s.name, token=e.token, kind=e.kind,
                                 requires=e.requires, size=e.size, name=e.name, seals=e.seals)
                 )
-                if e.lost:
+                if e.problem == "lost":
                     records.append(FdLost(session=s.name, token=e.token))
                 if e.restored:
                     records.append(FdRestored(session=s.name, token=e.token))
@@ -403,9 +412,14 @@ class Orchestrator:
         if session.finished:
             raise WrongState(f"session {name!r} is finished; its fds were released")
         entry = self.fd_entry(session, token)
-        if entry.lost:
+        if entry.problem == "lost":
             raise NoSuchToken(
                 f"the fd of {name}/{token} was lost in a daemon restart without an fd store"
+            )
+        if entry.problem == "corrupted":
+            raise Corrupted(
+                f"the journal record of {name}/{token} failed its checksum; the fd is held "
+                "but never handed out: UnpreserveFd it and preserve it again"
             )
         return entry
 
@@ -467,8 +481,14 @@ class Orchestrator:
             [
                 FdLost(session=s, token=t)
                 for s, t in keys
-                if not self.sessions[s].fds[t].lost
+                if not self.sessions[s].fds[t].problem
             ]
+        )
+
+    def fds_corrupted(self, found: Iterable[tuple[str, str, int]]) -> list[Record]:
+        """Held fds whose journal record was damaged: kept, reported, never handed out."""
+        return self._commit(
+            [FdCorrupted(session=s, token=t, size=size) for s, t, size in found]
         )
 
     # ---- host-wide commands ----------------------------------------------------------
@@ -485,8 +505,10 @@ class Orchestrator:
         problems: list[str] = []
         for name, session in sorted(self.sessions.items()):
             for token, entry in sorted(session.fds.items()):
-                if entry.lost:
+                if entry.problem == "lost":
                     problems.append(f"{name}/{token} (its fd was lost in a daemon restart)")
+                elif entry.problem == "corrupted":
+                    problems.append(f"{name}/{token} (its journal record is corrupted)")
                 problems += [
                     f"{name}/{req} (required by {token})"
                     for req in entry.requires

@@ -49,6 +49,15 @@ class FdLost(_Record):
     token: str
 
 
+class FdCorrupted(_Record):
+    """The fd store gave back an fd whose journal record failed its checksum."""
+
+    type: Literal["fd_corrupted"] = "fd_corrupted"
+    session: str
+    token: str
+    size: int
+
+
 class FdRestored(_Record):
     """After the reboot: the fd was rebuilt and is held until Finish."""
 
@@ -99,6 +108,7 @@ Record = Annotated[
     | FdPreserved
     | FdReleased
     | FdLost
+    | FdCorrupted
     | FdRestored
     | SessionDropped
     | FreezeDelaySet

@@ -1,14 +1,17 @@
 """The memfd handler: recognise a memfd, read its facts, and rebuild one exactly.
 
 Content is only ever moved by the kernel (sendfile over data extents found with
-SEEK_DATA/SEEK_HOLE); this module never loops over bytes in Python.
+SEEK_DATA/SEEK_HOLE) and checksummed by zlib over a mapping; this module never loops
+over bytes in Python.
 """
 
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import stat
+import zlib
 
 from liveupdated.core.errors import Corrupted, UnsupportedFd
 from liveupdated.core.orchestrator import FdFacts
@@ -87,20 +90,25 @@ def seals_of(fd: int) -> int:
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """(offset, length) of every data extent, holes skipped."""
+    """(offset, length) of every data extent, holes skipped. The file position, which
+    the fd shares with its owner, is left where it was."""
     extents: list[tuple[int, int]] = []
+    position = os.lseek(fd, 0, os.SEEK_CUR)
     offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only holes from here on
-                break
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        if end > start:
-            extents.append((start, end - start))
-        offset = end
+    try:
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only holes from here on
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if end > start:
+                extents.append((start, end - start))
+            offset = end
+    finally:
+        os.lseek(fd, position, os.SEEK_SET)
     return extents
 
 
@@ -117,6 +125,22 @@ def copy_extents(src: int, dst: int, extents: list[tuple[int, int]]) -> int:
             offset += sent
             copied += sent
     return copied
+
+
+def checksum(fd: int, extents: list[tuple[int, int]]) -> int:
+    """crc32 of the data extents, read through a mapping (zlib releases the GIL)."""
+    crc = 0
+    if not extents:
+        return crc
+    end = max(start + length for start, length in extents)
+    with mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ) as mapping:
+        view = memoryview(mapping)
+        try:
+            for start, length in extents:
+                crc = zlib.crc32(view[start : start + length], crc)
+        finally:
+            view.release()
+    return crc
 
 
 def create(name: str, size: int) -> int:

@@ -1,0 +1,458 @@
+"""The real kernel backend: Live Update Orchestrator sessions on /dev/liveupdate.
+
+Each liveupdated session becomes a kernel session of the same name and its fds kernel
+tokens 1..n; token 0 is a sealed manifest memfd recording what the kernel does not keep
+(token strings, requires, names, seals). The kernel cannot list sessions, so an index
+session, `liveupdated:index` (a name no liveupdated session can have), names them for the
+next boot. Guest memory is never copied before the kexec: the kernel carries the pages.
+"""
+
+import errno
+import fcntl
+import mmap
+import os
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from liveupdated.backends import Handover, Key, luo_uapi
+from liveupdated.core.errors import (
+    Corrupted,
+    InvalidArgument,
+    LiveUpdateError,
+    NoSuchSession,
+    NoSuchToken,
+    QuotaExceeded,
+    SessionExists,
+    TokenExists,
+    UnsupportedFd,
+    WrongState,
+)
+from liveupdated.core.orchestrator import FdEntry
+from liveupdated.fds import memfd
+from liveupdated.systemd import boot_id as current_boot_id
+
+log = structlog.get_logger("liveupdated")
+
+INDEX_SESSION = "liveupdated:index"
+MANIFEST_TOKEN = 0
+MANIFEST_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+HOLDER_ARGV0 = "@liveupdated-luo-holder"  # '@': systemd-shutdown does not kill it
+HOLDER_START_TIMEOUT = 10.0
+_SCAN_CHUNK = 1 << 20
+_PAGE = mmap.PAGESIZE
+
+
+class CarriedFd(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    token: str
+    kernel_token: int
+    kind: str
+    requires: tuple[str, ...]
+    name: str
+    seals: int
+    size: int
+
+
+class Manifest(BaseModel):
+    """Token 0 of every kernel session."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    version: Literal[1] = 1
+    session: str
+    boot_id: str
+    fds: tuple[CarriedFd, ...]
+
+
+class Index(BaseModel):
+    """Token 0 of the index session: the old boot and the sessions it handed over."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    version: Literal[1] = 1
+    boot_id: str
+    sessions: tuple[str, ...]
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+@dataclass
+class Incoming:
+    """A kernel session handed over by the previous boot, retrieved by this one."""
+
+    fd: int
+    manifest: Manifest
+
+
+# ---- errno -> contract error ------------------------------------------------------------
+
+_COMMON: dict[int, type[LiveUpdateError]] = {
+    errno.ENOMEM: QuotaExceeded,
+    errno.ENOSPC: QuotaExceeded,
+    errno.EFBIG: QuotaExceeded,
+    errno.EMFILE: QuotaExceeded,
+    errno.EIO: Corrupted,
+    errno.EBADF: InvalidArgument,
+    errno.EINVAL: InvalidArgument,
+}
+
+
+def kernel_error(
+    exc: OSError, what: str, by_errno: Mapping[int, type[LiveUpdateError]] | None = None
+) -> LiveUpdateError:
+    """The contract error for a failed LUO call, naming the call and the kernel's errno."""
+    code = exc.errno or 0
+    cls = (by_errno or {}).get(code) or _COMMON.get(code, WrongState)
+    name = errno.errorcode.get(code, str(code))
+    return cls(f"{what}: the kernel answered {name} ({os.strerror(code)})")
+
+
+def open_device(path: str = luo_uapi.DEVICE) -> int:
+    try:
+        return luo_uapi.open_device(path)
+    except FileNotFoundError:
+        raise WrongState(
+            f"no {path}: boot a kernel with CONFIG_LIVEUPDATE and liveupdate=on, "
+            "or run with --backend simulated"
+        ) from None
+    except OSError as exc:
+        error = kernel_error(exc, f"opening {path}")
+        if exc.errno == errno.EBUSY:
+            error = WrongState(f"{error}; another process holds it (one opener at a time)")
+        raise error from exc
+
+
+# ---- memfds in and out of the kernel ----------------------------------------------------
+
+
+def _write_sealed(name: str, data: bytes) -> int:
+    fd = memfd.create(name, len(data))
+    try:
+        os.pwrite(fd, data, 0)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MANIFEST_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0) if size else b""
+
+
+def nonzero_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the pages that are not all zero: the kernel allocates every hole
+    of a preserved memfd, so a zero page is where a hole was (or may as well be)."""
+    extents: list[tuple[int, int]] = []
+    if size == 0:
+        return extents
+    zero_chunk, zero_page = bytes(_SCAN_CHUNK), bytes(_PAGE)
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as view:
+        for chunk in range(0, size, _SCAN_CHUNK):
+            end = min(chunk + _SCAN_CHUNK, size)
+            if view[chunk:end] == zero_chunk[: end - chunk]:
+                continue
+            for page in range(chunk, end, _PAGE):
+                page_end = min(page + _PAGE, size)
+                if view[page:page_end] == zero_page[: page_end - page]:
+                    continue
+                if extents and extents[-1][0] + extents[-1][1] == page:
+                    extents[-1] = (extents[-1][0], page_end - extents[-1][0])
+                else:
+                    extents.append((page, page_end - page))
+    return extents
+
+
+class KernelBackend:
+    """Drives /dev/liveupdate; opens it once, at construction, and keeps it.
+
+    `exact_names`: the kernel restores a memfd nameless and with every hole allocated;
+    True copies it (kernel-side, holes skipped) into a memfd of the original name, False
+    hands the kernel's memfd back as it is (no copy: the choice for large guests).
+    `holder`: at Reboot, leave the session fds with a process that `systemctl kexec`
+    does not kill, so that they outlive the daemon until the kernel's kexec.
+    """
+
+    name = "kernel"
+
+    def __init__(
+        self, device: str = luo_uapi.DEVICE, *, exact_names: bool = True, holder: bool = True
+    ) -> None:
+        self._device = open_device(device)
+        self.exact_names = exact_names
+        self.holder = holder
+        self._outgoing: dict[str, int] = {}  # kernel session name -> session fd
+        self._prepared: dict[Key, int] = {}  # (session, token) -> kernel token
+        self._incoming: dict[str, Incoming] = {}
+        self._handover: Handover | None = None
+        self.holder_process: subprocess.Popen[bytes] | None = None  # kept: it outlives us
+
+    # ---- before the kexec ---------------------------------------------------------------
+
+    def prepare_handover(self, fds: Mapping[Key, int], entries: Mapping[Key, FdEntry]) -> None:
+        """Preserve every fd now: the kernel pins (and allocates) its pages, the VMs run on."""
+        self._close_outgoing()
+        by_session: dict[str, list[str]] = {}
+        for session, token in fds:
+            by_session.setdefault(session, []).append(token)
+        try:
+            for session, tokens in sorted(by_session.items()):
+                session_fd = self._create_session(session)
+                for kernel_token, token in enumerate(sorted(tokens), start=MANIFEST_TOKEN + 1):
+                    self._preserve(session_fd, fds[session, token], kernel_token, session, token)
+                    self._prepared[session, token] = kernel_token
+        except BaseException:
+            self._close_outgoing()
+            raise
+        log.info("kernel_sessions_prepared", sessions=len(by_session), fds=len(fds))
+
+    def write_handover(
+        self,
+        fds: Mapping[Key, int],
+        entries: Mapping[Key, FdEntry],
+        boot_id: str,
+        progress: Callable[[int], None],
+    ) -> int:
+        """Blackout: one manifest per session and the index; the pages are already pinned."""
+        if not luo_uapi.kexec_loaded():
+            raise WrongState(
+                "no kexec kernel is loaded (/sys/kernel/kexec_loaded is 0): load the next "
+                "kernel (kexec_file_load, e.g. `kexec -s -l`) before Reboot()"
+            )
+        if set(self._prepared) != set(fds) or INDEX_SESSION in self._outgoing:
+            self.prepare_handover(fds, entries)  # the daemon restarted, or a retry
+        sessions = sorted({session for session, _ in fds})
+        try:
+            for session in sessions:
+                carried = tuple(
+                    CarriedFd(
+                        token=token,
+                        kernel_token=self._prepared[session, token],
+                        kind=entries[session, token].kind,
+                        requires=entries[session, token].requires,
+                        name=entries[session, token].name,
+                        seals=memfd.seals_of(fds[session, token]),
+                        size=os.fstat(fds[session, token]).st_size,
+                    )
+                    for s, token in sorted(fds)
+                    if s == session
+                )
+                manifest = Manifest(session=session, boot_id=boot_id, fds=carried)
+                self._preserve_manifest(self._outgoing[session], session, manifest)
+            index_fd = self._create_session(INDEX_SESSION)
+            self._preserve_manifest(index_fd, INDEX_SESSION,
+                                    Index(boot_id=boot_id, sessions=tuple(sessions)))
+        except BaseException:
+            self._close_outgoing()
+            raise
+        carried_bytes = sum(os.fstat(fd).st_size for fd in fds.values())
+        progress(carried_bytes)
+        if self.holder:
+            self._spawn_holder()
+        log.info("kernel_handover_written", sessions=len(sessions), fds=len(fds),
+                 bytes=carried_bytes)
+        return carried_bytes
+
+    def discard_handover(self) -> None:
+        """Cancel: closing a session fd makes the kernel unpreserve its files. A stale
+        handover of the previous boot is finished, which releases it."""
+        self._close_outgoing()
+        if self._incoming:
+            self.finish()
+
+    def _create_session(self, session: str) -> int:
+        try:
+            session_fd = luo_uapi.create_session(self._device, session)
+        except OSError as exc:
+            raise kernel_error(exc, f"creating kernel session {session!r}",
+                               {errno.EEXIST: SessionExists}) from exc
+        self._outgoing[session] = session_fd
+        return session_fd
+
+    def _preserve(self, session_fd: int, fd: int, kernel_token: int, session: str,
+                  token: str) -> None:
+        try:
+            luo_uapi.preserve_fd(session_fd, fd, kernel_token)
+        except OSError as exc:
+            raise kernel_error(exc, f"preserving {session}/{token}", {
+                errno.EEXIST: TokenExists,
+                errno.ENOENT: UnsupportedFd,  # no kernel handler takes this file
+                errno.EOPNOTSUPP: UnsupportedFd,  # e.g. a seal this kernel cannot carry
+                errno.EBUSY: UnsupportedFd,  # the same memfd under another token
+            }) from exc
+
+    def _preserve_manifest(self, session_fd: int, session: str, record: BaseModel) -> None:
+        fd = _write_sealed(f"liveupdated-manifest:{session}", record.model_dump_json().encode())
+        try:
+            self._preserve(session_fd, fd, MANIFEST_TOKEN, session, "<manifest>")
+        finally:
+            os.close(fd)  # the kernel holds its own reference now
+
+    def _close_outgoing(self) -> None:
+        for session_fd in self._outgoing.values():
+            os.close(session_fd)
+        self._outgoing.clear()
+        self._prepared.clear()
+
+    def _spawn_holder(self) -> None:
+        """A process holding the device and the session fds until the kexec: `sleep` with
+        '@' as the first character of argv[0] (systemd-shutdown's final kill spares it), in
+        a scope of its own with KillMode=none when run by systemd (the stop of this service
+        spares it). Without it, the daemon's exit would close the sessions."""
+        held = [self._device, *self._outgoing.values()]
+        command = ["/bin/bash", "-c", f"exec -a {HOLDER_ARGV0} /bin/sleep infinity"]
+        if os.environ.get("INVOCATION_ID"):
+            command = ["systemd-run", "--scope", "--quiet", "--collect",
+                       "--property=KillMode=none", "--unit=liveupdated-luo-holder", *command]
+        try:
+            child = subprocess.Popen(command, pass_fds=held, start_new_session=True,
+                                     stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise WrongState(f"cannot start the session holder {command[0]}: {exc}") from exc
+        deadline = time.monotonic() + HOLDER_START_TIMEOUT
+        while not _cmdline(child.pid).startswith(HOLDER_ARGV0.encode()):
+            if child.poll() is not None or time.monotonic() > deadline:
+                child.kill()
+                raise WrongState(f"the session holder ({' '.join(command[:2])}...) did not "
+                                 f"start (status {child.returncode}); the kexec would carry "
+                                 "nothing")
+            time.sleep(0.01)
+        self.holder_process = child
+        log.info("kernel_sessions_held", pid=child.pid, fds=len(held))
+
+    # ---- after the kexec ----------------------------------------------------------------
+
+    def find_handover(self) -> Handover | None:
+        """Retrieve the index session and every session it names; None on a plain boot."""
+        if self._handover is not None:
+            return self._handover
+        try:
+            index_fd = luo_uapi.retrieve_session(self._device, INDEX_SESSION)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise kernel_error(exc, "retrieving the index session") from exc
+        index = self._read_record(index_fd, INDEX_SESSION, Index)
+        self._incoming[INDEX_SESSION] = Incoming(
+            index_fd, Manifest(session=INDEX_SESSION, boot_id=index.boot_id, fds=())
+        )
+        keys: set[Key] = set()
+        for session in index.sessions:
+            try:
+                incoming = self._retrieve_session(session)
+            except LiveUpdateError as exc:
+                log.error("kernel_session_lost", session=session, error=exc.name,
+                          message=str(exc))
+                continue
+            keys.update((session, fd.token) for fd in incoming.manifest.fds)
+        self._handover = Handover(index.boot_id, frozenset(keys))
+        log.info("kernel_handover_found", previous_boot=index.boot_id,
+                 sessions=len(index.sessions), fds=len(keys), this_boot=current_boot_id())
+        return self._handover
+
+    def _retrieve_session(self, session: str) -> Incoming:
+        if session in self._incoming:
+            return self._incoming[session]
+        try:
+            session_fd = luo_uapi.retrieve_session(self._device, session)
+        except OSError as exc:
+            raise kernel_error(exc, f"retrieving kernel session {session!r}", {
+                errno.ENOENT: NoSuchSession,
+                errno.EINVAL: WrongState,  # retrieved already, by an earlier start
+            }) from exc
+        try:
+            manifest = self._read_record(session_fd, session, Manifest)
+        except BaseException:
+            os.close(session_fd)
+            raise
+        self._incoming[session] = Incoming(session_fd, manifest)
+        return self._incoming[session]
+
+    def _read_record(self, session_fd: int, session: str, model: type[R]) -> R:
+        fd = self._retrieve(session_fd, MANIFEST_TOKEN, session, "<manifest>")
+        try:
+            return model.model_validate_json(_read_all(fd))
+        except ValidationError as exc:
+            raise Corrupted(f"the manifest of kernel session {session!r} fails its checks: "
+                            f"{exc.error_count()} errors, first: {exc.errors()[0]['msg']}") from exc
+        finally:
+            os.close(fd)
+
+    def _retrieve(self, session_fd: int, kernel_token: int, session: str, token: str) -> int:
+        try:
+            return luo_uapi.retrieve_fd(session_fd, kernel_token)
+        except OSError as exc:
+            raise kernel_error(exc, f"retrieving {session}/{token} from the kernel", {
+                errno.ENOENT: NoSuchToken,
+                errno.EINVAL: Corrupted,
+                errno.EOPNOTSUPP: Corrupted,
+            }) from exc
+
+    def retrieve_fd(self, key: Key, entry: FdEntry) -> int:
+        session, token = key
+        try:
+            incoming = self._retrieve_session(session)
+        except NoSuchSession as exc:
+            raise NoSuchToken(f"{session}/{token} is not in the kernel's handover: {exc}") from exc
+        carried = next((fd for fd in incoming.manifest.fds if fd.token == token), None)
+        if carried is None:
+            raise NoSuchToken(f"{session}/{token} is not in the manifest of kernel session "
+                              f"{session!r}")
+        fd = self._retrieve(incoming.fd, carried.kernel_token, session, token)
+        try:
+            return self._restore(fd, carried, key)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _restore(self, fd: int, carried: CarriedFd, key: Key) -> int:
+        """Name and seals as they were: in place where the kernel kept enough, else a copy."""
+        size = os.fstat(fd).st_size
+        if size != carried.size:
+            raise Corrupted(f"{key[0]}/{key[1]} came back with {size} bytes, its manifest "
+                            f"says {carried.size}")
+        if not self.exact_names or carried.name == "":
+            missing = carried.seals & ~memfd.seals_of(fd)
+            if missing:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, missing)
+            return fd
+        copy = memfd.create(carried.name, size)
+        try:
+            memfd.copy_extents(fd, copy, nonzero_extents(fd, size))
+            memfd.finish_restore(copy, os.lseek(fd, 0, os.SEEK_CUR), carried.seals)
+        except BaseException:
+            os.close(copy)
+            raise
+        os.close(fd)
+        return copy
+
+    def finish(self) -> None:
+        """FINISH every session the previous boot handed over; unretrieved fds are freed."""
+        self.find_handover()
+        failed: list[str] = []
+        for session in sorted(self._incoming, key=lambda s: s == INDEX_SESSION):
+            incoming = self._incoming[session]
+            try:
+                luo_uapi.finish_session(incoming.fd)
+            except OSError as exc:
+                failed.append(str(kernel_error(exc, f"finishing kernel session {session!r}")))
+                continue
+            os.close(incoming.fd)
+            del self._incoming[session]
+        if failed:
+            raise WrongState("; ".join(failed))
+        self._handover = None

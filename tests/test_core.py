@@ -273,4 +273,7 @@ def test_records_replay_to_the_same_state() -> None:
     log += core.freeze(ROOT)
     copy = replayed(core, log)
     assert copy.snapshot() == core.snapshot()
+    for c in (core, copy):
+        assert c.fd_count() == sum(len(s.fds) for s in c.sessions.values()) == 2
+        assert c.total_preserved_bytes() == 2 * FACTS.size
     assert replayed(core, core.snapshot()).snapshot() == core.snapshot()

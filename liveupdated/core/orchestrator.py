@@ -148,6 +148,8 @@ class Orchestrator:
         self.last_blackout_usec = 0
         self.freeze_started_usec = 0
         self.handover_boot_id = ""
+        self._fd_total = 0  # kept up to date by apply: PreserveFd must not scan every fd
+        self._bytes_total = 0
         self._clock_usec = clock_usec
 
     # ---- the one mutator -------------------------------------------------------------
@@ -167,14 +169,16 @@ class Orchestrator:
                     record.name,
                     record.seals,
                 )
+                self._count(record.size)
             case FdReleased():
-                del self.sessions[record.session].fds[record.token]
+                self._count(-self.sessions[record.session].fds.pop(record.token).size, -1)
             case FdLost():
                 self.sessions[record.session].fds[record.token].problem = "lost"
             case FdCorrupted():
                 self.sessions[record.session].fds[record.token] = FdEntry(
                     record.token, "memfd", (), record.size, "", 0, problem="corrupted"
                 )
+                self._count(record.size)
             case FdRestored():
                 self.sessions[record.session].fds[record.token].restored = True
             case SessionDropped():
@@ -274,11 +278,15 @@ class Orchestrator:
         except KeyError:
             raise NoSuchToken(f"session {session.name!r} has no token {token!r}") from None
 
+    def _count(self, size: int, fds: int = 1) -> None:
+        self._bytes_total += size
+        self._fd_total += fds
+
     def total_preserved_bytes(self) -> int:
-        return sum(s.preserved_bytes for s in self.sessions.values())
+        return self._bytes_total
 
     def fd_count(self) -> int:
-        return sum(len(s.fds) for s in self.sessions.values())
+        return self._fd_total
 
     def _require_phase(self, command: str, allowed: Iterable[Phase]) -> None:
         allowed = frozenset(allowed)

@@ -11,6 +11,9 @@
 #                 is relocated so that it runs from /usr/lib/liveupdated; nothing is started
 # --python PY     the interpreter the venv is built on (default /usr/bin/python3)
 # --enable        systemctl enable --now liveupdated.service afterwards (DESTDIR / only)
+#
+# On a running system a running daemon is restarted onto the new code (systemctl
+# try-restart: the unit's fd store, and so every fd it holds, survives a restart).
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,18 +35,25 @@ staging=$destdir/usr/lib/.liveupdated.new
 # 1. The venv, built beside the old one and swapped in at the end.
 rm -rf "$staging"
 mkdir -p "$(dirname "$staging")"
-"$python" -m venv "$staging"
-pip=("$staging/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
+"$python" -m venv --without-pip "$staging"
+# pip runs from the wheel the interpreter bundles (Debian: python3-pip-whl), so the venv
+# itself carries no pip.
+shopt -s nullglob
+ensurepip=$("$python" -c 'import ensurepip, os; print(os.path.dirname(ensurepip.__file__))')
+pip_wheels=(/usr/share/python-wheels/pip-*.whl "$ensurepip"/_bundled/pip-*.whl)
+shopt -u nullglob
+if ((${#pip_wheels[@]} == 0)); then echo "install.sh: no bundled pip wheel for $python" >&2; exit 1; fi
+pip=("$staging/bin/python" "${pip_wheels[0]}/pip" install --quiet --disable-pip-version-check
+     --no-compile)
 if [[ -n $wheels ]]; then
     "${pip[@]}" --no-index --find-links "$wheels" liveupdated
 else
     "${pip[@]}" "$src"
 fi
-"$staging/bin/python" -m pip uninstall --quiet --yes pip setuptools
 
 # Relocate: scripts and activation files name the directory the venv was built in.
 grep -lrF --null "$staging" "$staging/bin" "$staging/pyvenv.cfg" |
-    xargs -0 --no-run-if-empty sed -i "s|$staging|$prefix|g"
+    xargs -0 --no-run-if-empty sed -i "s|${staging//./\\.}|$prefix|g"
 "$staging/bin/python" -m compileall -q -j0 -s "$staging" -p "$prefix" "$staging/lib" >/dev/null
 rm -rf "$venv.old"
 if [[ -e $venv ]]; then mv "$venv" "$venv.old"; fi
@@ -54,13 +64,18 @@ rm -rf "$venv.old"
 mkdir -p "$destdir/usr/bin" "$destdir/usr/sbin"
 ln -sfn ../lib/liveupdated/bin/liveupdatectl "$destdir/usr/bin/liveupdatectl"
 ln -sfn ../lib/liveupdated/bin/liveupdated "$destdir/usr/sbin/liveupdated"
-install -D -m 0644 "$src/units/liveupdated.service" "$destdir/usr/lib/systemd/system/liveupdated.service"
-install -D -m 0644 "$src/units/liveupdated.tmpfiles.conf" "$destdir/usr/lib/tmpfiles.d/liveupdated.conf"
-install -D -m 0644 "$src/dbus/org.liveupdate1.conf" "$destdir/usr/share/dbus-1/system.d/org.liveupdate1.conf"
-install -D -m 0644 "$src/dbus/org.liveupdate1.service" \
-    "$destdir/usr/share/dbus-1/system-services/org.liveupdate1.service"
-install -D -m 0644 -t "$destdir/usr/share/dbus-1/interfaces" "$src"/dbus/org.liveupdate1.*.xml
-install -D -m 0644 "$src/packaging/README.md" "$destdir/usr/share/doc/liveupdated/README.md"
+put() { install -D -m 0644 "$src/$1" "$destdir$2"; }
+put units/liveupdated.service /usr/lib/systemd/system/liveupdated.service
+put units/liveupdated.tmpfiles.conf /usr/lib/tmpfiles.d/liveupdated.conf
+put dbus/org.liveupdate1.conf /usr/share/dbus-1/system.d/org.liveupdate1.conf
+put dbus/org.liveupdate1.service /usr/share/dbus-1/system-services/org.liveupdate1.service
+for xml in "$src"/dbus/org.liveupdate1.*.xml; do
+    put "dbus/${xml##*/}" "/usr/share/dbus-1/interfaces/${xml##*/}"
+done
+put README.md /usr/share/doc/liveupdated/README.md
+for doc in "$src"/docs/*.md; do
+    put "docs/${doc##*/}" "/usr/share/doc/liveupdated/${doc##*/}"
+done
 
 # 3. Tell the running system, if this is it.
 if [[ -z $destdir && -d /run/systemd/system ]]; then
@@ -68,5 +83,6 @@ if [[ -z $destdir && -d /run/systemd/system ]]; then
     systemctl daemon-reload
     # The bus must know the name policy before the daemon asks for the name.
     if systemctl --quiet is-active dbus.service; then systemctl reload dbus.service; fi
+    systemctl try-restart liveupdated.service
     if [[ $enable == yes ]]; then systemctl enable --now liveupdated.service; fi
 fi

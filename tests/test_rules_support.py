@@ -83,15 +83,14 @@ class Host:
 
     async def restart(self, *, crash: bool = False) -> DaemonProcess:
         """Stop (SIGTERM) or kill (SIGKILL) the daemon and start it again, same boot."""
-        assert self.daemon is not None
-        if crash:
-            await asyncio.to_thread(self.daemon.kill)
-        else:
-            await asyncio.to_thread(self.daemon.stop)
+        await self.stop(crash=crash)
         return await self.start(*self.args)
 
-    async def reboot(self, client: Client) -> DaemonProcess:
-        """Reboot() through `client`, wait for the old daemon to exit 0, boot a new one.
+    async def reboot(
+        self, client: Client, between: Callable[[], None] | None = None
+    ) -> DaemonProcess:
+        """Reboot() through `client`, wait for the old daemon to exit 0, boot a new one
+        (after calling `between`, to play with what the old kernel left).
 
         A new boot starts with an empty fd store, as systemd does after a real kexec.
         """
@@ -102,29 +101,35 @@ class Host:
         self.notifications.close()
         self.notifications = Notifications()
         self.boots += 1
+        if between is not None:
+            between()
         return await self.start(*self.args)
 
-    async def stop(self) -> int:
+    async def stop(self, *, crash: bool = False) -> None:
+        """SIGTERM the daemon and wait for it, or SIGKILL it (a crash)."""
         assert self.daemon is not None
-        return await asyncio.to_thread(self.daemon.stop)
+        await asyncio.to_thread(self.daemon.kill if crash else self.daemon.stop)
 
     def connect(self) -> Awaitable[Client]:
         return Client.connect(self.bus.address)
 
-    def open_fds(self) -> int:
+    async def open_fds(self, client: Client) -> int:
+        """The daemon's open fds, after a round trip through `client`: a reply's fds are
+        closed once it is written, so by the time the daemon answers the next call."""
+        await client.state()
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def journal_records(self) -> list[Record]:
         """The journal as it is on disk now, read without touching it (daemon running)."""
-        records, _, reason = decode(self.journal_path.read_bytes())
-        assert reason is None, f"the journal is damaged: {reason}"
+        records, damages, _ = decode(self.journal_path.read_bytes())
+        assert damages == [], f"the journal is damaged: {damages}"
         return records
 
     def replay_journal(self) -> Orchestrator:
         """Replay the journal as a starting daemon does (the daemon must be stopped)."""
-        journal, records, damage = Journal.open(self.journal_path)
+        journal, records, damages = Journal.open(self.journal_path)
         journal.close()
-        assert damage is None, f"the journal is damaged: {damage}"
+        assert damages == [], f"the journal is damaged: {damages}"
         core = Orchestrator()
         for record in records:
             core.apply(record)
@@ -175,6 +180,28 @@ async def eventually(
 
 async def session_names(client: Client) -> list[str]:
     return [s.name for s in await client.list_sessions()]
+
+
+async def has_owner(client: Client, name: str) -> bool:
+    """Whether `name` is on the bus, asked of the bus itself."""
+    reply = await client.bus.call(
+        Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="NameHasOwner", signature="s",
+            body=[name],
+        )
+    )
+    assert reply is not None and reply.message_type is MessageType.METHOD_RETURN
+    return bool(reply.body[0])
+
+
+async def gone_from_bus(client: Client, name: str) -> None:
+    """Wait until the bus has seen connection `name` leave (and so told liveupdated)."""
+
+    async def gone() -> bool:
+        return not await has_owner(client, name)
+
+    await eventually(gone, f"{name} to leave the bus")
 
 
 class Signals:

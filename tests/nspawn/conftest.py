@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from .container import Container, ContainerFactory, StrPath, overlay_root
-from .rootfs import CACHE_DIR, cache_key, cached_rootfs
+from .installed import HANDOVER, Installed, build_deb, build_wheels
+from .rootfs import CACHE_DIR, cache_key, cached_rootfs, tmpfs
 
 TOOLS = ("systemd-nspawn", "nsenter", "setpriv", "mount", "tar", "zstd")
 
@@ -38,9 +39,8 @@ def nspawn_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         if os.environ.get("CI", "").lower() in ("true", "1"):
             pytest.fail(f"{problem} (not skipping: CI is set)")
         pytest.skip(problem)
-    root = cached_rootfs(tmp_path_factory.mktemp("nspawn") / "root")
-    yield root
-    shutil.rmtree(root)
+    with tmpfs(tmp_path_factory.mktemp("nspawn") / "root") as root:
+        yield cached_rootfs(root)
 
 
 @pytest.fixture
@@ -65,3 +65,26 @@ def container(nspawn_root: Path, tmp_path: Path) -> Iterator[ContainerFactory]:
             return new
 
         yield make
+
+
+@pytest.fixture(scope="session")
+def liveupdated_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wheels of this tree and its dependencies, built on the host once a run."""
+    return build_wheels(tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture(scope="session")
+def liveupdated_deb(
+    nspawn_root: Path, liveupdated_wheels: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """liveupdated_<version>_<arch>.deb of this tree, its venv built on the guest's python3."""
+    return build_deb(tmp_path_factory.mktemp("packages"), liveupdated_wheels, nspawn_root)
+
+
+@pytest.fixture
+def installed(container: ContainerFactory, liveupdated_deb: Path, tmp_path: Path) -> Installed:
+    """A booted container with the .deb installed, its handover area bind-mounted from
+    the host (so it outlives the container's reboots, as the kexec'd memory would)."""
+    handover = tmp_path / "handover"
+    handover.mkdir(mode=0o700)
+    return Installed.install(container([(handover, HANDOVER)]), liveupdated_deb, handover)

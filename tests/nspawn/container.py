@@ -125,13 +125,16 @@ class Container:
         if self._exits[-1] != 0:
             raise self._error(f"systemd-nspawn exited with {self._exits[-1]} on poweroff")
 
-    def reboot(self, timeout: float = 60.0) -> str:
-        """Reboot from inside, wait for the new boot to run and return its boot id."""
+    def reboot(self, timeout: float = 60.0, *, command: Command = ("systemctl", "reboot")) -> str:
+        """Reboot from inside, wait for the new boot to run and return its boot id.
+
+        ``command`` is what reboots the container, run inside (its exit status is not
+        checked: it may die with the old boot): e.g. a call that makes a service reboot."""
         deadline = time.monotonic() + timeout
         old_id = self.boot_id()
         with self._cond:
             boots = self._boots
-        result = self.run(["systemctl", "reboot"], check=False, timeout=timeout)
+        result = self.run(command, check=False, timeout=timeout)
         with self._cond:
             self._cond.wait_for(
                 lambda: self._boots > boots or self._done,

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# A Debian package of liveupdated, laid out by install.sh, its venv built on Debian's
+# /usr/bin/python3.
+#
+#   build-deb.sh OUTDIR --wheels DIR [--sysroot DIR]
+#
+# --wheels DIR    from build-wheels.sh (run on the host: pip in a chroot may not reach
+#                 the index)
+# --sysroot DIR   a Debian root (e.g. debootstrap's bookworm) to build the venv in: it is
+#                 used through a throwaway overlay in a private mount namespace, never
+#                 written to. Without it the venv is built on this machine, which must then
+#                 be the target Debian release. Needs root either way (dpkg-deb is given
+#                 root-owned files).
+# Prints the path of the .deb.
+set -euo pipefail
+
+src=$(cd "$(dirname "$0")/.." && pwd)
+usage() { echo "usage: $0 OUTDIR --wheels DIR [--sysroot DIR]" >&2; exit 2; }
+(($# >= 1)) || usage
+out=$1; shift
+wheels="" sysroot=""
+while (($#)); do
+    case $1 in
+        --wheels) wheels=$(cd "$2" && pwd); shift 2 ;;
+        --sysroot) sysroot=$(cd "$2" && pwd); shift 2 ;;
+        *) usage ;;
+    esac
+done
+[[ -n $wheels ]] || usage
+
+wheel=$(cd "$wheels" && ls liveupdated-*-py3-none-any.whl)
+version=${wheel#liveupdated-}
+version=${version%%-*}
+arch=$(dpkg --print-architecture)
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+pkg=$work/pkg
+mkdir -p "$pkg"
+
+guest_env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8)
+if [[ -n $sysroot ]]; then
+    mkdir -p "$work"/{upper,work,merged}
+    # shellcheck disable=SC2016  # expanded by the inner shell
+    unshare --mount --propagation private -- bash -euo pipefail -c '
+        sysroot=$1 work=$2 src=$3 wheels=$4; shift 4
+        mount -t overlay overlay \
+            -o "lowerdir=$sysroot,upperdir=$work/upper,workdir=$work/work" "$work/merged"
+        for dir in src wheels pkg; do mkdir -p "$work/merged/mnt/$dir"; done
+        mount --bind -o ro "$src" "$work/merged/mnt/src"
+        mount --bind -o ro "$wheels" "$work/merged/mnt/wheels"
+        mount --bind "$work/pkg" "$work/merged/mnt/pkg"
+        mount -t proc proc "$work/merged/proc"
+        exec chroot "$work/merged" "$@" /mnt/src/packaging/install.sh \
+            --wheels /mnt/wheels --root /mnt/pkg
+    ' build-deb "$sysroot" "$work" "$src" "$wheels" "${guest_env[@]}"
+else
+    "${guest_env[@]}" "$src/packaging/install.sh" --wheels "$wheels" --root "$pkg"
+fi
+
+install -D -m 0644 "$src/packaging/debian/copyright" "$pkg/usr/share/doc/liveupdated/copyright"
+mkdir -p "$pkg/DEBIAN"
+install -m 0755 -t "$pkg/DEBIAN" "$src"/packaging/debian/{postinst,prerm,postrm}
+size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
+sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
+    "$src/packaging/debian/control.in" >"$pkg/DEBIAN/control"
+
+mkdir -p "$out"
+deb=$(cd "$out" && pwd)/liveupdated_${version}_${arch}.deb
+dpkg-deb --root-owner-group -Zgzip -z6 --build "$pkg" "$deb" >/dev/null
+echo "$deb"

@@ -144,12 +144,13 @@ class Daemon:
         sessions = SessionObjects(bus, service, callers)
         departed: asyncio.Queue[str] = asyncio.Queue()
         bus.add_message_handler(fd_guard(sessions.__contains__))
-        bus.add_message_handler(_name_watcher(departed, callers))
+        bus.add_message_handler(_name_watcher(departed, callers, service))
         await _add_match(bus, NAME_OWNER_CHANGED)
         if core.phase is Phase.NORMAL:
             for client in core.clients():
                 if not await callers.has_owner(client):
-                    await service.client_gone(client)
+                    service.client_left(client)
+            await service.flush()
 
         manager = Manager(service, callers, bus)
         service.listeners = Listeners(
@@ -176,8 +177,8 @@ class Daemon:
 
         outcome = await self._serve(service, bus, departed, stop)
         self.notifier.notify("STOPPING=1")
-        if outcome == "disconnect":
-            log.error("bus_connection_lost")
+        if outcome in ("disconnect", "failed"):
+            log.error("exiting_for_a_restart", reason=outcome)
             return 1
         bus.disconnect()
         service.journal.close()
@@ -202,6 +203,7 @@ class Daemon:
             outcome = await _first(
                 stop=stop.wait(),
                 reboot=service.reboot_requested.wait(),
+                failed=service.failed.wait(),
                 disconnect=bus.wait_for_disconnect(),  # type: ignore[no-untyped-call]
             )
             for helper in helpers:
@@ -218,10 +220,11 @@ class Daemon:
             log.error("reboot_action_failed", action=action, status=result.returncode)
         return 0
 
-    async def _drop_departed(self, gone: asyncio.Queue[str], service: LiveUpdate) -> None:
+    async def _drop_departed(self, departed: asyncio.Queue[str], service: LiveUpdate) -> None:
+        """Make the drops of departed clients' sessions durable."""
         while True:
-            client = await gone.get()
-            await service.client_gone(client)
+            await departed.get()
+            await service.flush()
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -241,7 +244,9 @@ async def _first(**waits: Awaitable[object]) -> str:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _name_watcher(gone: asyncio.Queue[str], callers: Callers) -> Callable[[Message], bool]:
+def _name_watcher(
+    departed: asyncio.Queue[str], callers: Callers, service: LiveUpdate
+) -> Callable[[Message], bool]:
     def handle(msg: Message) -> bool:
         if (
             msg.message_type is MessageType.SIGNAL
@@ -251,7 +256,8 @@ def _name_watcher(gone: asyncio.Queue[str], callers: Callers) -> Callable[[Messa
             and not msg.body[2]
         ):
             callers.forget(msg.body[0])
-            gone.put_nowait(msg.body[0])
+            service.client_left(msg.body[0])
+            departed.put_nowait(msg.body[0])
         return False
 
     return handle

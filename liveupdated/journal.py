@@ -106,8 +106,8 @@ class Journal:
         self.path = path
         self._fd = fd
         self._pending: list[bytes] = []
-        self._batch_done: asyncio.Future[None] | None = None
-        self._writing = False
+        self._next_batch: asyncio.Future[None] | None = None  # what _pending will be
+        self._in_flight: asyncio.Future[None] | None = None  # the batch being written
         self.commits = 0
         self.fsyncs = 0
 
@@ -149,33 +149,45 @@ class Journal:
 
     async def commit(self, records: Sequence[Record]) -> None:
         """Durable when this returns. Concurrent commits share one fsync (group commit)."""
-        if not records:
-            return
+        self.enqueue(records)
+        await self.flush()
+
+    def enqueue(self, records: Sequence[Record]) -> None:
+        """Put records in line now, in the order of the decisions that made them; they are
+        durable after the next `flush`."""
+        if records:
+            self._pending.append(encode(records))
+            self.commits += 1
+
+    async def flush(self) -> None:
+        """Make everything enqueued so far durable. Whoever finds no write in progress
+        writes; the others wait for the batch that holds their records."""
         loop = asyncio.get_running_loop()
-        self._pending.append(encode(records))
-        self.commits += 1
-        if self._batch_done is None:
-            self._batch_done = loop.create_future()
-        mine = self._batch_done
-        if self._writing:
-            await mine
+        if not self._pending:
+            if self._in_flight is not None:
+                await asyncio.shield(self._in_flight)
             return
-        self._writing = True
-        try:
-            while self._pending:
-                data = b"".join(self._pending)
-                self._pending.clear()
-                done, self._batch_done = self._batch_done, None
-                assert done is not None
-                try:
-                    await asyncio.shield(asyncio.to_thread(self._write_and_sync, data))
-                except BaseException as exc:
-                    done.set_exception(exc)
-                    raise
-                done.set_result(None)
-        finally:
-            self._writing = False
-        await mine
+        if self._next_batch is None:
+            self._next_batch = loop.create_future()
+        mine = self._next_batch
+        if self._in_flight is not None:
+            await asyncio.shield(mine)
+            return
+        while self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._in_flight, self._next_batch = self._next_batch, None
+            assert self._in_flight is not None
+            try:
+                await asyncio.shield(asyncio.to_thread(self._write_and_sync, data))
+            except BaseException as exc:
+                self._in_flight.set_exception(exc)
+                self._in_flight = None
+                raise
+            self._in_flight.set_result(None)
+            self._in_flight = None
+            if self._pending and self._next_batch is None:
+                self._next_batch = loop.create_future()
 
     def compact(self, records: Iterable[Record]) -> None:
         """Replace the journal with `records` (the live state), crash-safely."""

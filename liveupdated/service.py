@@ -70,6 +70,7 @@ class LiveUpdate:
         self.listeners = Listeners()
         self.barrier = FreezeBarrier()
         self.reboot_requested = asyncio.Event()
+        self.failed = asyncio.Event()
         self.host_commands = asyncio.Lock()  # Prepare, Freeze, Cancel, Reboot, Finish
         self.rebooting = False
         self._last_progress = 0.0
@@ -78,8 +79,22 @@ class LiveUpdate:
 
     async def _durable(self, records: Sequence[Record]) -> None:
         """Journal the records the core already applied, then carry out their effects."""
-        await self.journal.commit(records)
+        self.journal.enqueue(records)
+        await self.settle(records)
+
+    async def settle(self, records: Sequence[Record]) -> None:
+        """Wait until enqueued records are durable, then carry out their effects."""
+        await self.flush()
         self._effects(records)
+
+    async def flush(self) -> None:
+        """A journal that cannot be written is fatal: the daemon exits for a restart."""
+        try:
+            await self.journal.flush()
+        except OSError as exc:
+            log.critical("journal_write_failed", error=str(exc))
+            self.failed.set()
+            raise
 
     def _effects(self, records: Sequence[Record]) -> None:
         changed: dict[str, None] = {}
@@ -182,8 +197,14 @@ class LiveUpdate:
     async def close_session(self, caller: Caller, session: str) -> None:
         await self._durable(self.core.close_session(caller, session))
 
-    async def client_gone(self, client: str) -> None:
-        await self._durable(self.core.client_gone(client))
+    def client_left(self, client: str) -> None:
+        """The connection left the bus: its pre-Prepare sessions go at once, so that a
+        Prepare that follows cannot carry them. Nobody waits for an acknowledgement and
+        the owner cannot come back, so the fds are released before the journal's next
+        flush makes the drop durable (a crash in between drops them again at restart)."""
+        records = self.core.client_gone(client)
+        self.journal.enqueue(records)
+        self._effects(records)
 
     # ---- the host's update -----------------------------------------------------------
 
@@ -197,15 +218,12 @@ class LiveUpdate:
 
     async def prepare(self, caller: Caller) -> None:
         async with self.host_commands:
-            records = self.core.prepare(caller)  # sessions and fds are fixed from here on
+            await self._durable(self.core.prepare(caller))  # sessions and fds fixed now
             try:
                 await asyncio.to_thread(self.backend.prepare_handover, *self._held())
-            except BaseException:
-                self.core.apply(  # never journaled: undo the in-memory transition
-                    PhaseChanged(old=Phase.PREPARED.value, new=Phase.NORMAL.value, at_usec=0)
-                )
+            except Exception:
+                await self._durable(self.core.cancel(caller))
                 raise
-            await self._durable(records)
 
     async def freeze(self, caller: Caller) -> None:
         self.core.check_freeze(caller)
@@ -215,6 +233,8 @@ class LiveUpdate:
         try:
             await self._wait_for_barrier()  # outside the lock: Cancel may interrupt it
             async with self.host_commands:
+                sizes = {key: os.fstat(fd).st_size for key, fd in self.vault.items().items()}
+                self.core.check_carried_bytes(sizes)
                 await self._durable(self.core.freeze(caller))
         finally:
             self.barrier.freezing = False

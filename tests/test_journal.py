@@ -116,3 +116,18 @@ def test_compaction_replaces_the_journal_with_the_live_state(tmp_path: Path) -> 
     assert damages == []
     assert not (tmp_path / "journal.new").exists()
     assert os.listdir(tmp_path) == ["journal"]
+
+
+async def test_enqueued_records_keep_their_order_and_any_flush_makes_them_durable(
+    tmp_path: Path,
+) -> None:
+    journal, _, _ = Journal.open(tmp_path / "journal")
+    first = [SessionCreated(session="first", uid=0, unit="", client=":1.1")]
+    second = [SessionCreated(session="second", uid=0, unit="", client=":1.1")]
+    journal.enqueue(first)  # decided now, made durable by whoever flushes next
+    # The commit starts a batch holding both; the flush then finds nothing pending and
+    # must wait for that batch rather than return early or wait forever.
+    await asyncio.wait_for(asyncio.gather(journal.commit(second), journal.flush()), 10)
+    journal.close()
+    _, records, _ = Journal.open(tmp_path / "journal")
+    assert records == [*first, *second]

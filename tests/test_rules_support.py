@@ -20,9 +20,8 @@ from dbus_fast import Message, MessageType
 
 from liveupdated.bus import BUS_NAME, MANAGER_INTERFACE
 from liveupdated.client import Client
-from liveupdated.core.orchestrator import Orchestrator
 from liveupdated.core.records import Record
-from liveupdated.journal import Journal, decode
+from liveupdated.journal import decode
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess, Notifications
 
@@ -51,7 +50,6 @@ class Host:
         self.notifications = Notifications()  # systemd's fd store for this boot
         self.args: tuple[str, ...] = ()
         self.daemon: DaemonProcess | None = None
-        self.boots = 1
 
     @property
     def address(self) -> str:
@@ -100,7 +98,6 @@ class Host:
         assert status == 0, f"the old daemon exited {status} after Reboot()"
         self.notifications.close()
         self.notifications = Notifications()
-        self.boots += 1
         if between is not None:
             between()
         return await self.start(*self.args)
@@ -124,16 +121,6 @@ class Host:
         records, damages, _ = decode(self.journal_path.read_bytes())
         assert damages == [], f"the journal is damaged: {damages}"
         return records
-
-    def replay_journal(self) -> Orchestrator:
-        """Replay the journal as a starting daemon does (the daemon must be stopped)."""
-        journal, records, damages = Journal.open(self.journal_path)
-        journal.close()
-        assert damages == [], f"the journal is damaged: {damages}"
-        core = Orchestrator()
-        for record in records:
-            core.apply(record)
-        return core
 
     def handover_files(self) -> list[str]:
         """Every file left in the handover area, relative to it."""

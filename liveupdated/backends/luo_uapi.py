@@ -156,3 +156,37 @@ def reboot_kexec() -> None:
     """reboot(LINUX_REBOOT_CMD_KEXEC): LUO serializes the open sessions and jumps. No return."""
     os.sync()
     _check(_libc.reboot(ctypes.c_int(LINUX_REBOOT_CMD_KEXEC)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`load KERNEL [--initrd FILE] [--append CMDLINE]` stages the next kernel (the command
+    line defaults to this boot's); `kexec` jumps into it now: as a reboot action, from the
+    daemon that still holds the sessions, it is the kexec call without a shutdown."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m liveupdated.backends.luo_uapi")
+    commands = parser.add_subparsers(dest="command", required=True)
+    load = commands.add_parser("load", help="kexec_file_load KERNEL for the next kexec")
+    load.add_argument("kernel")
+    load.add_argument("--initrd")
+    load.add_argument("--append", help="the next kernel's command line (default: this one's)")
+    commands.add_parser("kexec", help="sync, then reboot(LINUX_REBOOT_CMD_KEXEC)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "load":
+            with open("/proc/cmdline") as f:
+                cmdline = args.append if args.append is not None else f.read().strip()
+            with open(args.kernel, "rb") as kernel:
+                if args.initrd is None:
+                    kexec_file_load(kernel.fileno(), None, cmdline)
+                else:
+                    with open(args.initrd, "rb") as initrd:
+                        kexec_file_load(kernel.fileno(), initrd.fileno(), cmdline)
+        else:
+            reboot_kexec()
+    except OSError as exc:
+        parser.exit(1, f"{args.command}: {exc.strerror} (errno {exc.errno})\n")
+
+
+if __name__ == "__main__":
+    main()

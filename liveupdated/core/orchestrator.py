@@ -13,7 +13,7 @@ does no I/O: no files, no fds, no bus; it takes plain values and raises contract
 """
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -532,6 +532,20 @@ class Orchestrator:
             raise DependencyMissing(
                 "cannot freeze, missing: " + "; ".join(missing)
                 + ". Preserve them or Cancel the update"
+            )
+
+    def check_carried_bytes(self, sizes: Mapping[tuple[str, str], int]) -> None:
+        """The fds' sizes now (a memfd may have grown since PreserveFd) against the limit."""
+        total = sum(sizes.values())
+        limit = self.limits.max_preserved_bytes
+        if total > limit:
+            grown = sorted(
+                (size - self.sessions[s].fds[t].size, f"{s}/{t}") for (s, t), size in sizes.items()
+            )[-3:]
+            raise QuotaExceeded(
+                f"the fds have grown to {total} bytes, over the limit of {limit} bytes "
+                f"(grown most: {', '.join(name for _, name in reversed(grown))}); "
+                "shrink them or Cancel the update"
             )
 
     def freeze(self, caller: Caller) -> list[Record]:

@@ -71,6 +71,7 @@ class LiveUpdate:
         self.barrier = FreezeBarrier()
         self.reboot_requested = asyncio.Event()
         self.failed = asyncio.Event()
+        self._changed: dict[str, None] = {}  # sessions to announce ("" = only STATUS=)
         self.host_commands = asyncio.Lock()  # Prepare, Freeze, Cancel, Reboot, Finish
         self.rebooting = False
         self._last_progress = 0.0
@@ -127,9 +128,18 @@ class LiveUpdate:
                     if hasattr(record, "session"):
                         changed[record.session] = None
                     self.barrier.changed.set()
-        for name in changed:
+        if not self._changed:
+            asyncio.get_running_loop().call_soon(self._announce)
+        self._changed.update(changed)
+        self._changed.setdefault("", None)
+
+    def _announce(self) -> None:
+        """PropertiesChanged and STATUS= once per turn of the loop, not once per call:
+        the PreserveFd calls that one group commit completes share them."""
+        for name in self._changed:
             if name in self.core.sessions:
                 self.listeners.session_changed(self.core.sessions[name])
+        self._changed.clear()
         self.notifier.status(self.core.status_line())
 
     # ---- sessions --------------------------------------------------------------------

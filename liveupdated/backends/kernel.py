@@ -13,7 +13,7 @@ import mmap
 import os
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -181,8 +181,9 @@ class KernelBackend:
     """Drives /dev/liveupdate; opens it once, at construction, and keeps it.
 
     `exact_names`: the kernel restores a memfd nameless and with every hole allocated;
-    True copies it (kernel-side, holes skipped) into a memfd of the original name, False
-    hands the kernel's memfd back as it is (no copy: the choice for large guests).
+    True copies it (kernel-side, zero pages left as holes) into a memfd of the original
+    name, which needs the memory twice until Finish (the kernel keeps its file until
+    then); False hands the kernel's memfd back as it is: no copy, the choice for big VMs.
     `holder`: at Reboot, leave the session fds with a process that `systemctl kexec`
     does not kill, so that they outlive the daemon until the kernel's kexec.
     """
@@ -346,7 +347,16 @@ class KernelBackend:
             if exc.errno == errno.ENOENT:
                 return None
             raise kernel_error(exc, "retrieving the index session") from exc
-        index = self._read_record(index_fd, INDEX_SESSION, Index)
+        try:
+            index = self._read_record(index_fd, INDEX_SESSION, Index)
+        except Corrupted as exc:  # Finish still releases it: keep the session fd
+            self._incoming[INDEX_SESSION] = Incoming(
+                index_fd, Manifest(session=INDEX_SESSION, boot_id="unknown", fds=()))
+            self._handover = Handover("unknown", frozenset(), damage=str(exc))
+            return self._handover
+        except BaseException:
+            os.close(index_fd)
+            raise
         self._incoming[INDEX_SESSION] = Incoming(
             index_fd, Manifest(session=INDEX_SESSION, boot_id=index.boot_id, fds=())
         )
@@ -440,19 +450,30 @@ class KernelBackend:
         os.close(fd)
         return copy
 
+    def finish_session(self, session: str, released: Sequence[str]) -> None:
+        """FINISH the kernel session: the kernel frees whatever was not retrieved."""
+        if session in self._incoming:
+            self._finish_kernel_session(session)
+
     def finish(self) -> None:
         """FINISH every session the previous boot handed over; unretrieved fds are freed."""
         self.find_handover()
         failed: list[str] = []
         for session in sorted(self._incoming, key=lambda s: s == INDEX_SESSION):
-            incoming = self._incoming[session]
             try:
-                luo_uapi.finish_session(incoming.fd)
-            except OSError as exc:
-                failed.append(str(kernel_error(exc, f"finishing kernel session {session!r}")))
-                continue
-            os.close(incoming.fd)
-            del self._incoming[session]
+                self._finish_kernel_session(session)
+            except WrongState as exc:
+                failed.append(str(exc))
         if failed:
             raise WrongState("; ".join(failed))
         self._handover = None
+
+    def _finish_kernel_session(self, session: str) -> None:
+        incoming = self._incoming[session]
+        try:
+            luo_uapi.finish_session(incoming.fd)
+        except OSError as exc:  # the kernel keeps it; a later Finish may try again
+            error = kernel_error(exc, f"finishing kernel session {session!r}")
+            raise WrongState(str(error)) from exc
+        os.close(incoming.fd)
+        del self._incoming[session]

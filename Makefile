@@ -1,5 +1,5 @@
 # The two commands of the README, and the slower suites beside them.
-.PHONY: demo test test-nspawn test-kernel test-slow lint bench
+.PHONY: demo test test-nspawn test-kernel test-slow bench
 
 demo:
 	@scripts/setup.sh
@@ -15,6 +15,11 @@ test-nspawn:
 	@scripts/setup.sh
 	@scripts/nspawn-deps.sh
 	.venv/bin/python -m pytest -q -m nspawn tests/nspawn
+
+test-kernel:
+	@scripts/setup.sh
+	@scripts/kernel/deps.sh
+	.venv/bin/python -m pytest -q -m kernel tests/kernel
 
 test-slow:
 	@scripts/setup.sh

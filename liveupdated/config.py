@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="the simulated backend's handover area (default STATE_DIR/handover)")
     p.add_argument("--backend", choices=["simulated", "kernel", "auto"], default="auto")
     p.add_argument("--reboot-action", default="auto",
-                   help="after Reboot(): 'exit', or a command such as 'systemctl kexec' "
-                        "(default: exit unless run by systemd)")
+                   help="after Reboot(): 'exit', 'kexec' (the syscall, no shutdown), or a "
+                        "command such as 'systemctl kexec' (default: exit unless run by "
+                        "systemd, then systemctl reboot or kexec by backend)")
     p.add_argument("--freeze-timeout", type=float, default=10.0,
                    help="seconds Freeze waits for sessions that asked for DelayFreeze")
     p.add_argument("--max-sessions", type=int, default=LIMIT_DEFAULTS.max_sessions)

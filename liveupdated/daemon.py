@@ -28,7 +28,7 @@ from liveupdated.bus.connection import FdOwningBus, fd_guard
 from liveupdated.bus.manager import Manager
 from liveupdated.bus.session import SessionObjects
 from liveupdated.config import Config, parse_args
-from liveupdated.core.errors import LiveUpdateError, WrongState
+from liveupdated.core.errors import LiveUpdateError
 from liveupdated.core.names import MANAGER_PATH
 from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import Record
@@ -48,10 +48,9 @@ def raise_fd_limit() -> None:
 
 def make_backend(config: Config) -> Backend:
     if config.resolved_backend() == "kernel":
-        raise WrongState(
-            "the kernel backend (/dev/liveupdate) is not part of this release; "
-            "run with --backend simulated"
-        )
+        from liveupdated.backends.kernel import KernelBackend
+
+        return KernelBackend()
     return SimulatedBackend(config.handover_area)
 
 
@@ -215,6 +214,14 @@ class Daemon:
         log.info("rebooting", action=action)
         if action == "exit":
             return 0
+        if action == "kexec":  # the syscall itself, from the process holding the sessions
+            from liveupdated.backends.luo_uapi import reboot_kexec
+
+            try:
+                reboot_kexec()
+            except OSError as exc:
+                log.error("reboot_action_failed", action=action, error=exc.strerror)
+                return 1
         result = subprocess.run(shlex.split(action), check=False)
         if result.returncode != 0:
             log.error("reboot_action_failed", action=action, status=result.returncode)

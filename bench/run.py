@@ -10,22 +10,24 @@ import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import ExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bare_service import NAME as BARE_NAME
+from bare_service import PATH as BARE_PATH
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 from guestmem import Layout, close_all
 
-from liveupdated import sandbox
 from liveupdated.client import Client
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess, Notifications
@@ -34,40 +36,23 @@ BENCH = Path(__file__).resolve().parent
 MIB, GIB = 1 << 20, 1 << 30
 CONCURRENCY = 32  # calls in flight; thousands would fill a send buffer (PITFALLS.md)
 FDS_PER_SESSION = 125  # the kernel takes 128 fds per session: 80 sessions for 10,000 fds
-BARE_NAME, BARE_PATH = "org.liveupdate1.BenchBare", "/org/liveupdate1/BenchBare"
 
-# sandbox's launcher loses the fds whose dup lands on their own slot (os.dup is
-# close-on-exec and dup2 onto itself keeps that) and needs 2n fd numbers, over
-# RLIMIT_NOFILE (20000 here) at 10,000 fds. This one moves fds down in place.
-sandbox._LAUNCHER = """
-import os, sys
-fds = [int(f) for f in os.environ.pop("SANDBOX_FDS").split(",") if f]
-pairs = sorted(zip(fds, os.environ.get("LISTEN_FDNAMES", "").split(":")))
-for i, (fd, _) in enumerate(pairs):
-    if fd != 3 + i:
-        os.dup2(fd, 3 + i)
-        os.close(fd)
-if fds:
-    os.environ["LISTEN_FDNAMES"] = ":".join(name for _, name in pairs)
-    os.environ["LISTEN_PID"] = str(os.getpid())
-    os.environ["LISTEN_FDS"] = str(len(fds))
-os.execv(sys.executable, [sys.executable] + sys.argv[1:])
-"""
 
 
 @dataclass(frozen=True)
 class Sizes:
     repeats: int  # of each scenario
-    restarts: int  # daemon restarts with 10,000 fds
-    imports: int  # bare import timings
-    preserve_calls: int
-    handover: tuple[int, int, int]  # memfd size, chunk, chunks; 256 sessions x 4 memfds
+    restarts: int  # daemon restarts with 10,000 fds, each beside a bare import
+    preserve_calls: int  # timed against the bare method; the daemon then goes on to HELD
+    handover_sessions: int  # x 4 memfds
+    handover: tuple[int, int, int]  # memfd size, chunk size, chunks
     blackout: tuple[int, int, int]  # the same, for 64 VMs x 4 memfds
 
 
-QUICK = Sizes(1, 3, 5, 10_000, (2 * MIB, 256 << 10, 2), (64 * MIB, MIB, 1))
-FULL = Sizes(3, 5, 9, 10_000, (16 * MIB, MIB, 4), (256 * MIB, MIB, 8))
+QUICK = Sizes(1, 3, 2_000, 64, (1 * MIB, 256 << 10, 1), (16 * MIB, 256 << 10, 1))
+FULL = Sizes(3, 7, 10_000, 256, (16 * MIB, MIB, 4), (256 * MIB, MIB, 8))
 SPARSE = (64 * GIB, MIB, 64)
+HELD = 10_000  # fds held for the RSS and restore measures
 
 
 class Results:
@@ -127,7 +112,7 @@ def timed(command: list[str]) -> float:
     return since(started)
 
 
-def start_bare_service(address: str, stack: ExitStack) -> None:
+def start_bare_service(address: str, stack: ExitStack) -> int:
     """The baseline's own process, on the same bus; stopped when `stack` closes."""
     bare = subprocess.Popen([sys.executable, str(BENCH / "bare_service.py"), address],
                             stdout=subprocess.PIPE)
@@ -141,6 +126,19 @@ def start_bare_service(address: str, stack: ExitStack) -> None:
     stack.callback(stop)
     if bare.stdout is None or bare.stdout.readline() != b"ready\n":
         raise RuntimeError("the bare dbus-fast service did not start")
+    return bare.pid
+
+
+def cpu_s(pid: int, task: str = "") -> float:
+    """User and system CPU seconds so far of a process (all threads) or one of its tasks."""
+    stat = Path(f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_cpu_s() -> float:
+    """CPU seconds of this process's other threads: sandbox's fd store listeners."""
+    return cpu_s(os.getpid()) - cpu_s(os.getpid(), str(os.getpid()))
 
 
 def rss_mib(pid: int) -> float:
@@ -167,6 +165,7 @@ class Bench:
         self.results = Results()
         self.rng = random.Random(1)
         self.clients: set[Client] = set()
+        self.bare_pid = 0
         stack.callback(lambda: self.drop(*self.clients))
 
     # ---- plumbing --------------------------------------------------------------------
@@ -197,10 +196,15 @@ class Bench:
             self.clients.discard(client)
             client.close()
 
-    def memfds(self, layouts: list[Layout]) -> list[int]:
-        fds = [layout.memfd(f"guest{i}") for i, layout in enumerate(layouts)]
-        self.stack.callback(close_all, fds)
-        return fds
+    @contextmanager
+    def memfds(self, layouts: list[Layout]) -> Iterator[list[int]]:
+        """Guest memory for one scenario, freed when it ends."""
+        fds: list[int] = []
+        try:
+            fds.extend(layout.memfd(f"guest{i}") for i, layout in enumerate(layouts))
+            yield fds
+        finally:
+            close_all(fds)
 
     def layouts(self, count: int, shape: tuple[int, int, int]) -> list[Layout]:
         return [Layout.scattered(*shape, self.rng) for _ in range(count)]
@@ -227,28 +231,44 @@ class Bench:
     # ---- PreserveFd, RSS and restore with 10,000 fds ---------------------------------
 
     async def preserve(self) -> None:
-        start_bare_service(self.bus.address, self.stack)
-        (fd,) = self.memfds([Layout(MIB, 4096, (0,))])
+        self.bare_pid = start_bare_service(self.bus.address, self.stack)
         calls = self.sizes.preserve_calls
-        for repeat in range(self.sizes.repeats):
-            progress(f"PreserveFd x {calls}, repeat {repeat + 1}")
-            bare_rate = calls / await self.bare_calls(calls, fd)
-            self.results.add("bare_calls_per_s", bare_rate, "calls/s")
-            restarts = 0 if repeat else self.sizes.restarts  # restarts of the first daemon only
-            await self.restore(*await self.fill(fd, repeat), restarts=restarts)
+        with self.memfds([Layout(MIB, 4096, (0,))]) as (fd,):
+            for repeat in range(self.sizes.repeats):
+                progress(f"PreserveFd x {calls}, {HELD} fds held, repeat {repeat + 1}")
+                await self.bare_calls(calls, fd)
+                restarts = 0 if repeat else self.sizes.restarts  # of the first daemon only
+                await self.restore(*await self.fill(fd, repeat), restarts=restarts)
 
-    async def bare_calls(self, calls: int, fd: int) -> float:
+    async def calls(self, name: str, pid: int, count: int,
+                    call: Callable[[int], Awaitable[object]]) -> float:
+        """Calls/s of `count` calls, and the CPU time per call of the service (`pid`), of
+        dbus-daemon, of the client (this process's main thread) and of the fd store."""
+        assert self.bus.process is not None
+        me, bus = os.getpid(), self.bus.process.pid
+        clocks: dict[str, Callable[[], float]] = {
+            "": lambda: cpu_s(pid), "_bus": lambda: cpu_s(bus),
+            "_client": lambda: cpu_s(me, str(me)), "_fdstore": bench_cpu_s}
+        before = {part: clock() for part, clock in clocks.items()}
+        seconds = await drive(count, call)
+        for part, clock in clocks.items():
+            spent = max(0.0, clock() - before[part])  # clock ticks are 10 ms: never < 0
+            self.results.add(f"{name}{part}_cpu_us_per_call", round(spent / count * 1e6, 1),
+                             "us")
+        return self.results.add(f"{name}_calls_per_s", count / seconds, "calls/s")
+
+    async def bare_calls(self, calls: int, fd: int) -> None:
         bus = await MessageBus(bus_address=self.bus.address, negotiate_unix_fd=True).connect()
-        echo = Message(destination=BARE_NAME, path=BARE_PATH, interface=BARE_NAME,
-                       member="Echo", signature="h", body=[0], unix_fds=[fd])
 
         async def call(_: int) -> None:
-            reply = await bus.call(echo)
+            reply = await bus.call(Message(destination=BARE_NAME, path=BARE_PATH,
+                                           interface=BARE_NAME, member="Echo", signature="h",
+                                           body=[0], unix_fds=[fd]))
             assert reply is not None and len(reply.unix_fds) == 1, reply
             os.close(reply.unix_fds[0])
 
         try:
-            return await drive(calls, call)
+            await self.calls("bare", self.bare_pid, calls, call)
         finally:
             bus.disconnect()
 
@@ -259,47 +279,48 @@ class Bench:
         daemon = self.start(state, notes)
         client = await self.client()
         sessions = [await client.create_session(f"vm{i}")
-                    for i in range(-(-self.sizes.preserve_calls // FDS_PER_SESSION))]
+                    for i in range(-(-HELD // FDS_PER_SESSION))]
+        timed_calls = self.sizes.preserve_calls
 
         async def call(i: int) -> None:
             await sessions[i // FDS_PER_SESSION].preserve_fd(f"ram{i}", fd)
 
-        seconds = await drive(self.sizes.preserve_calls, call)
-        rate = self.results.add("preserve_calls_per_s", self.sizes.preserve_calls / seconds,
-                                "calls/s")
+        rate = await self.calls("preserve", daemon.pid, timed_calls, call)
         self.results.add("preserve_ratio", rate / self.results.samples["bare_calls_per_s"][-1], "")
-        self.results.add("rss_mib_10k", rss_mib(daemon.pid), "MiB")
+        if timed_calls < HELD:
+            await self.calls("fill", daemon.pid, HELD - timed_calls,
+                             lambda i: call(timed_calls + i))
+        self.results.add("rss_mib_10k_preserved", rss_mib(daemon.pid), "MiB")
         return daemon, client, notes, state
 
     async def restore(self, daemon: DaemonProcess, client: Client, notes: Notifications,
                       state: Path, restarts: int) -> None:
-        """Restart the daemon with its fds in the store; the owner stays on the bus."""
-        held = self.sizes.preserve_calls
+        """Restart the daemon with its fds in the store (the owner stays on the bus), each
+        time beside the baseline: a bare import of the daemon's modules in a new process."""
         for restart in range(restarts):
-            progress(f"restart with {held} fds, {restart + 1}/{restarts}")
+            progress(f"restart with {HELD} fds, {restart + 1}/{restarts}")
+            for name, code in (("import_s", "import liveupdated.daemon"), ("python_s", "pass")):
+                self.results.add(name, timed([sys.executable, "-c", code]), "s")
             daemon.stop()
             daemon = self.start(state, notes, "restore_s")
             self.results.add("rss_mib_10k_restarted", rss_mib(daemon.pid), "MiB")
         if restarts:
             fds = sum(s.fd_count for s in await client.list_sessions())
-            if fds != held or len(os.listdir(f"/proc/{daemon.pid}/fd")) < held:
-                raise RuntimeError(f"the restarted daemon holds {fds} fds, not {held}")
+            if fds != HELD or len(os.listdir(f"/proc/{daemon.pid}/fd")) < HELD:
+                raise RuntimeError(f"the restarted daemon holds {fds} fds, not {HELD}")
         daemon.stop()
         self.drop(client)
         notes.close()
         shutil.rmtree(state)
 
-    def imports(self) -> None:
-        progress("bare imports")
-        for _ in range(self.sizes.imports):
-            for name, code in (("import_s", "import liveupdated.daemon"), ("python_s", "pass")):
-                self.results.add(name, timed([sys.executable, "-c", code]), "s")
-
     # ---- handover throughput against cp ----------------------------------------------
 
     async def handover(self) -> None:
-        layouts = self.layouts(256 * 4, self.sizes.handover)
-        fds = self.memfds(layouts)
+        layouts = self.layouts(self.sizes.handover_sessions * 4, self.sizes.handover)
+        with self.memfds(layouts) as fds:
+            await self.handover_vs_cp(layouts, fds)
+
+    async def handover_vs_cp(self, layouts: list[Layout], fds: list[int]) -> None:
         shm = Path(tempfile.mkdtemp(prefix="lud-bench-", dir="/dev/shm"))
         self.stack.callback(shutil.rmtree, shm)
         sources = [str(shm / f"vm{i // 4}.ram{i % 4}") for i in range(len(layouts))]
@@ -307,7 +328,8 @@ class Bench:
             layout.file(path)
         data = sum(layout.data_bytes for layout in layouts)
         for repeat in range(self.sizes.repeats):
-            progress(f"handover of {data / MIB:.0f} MiB in 1024 memfds, repeat {repeat + 1}")
+            progress(f"handover of {data / MIB:.0f} MiB in {len(layouts)} memfds, "
+                     f"repeat {repeat + 1}")
             await self.handover_once(fds, data, repeat)
             target = self.scratch(f"cp{repeat}")
             target.mkdir()
@@ -343,26 +365,26 @@ class Bench:
 
     async def sparse(self) -> None:
         (layout,) = self.layouts(1, SPARSE)
-        (fd,) = self.memfds([layout])
         for repeat in range(self.sizes.repeats):
             progress(f"64 GiB sparse memfd, repeat {repeat + 1}")
-            await self.update("sparse", [[fd]], [[layout]], repeat)
+            with self.memfds([layout]) as fds:  # a small one: create it anew each time
+                await self.update("sparse", [fds], [[layout]], repeat)
             total = sum(self.results.samples[f"sparse_{part}_s"][-1]
                         for part in ("freeze", "reboot", "start", "all_fds"))
             self.results.add("sparse_64g_s", total, "s")
 
     async def blackout(self) -> None:
         layouts = self.layouts(64 * 4, self.sizes.blackout)
-        fds = self.memfds(layouts)
-        per_vm = [fds[i:i + 4] for i in range(0, len(fds), 4)]
-        layouts_per_vm = [layouts[i:i + 4] for i in range(0, len(layouts), 4)]
+        per_vm = [layouts[i:i + 4] for i in range(0, len(layouts), 4)]
         data = sum(layout.data_bytes for layout in layouts) / MIB
-        for repeat in range(self.sizes.repeats):
-            progress(f"blackout of 64 VMs x 4 memfds, {data:.0f} MiB, repeat {repeat + 1}")
-            await self.update("host", per_vm, layouts_per_vm, repeat)
-            total = sum(self.results.samples[f"host_{part}_s"][-1]
-                        for part in ("freeze", "reboot", "exit", "start", "all_fds"))
-            self.results.add("host_blackout_s", total, "s")
+        with self.memfds(layouts) as fds:
+            for repeat in range(self.sizes.repeats):
+                progress(f"blackout of 64 VMs x 4 memfds, {data:.0f} MiB, repeat {repeat + 1}")
+                await self.update("host", [fds[i:i + 4] for i in range(0, len(fds), 4)],
+                                  per_vm, repeat)
+                total = sum(self.results.samples[f"host_{part}_s"][-1]
+                            for part in ("freeze", "reboot", "exit", "start", "all_fds"))
+                self.results.add("host_blackout_s", total, "s")
 
     async def update(self, tag: str, vms: list[list[int]], layouts: list[list[Layout]],
                      repeat: int) -> None:
@@ -429,7 +451,8 @@ def machine(root: Path) -> dict[str, Any]:
                 for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
     return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": os.uname().release,
-            "fs_state_dir": fs_type(root), "fs_dev_shm": fs_type(Path("/dev/shm"))}
+            "fs_state_dir": fs_type(root), "fs_dev_shm": fs_type(Path("/dev/shm")),
+            "loadavg_1min": os.getloadavg()[0]}
 
 
 RAW = ["preserve_calls_per_s", "bare_calls_per_s", "handover_bytes_per_s", "cp_bytes_per_s",
@@ -437,22 +460,24 @@ RAW = ["preserve_calls_per_s", "bare_calls_per_s", "handover_bytes_per_s", "cp_b
        "sparse_start_s", "sparse_all_fds_s", "host_prepare_s", "host_blackout_s"]
 
 
-def report(results: Results, quick: bool, info: dict[str, Any]) -> dict[str, Any]:
+def report(results: Results, quick: bool, info: dict[str, Any], load: float) -> dict[str, Any]:
     """Print the table; return the JSON object."""
     stats = results.summary()
     print(f"liveupdated bench ({'quick' if quick else 'full'}): {info['nproc']} x {info['cpu']}, "
-          f"kernel {info['kernel']}, state dir on {info['fs_state_dir']}\n")
-    print(f"{'measure':<28} {'median':>11} {'min':>11} {'max':>11} {'n':>3}  unit")
+          f"kernel {info['kernel']}, state dir on {info['fs_state_dir']}, "
+          f"load average {info['loadavg_1min']:.1f} (at start {load:.1f})\n")
+    print(f"{'measure':<34} {'median':>10} {'min':>10} {'max':>10} {'n':>3}  unit")
     for name, s in stats.items():
-        print(f"{name:<28} {s['median']:11.4g} {s['min']:11.4g} {s['max']:11.4g} "
-              f"{s['n']:3d}  {results.units[name]}")
+        print(f"{name:<34} {s['median']:10.4g} {s['min']:10.4g} {s['max']:10.4g} "
+              f"{s['n']:3d}  {results.units[name]}".rstrip())
     headline = {key: stats[key]["median"] for key, *_ in TARGETS}
     met = {key: is_met(headline[key]) for key, _, is_met, _ in TARGETS}
     print(f"\n{'target (DESIGN.md §6)':<38} {'median':>8}  {'target':<15} met")
     for key, text, _, target in TARGETS:
         print(f"{text:<38} {headline[key]:8.3g}  {target:<15} {'yes' if met[key] else 'NO'}")
     return {**headline, "raw": {name: stats[name]["median"] for name in RAW}, "met": met,
-            "mode": "quick" if quick else "full", "machine": info, "stats": stats}
+            "mode": "quick" if quick else "full", "machine": {**info, "loadavg_1min_start": load},
+            "stats": stats}
 
 
 async def run(quick: bool) -> dict[str, Any]:
@@ -463,16 +488,17 @@ async def run(quick: bool) -> dict[str, Any]:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
         bus = stack.enter_context(PrivateBus(root / "bus"))
         bench = Bench(QUICK if quick else FULL, stack, bus, root)
-        started = time.perf_counter()
-        bench.imports()
+        started, load = time.perf_counter(), os.getloadavg()[0]
         await bench.preserve()
         await bench.sparse()
         await bench.blackout()
         await bench.handover()
         results = bench.results
         results.add("restore_ratio", results.median("restore_s") / results.median("import_s"), "")
+        results.add("rss_mib_10k", max(results.median("rss_mib_10k_preserved"),
+                                       results.median("rss_mib_10k_restarted")), "MiB")
         progress(f"done in {since(started):.1f} s")
-        return report(results, quick, machine(root))
+        return report(results, quick, machine(root), load)
 
 
 def main() -> None:
@@ -480,6 +506,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (< 50 s)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as for Ctrl-C
     result = asyncio.run(run(args.quick))
     if args.json:
         print(json.dumps(result))

@@ -24,14 +24,13 @@ from typing import IO, Self
 _LAUNCHER = """
 import os, sys
 fds = [int(f) for f in os.environ.pop("SANDBOX_FDS").split(",") if f]
-moved = [os.dup(fd) for fd in fds]
-for i, fd in enumerate(moved):
-    os.dup2(fd, 3 + i)
-    os.set_inheritable(3 + i, True)  # dup2(fd, fd) keeps os.dup's close-on-exec
-for fd in set(moved) | set(fds):
-    if fd >= 3 + len(fds):
+pairs = sorted(zip(fds, os.environ.get("LISTEN_FDNAMES", "").split(":")))
+for i, (fd, _) in enumerate(pairs):  # ascending, so 3 + i is never a fd still to move
+    if fd != 3 + i:
+        os.dup2(fd, 3 + i)
         os.close(fd)
 if fds:
+    os.environ["LISTEN_FDNAMES"] = ":".join(name for _, name in pairs)
     os.environ["LISTEN_PID"] = str(os.getpid())
     os.environ["LISTEN_FDS"] = str(len(fds))
 os.execv(sys.executable, [sys.executable] + sys.argv[1:])

@@ -2,6 +2,8 @@
 
 import asyncio
 import os
+import struct
+import zlib
 from pathlib import Path
 
 from liveupdated.core.records import FdPreserved, Record, SessionCreated, SessionDropped
@@ -131,3 +133,16 @@ async def test_enqueued_records_keep_their_order_and_any_flush_makes_them_durabl
     journal.close()
     _, records, _ = Journal.open(tmp_path / "journal")
     assert records == [*first, *second]
+
+
+def test_a_well_framed_record_that_does_not_parse_is_skipped(tmp_path: Path) -> None:
+    bogus = b'{"type": "no_such_record"}'
+    frame = struct.pack("<II", len(bogus), zlib.crc32(bogus)) + bogus
+    path = tmp_path / "journal"
+    path.write_bytes(MAGIC + encode(RECORDS[:1]) + frame + encode(RECORDS[1:]))
+    journal, records, damages = Journal.open(path)
+    journal.close()
+    assert records == RECORDS
+    assert [(d.cut, d.reason.startswith("unreadable record")) for d in damages] == [
+        (False, True)
+    ]

@@ -120,3 +120,4 @@ Record = Annotated[
 ]
 
 RECORD_ADAPTER: TypeAdapter[Record] = TypeAdapter(Record)
+RECORDS_ADAPTER: TypeAdapter[list[Record]] = TypeAdapter(list[Record])

@@ -23,12 +23,17 @@ _COPY_CHUNK = 1 << 30
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _filesystem_type(fd: int) -> int:
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
-    if _libc.fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int.from_bytes(buf.raw[:8], "little", signed=False) & 0xFFFFFFFF
+_fs_types: dict[int, int] = {}  # st_dev -> f_type: every memfd shares a few devices
+
+
+def _filesystem_type(fd: int, device: int) -> int:
+    if device not in _fs_types:
+        buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
+        if _libc.fstatfs(fd, buf) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        _fs_types[device] = int.from_bytes(buf.raw[:8], "little") & 0xFFFFFFFF
+    return _fs_types[device]
 
 
 def _describe(fd: int) -> str:
@@ -61,7 +66,7 @@ def inspect(fd: int) -> FdFacts:
         raise UnsupportedFd(f"fd is an O_PATH handle of a memfd; {SUPPORTED}")
     if flags & os.O_ACCMODE == os.O_WRONLY:
         raise UnsupportedFd("memfd is open write-only; hand over a readable fd")
-    if _filesystem_type(fd) == HUGETLBFS_MAGIC:
+    if _filesystem_type(fd, st.st_dev) == HUGETLBFS_MAGIC:
         raise UnsupportedFd(f"fd is a hugetlb memfd; {SUPPORTED}")
     return FdFacts(kind=KIND, size=st.st_size, name=name, seals=seals_of(fd))
 

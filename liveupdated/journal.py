@@ -18,6 +18,7 @@ from liveupdated.core.records import RECORD_ADAPTER, RECORDS_ADAPTER, Record
 MAGIC = b"LUJRNL\x00\x01"
 _FRAME = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 20
+_PARSE_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -78,18 +79,23 @@ def decode(data: bytes) -> tuple[list[Record], list[Damage], int]:
 
 
 def _parse(frames: list[tuple[int, int, bytes]], damages: list[Damage]) -> list[Record]:
-    """All frames in one pydantic call (10,000 records: one call, not 10,000); a frame
-    that checksums but does not parse is found one by one and skipped."""
-    try:
-        return RECORDS_ADAPTER.validate_json(b"[" + b",".join(p for _, _, p in frames) + b"]")
-    except ValueError:
-        pass
+    """Frames parsed a chunk per pydantic call (twice as fast as a call per frame, and
+    without the memory peak of one call for all); a frame that checksums but does not
+    parse is found one by one and skipped."""
     records: list[Record] = []
-    for offset, end, payload in frames:
+    for first in range(0, len(frames), _PARSE_CHUNK):
+        chunk = frames[first : first + _PARSE_CHUNK]
         try:
-            records.append(RECORD_ADAPTER.validate_json(payload))
-        except ValueError as exc:
-            damages.append(Damage(offset, end - offset, f"unreadable record: {exc}", cut=False))
+            records += RECORDS_ADAPTER.validate_json(b"[" + b",".join(p for *_, p in chunk) + b"]")
+            continue
+        except ValueError:
+            pass
+        for offset, end, payload in chunk:
+            try:
+                records.append(RECORD_ADAPTER.validate_json(payload))
+            except ValueError as exc:
+                reason = f"unreadable record: {exc}"
+                damages.append(Damage(offset, end - offset, reason, cut=False))
     damages.sort(key=lambda d: d.offset)
     return records
 

@@ -277,3 +277,14 @@ def test_records_replay_to_the_same_state() -> None:
         assert c.fd_count() == sum(len(s.fds) for s in c.sessions.values()) == 2
         assert c.total_preserved_bytes() == 2 * FACTS.size
     assert replayed(core, core.snapshot()).snapshot() == core.snapshot()
+
+
+def test_a_cancelled_freeze_leaves_no_blackout_start_behind() -> None:
+    clock = iter(range(1_000, 10_000, 1_000))
+    core = Orchestrator(clock_usec=lambda: next(clock))
+    core.prepare(ROOT)
+    core.freeze(ROOT)
+    core.cancel(ROOT)
+    core.prepare(ROOT)
+    assert core.freeze_started_usec == 0
+    assert replayed(core, core.snapshot()).snapshot() == core.snapshot()

@@ -193,6 +193,8 @@ class Orchestrator:
                 self.phase = Phase(record.new)
                 if self.phase is Phase.FROZEN:
                     self.freeze_started_usec = record.at_usec
+                elif self.phase is Phase.NORMAL:
+                    self.freeze_started_usec = 0  # a cancelled freeze starts no blackout
                 if self.phase in (Phase.NORMAL, Phase.PREPARED):
                     for session in self.sessions.values():
                         session.ready = False

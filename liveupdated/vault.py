@@ -5,7 +5,6 @@ gets each one back from the store; nothing else closes a held fd.
 """
 
 import os
-from collections.abc import Iterator
 
 from liveupdated.backends import Key
 from liveupdated.systemd import Notifier, fd_name
@@ -18,12 +17,6 @@ class Vault:
 
     def __contains__(self, key: Key) -> bool:
         return key in self._fds
-
-    def __len__(self) -> int:
-        return len(self._fds)
-
-    def __iter__(self) -> Iterator[Key]:
-        return iter(self._fds)
 
     def get(self, key: Key) -> int:
         return self._fds[key]

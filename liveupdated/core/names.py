@@ -30,20 +30,5 @@ def escape_path_label(label: str) -> str:
     return "".join(chr(b) if b in _PLAIN else f"_{b:02x}" for b in label.encode())
 
 
-def unescape_path_label(label: str) -> str:
-    if label == "_":
-        return ""
-    out = bytearray()
-    i = 0
-    while i < len(label):
-        if label[i] == "_":
-            out.append(int(label[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(ord(label[i]))
-            i += 1
-    return out.decode()
-
-
 def session_path(name: str) -> str:
     return SESSION_PATH_PREFIX + escape_path_label(name)

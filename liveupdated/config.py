@@ -1,19 +1,19 @@
-"""The daemon's configuration: command line (DESIGN.md §4) into one validated model."""
+"""The daemon's configuration: command line (DESIGN.md §4) into one checked, frozen value."""
 
 import argparse
 import os
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any, Literal
 
 from liveupdated.core.orchestrator import Limits
 
 LIMIT_DEFAULTS = Limits()
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
     bus: str = "system"
     state_dir: Path = Path("/var/lib/liveupdated")
     handover_dir: Path | None = None
@@ -25,6 +25,14 @@ class Config(BaseModel):
     max_sessions_per_uid: int = LIMIT_DEFAULTS.max_sessions_per_uid
     max_preserved_bytes: int = LIMIT_DEFAULTS.max_preserved_bytes
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        """Each field of its type (an int will do for a float), the backend by name."""
+        for name, hint in _HINTS.items():
+            value = getattr(self, name)
+            if not _fits(hint, value):
+                kind = hint.__name__ if isinstance(hint, type) else hint
+                raise ValueError(f"Config.{name}: {value!r} is not a {kind}")
 
     @property
     def handover_area(self) -> Path:
@@ -53,6 +61,16 @@ class Config(BaseModel):
         if self.resolved_backend() == "kernel":
             return "systemctl kexec"
         return "systemctl reboot"
+
+
+_HINTS: dict[str, Any] = typing.get_type_hints(Config)
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    if typing.get_origin(hint) is Literal:
+        return value in typing.get_args(hint)
+    kinds = (int, float) if hint is float else typing.get_args(hint) or hint
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

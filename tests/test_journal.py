@@ -146,3 +146,18 @@ def test_a_well_framed_record_that_does_not_parse_is_skipped(tmp_path: Path) -> 
     assert [(d.cut, d.reason.startswith("unreadable record")) for d in damages] == [
         (False, True)
     ]
+
+
+def test_a_frame_holding_two_records_is_skipped_not_read_as_two(tmp_path: Path) -> None:
+    """Frames are parsed a chunk at a time as one JSON array: a payload `{...},{...}` must
+    not pass for two frames."""
+    two = encode(RECORDS[:1])[8:] + b"," + encode(RECORDS[3:])[8:]  # payloads, unframed
+    frame = struct.pack("<II", len(two), zlib.crc32(two)) + two
+    path = tmp_path / "journal"
+    path.write_bytes(MAGIC + encode(RECORDS[:1]) + frame + encode(RECORDS[1:]))
+    journal, records, damages = Journal.open(path)
+    journal.close()
+    assert records == RECORDS
+    assert [(d.cut, d.reason.startswith("unreadable record")) for d in damages] == [
+        (False, True)
+    ]

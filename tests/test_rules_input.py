@@ -16,8 +16,9 @@ import pytest
 
 from liveupdated.backends.simulated import DATA_DIR, RECORD_NAME, KexecRecord
 from liveupdated.client import Client, SessionClient
+from liveupdated.core.codec import from_json
 from liveupdated.core.errors import Corrupted, InvalidArgument, UnsupportedFd
-from liveupdated.core.records import RECORD_ADAPTER, FdPreserved
+from liveupdated.core.records import FdPreserved, decode_record
 from liveupdated.journal import MAGIC
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
@@ -164,7 +165,7 @@ async def _prepare_reboot(host: Host, root: Client, nobody: OtherUid) -> dict[st
 
 def carried_file(host: Host, session: str, token: str) -> Path:
     body = (host.handover_dir / RECORD_NAME).read_bytes().rpartition(b"\n")[0]
-    record = KexecRecord.model_validate_json(body)
+    record = from_json(KexecRecord, body)
     (carried,) = [f for f in record.fds if (f.session, f.token) == (session, token)]
     return host.handover_dir / DATA_DIR / carried.file
 
@@ -249,7 +250,7 @@ def journal_frames(path: Path) -> list[tuple[int, int, Any]]:
         length, crc = struct.unpack_from("<II", data, offset)
         payload = data[offset + 8 : offset + 8 + length]
         assert zlib.crc32(payload) == crc
-        frames.append((offset + 8, length, RECORD_ADAPTER.validate_json(payload)))
+        frames.append((offset + 8, length, decode_record(payload)))
         offset += 8 + length
     return frames
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import structlog
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from liveupdated.backends import Handover, Key, luo_uapi
+from liveupdated.core.codec import DecodeError, from_json, to_json
 from liveupdated.core.errors import (
     Corrupted,
     InvalidArgument,
@@ -48,8 +48,8 @@ _SCAN_CHUNK = 1 << 20
 _PAGE = mmap.PAGESIZE
 
 
-class CarriedFd(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CarriedFd:
     token: str
     kernel_token: int
     kind: str
@@ -59,26 +59,26 @@ class CarriedFd(BaseModel):
     size: int
 
 
-class Manifest(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
     """Token 0 of every kernel session."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
     version: Literal[1] = 1
     session: str
     boot_id: str
     fds: tuple[CarriedFd, ...]
 
 
-class Index(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Index:
     """Token 0 of the index session: the old boot and the sessions it handed over."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
     version: Literal[1] = 1
     boot_id: str
     sessions: tuple[str, ...]
 
 
-R = TypeVar("R", bound=BaseModel)
+R = TypeVar("R", Manifest, Index)
 
 
 @dataclass
@@ -296,8 +296,8 @@ class KernelBackend:
                 errno.EBUSY: UnsupportedFd,  # the same memfd under another token
             }) from exc
 
-    def _preserve_manifest(self, session_fd: int, session: str, record: BaseModel) -> None:
-        fd = _write_sealed(f"liveupdated-manifest:{session}", record.model_dump_json().encode())
+    def _preserve_manifest(self, session_fd: int, session: str, record: Manifest | Index) -> None:
+        fd = _write_sealed(f"liveupdated-manifest:{session}", to_json(record))
         try:
             self._preserve(session_fd, fd, MANIFEST_TOKEN, session, "<manifest>")
         finally:
@@ -395,10 +395,10 @@ class KernelBackend:
     def _read_record(self, session_fd: int, session: str, model: type[R]) -> R:
         fd = self._retrieve(session_fd, MANIFEST_TOKEN, session, "<manifest>")
         try:
-            return model.model_validate_json(_read_all(fd))
-        except ValidationError as exc:
+            return from_json(model, _read_all(fd))
+        except DecodeError as exc:
             raise Corrupted(f"the manifest of kernel session {session!r} fails its checks: "
-                            f"{exc.error_count()} errors, first: {exc.errors()[0]['msg']}") from exc
+                            f"{exc}") from exc
         finally:
             os.close(fd)
 

@@ -11,11 +11,11 @@ import shutil
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from liveupdated.backends import Handover, Key
+from liveupdated.core.codec import from_json, to_json
 from liveupdated.core.errors import Corrupted, NoSuchToken
 from liveupdated.core.names import escape_path_label
 from liveupdated.core.orchestrator import FdEntry
@@ -26,8 +26,8 @@ RECORD_NAME = "kexec-record.json"
 DATA_DIR = "data"
 
 
-class CarriedFd(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CarriedFd:
     session: str
     token: str
     file: str
@@ -39,8 +39,8 @@ class CarriedFd(BaseModel):
     crc32: int  # of the data extents, in order
 
 
-class KexecRecord(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KexecRecord:
     boot_id: str
     fds: list[CarriedFd]
 
@@ -97,8 +97,8 @@ class SimulatedBackend:
         try:
             if int(checksum) != zlib.crc32(body):
                 raise ValueError("checksum mismatch")
-            self._record = KexecRecord.model_validate_json(body)
-        except (ValueError, ValidationError) as exc:
+            self._record = from_json(KexecRecord, body)
+        except ValueError as exc:  # codec.DecodeError is one
             raise Corrupted(f"kexec record {path} fails its checks: {exc}") from exc
         return self._record
 
@@ -148,7 +148,7 @@ class SimulatedBackend:
                 )
         _syncfs(data_dir)  # one flush of the whole filesystem beats a fsync per file
         fsync_directory(data_dir)
-        body = KexecRecord(boot_id=boot_id, fds=carried).model_dump_json().encode()
+        body = to_json(KexecRecord(boot_id=boot_id, fds=carried))
         write_atomically(self.area / RECORD_NAME, body + b"\n" + str(zlib.crc32(body)).encode())
         return total
 

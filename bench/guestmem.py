@@ -24,8 +24,10 @@ def block_at(chunk: int, offset: int) -> bytes:
 
 
 def close_all(fds: list[int]) -> None:
+    """Close the fds still open; -1 marks one closed already."""
     for fd in fds:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 @dataclass(frozen=True)

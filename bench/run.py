@@ -85,6 +85,14 @@ TARGETS: list[tuple[str, str, Callable[[float], bool], str]] = [
 ]
 
 
+def raise_fd_limit(wanted: int) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:  # above the hard limit only with CAP_SYS_RESOURCE
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, wanted), max(hard, wanted)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def progress(text: str) -> None:
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
@@ -233,12 +241,15 @@ class Bench:
     async def preserve(self) -> None:
         self.bare_pid = start_bare_service(self.bus.address, self.stack)
         calls = self.sizes.preserve_calls
-        with self.memfds([Layout(MIB, 4096, (0,))]) as (fd,):
-            for repeat in range(self.sizes.repeats):
+        # One memfd per token, as VMMs hand them over (systemd's fd store keeps one fd per
+        # open file description: a memfd preserved twice costs the daemon a reopen). Each
+        # is closed here once preserved: the fd store kept in this process holds them too.
+        for repeat in range(self.sizes.repeats):
+            with self.memfds([Layout(MIB, 4096, (0,))] * HELD) as fds:
                 progress(f"PreserveFd x {calls}, {HELD} fds held, repeat {repeat + 1}")
-                await self.bare_calls(calls, fd)
+                await self.bare_calls(calls, fds[0])
                 restarts = 0 if repeat else self.sizes.restarts  # of the first daemon only
-                await self.restore(*await self.fill(fd, repeat), restarts=restarts)
+                await self.restore(*await self.fill(fds, repeat), restarts=restarts)
 
     async def calls(self, name: str, pid: int, count: int,
                     call: Callable[[int], Awaitable[object]]) -> float:
@@ -273,7 +284,7 @@ class Bench:
             bus.disconnect()
 
     async def fill(
-        self, fd: int, repeat: int
+        self, fds: list[int], repeat: int
     ) -> tuple[DaemonProcess, Client, Notifications, Path]:
         state, notes = self.scratch(f"preserve{repeat}"), self.notifications()
         daemon = self.start(state, notes)
@@ -283,7 +294,11 @@ class Bench:
         timed_calls = self.sizes.preserve_calls
 
         async def call(i: int) -> None:
-            await sessions[i // FDS_PER_SESSION].preserve_fd(f"ram{i}", fd)
+            fd, fds[i] = fds[i], -1
+            try:
+                await sessions[i // FDS_PER_SESSION].preserve_fd(f"ram{i}", fd)
+            finally:
+                os.close(fd)
 
         rate = await self.calls("preserve", daemon.pid, timed_calls, call)
         self.results.add("preserve_ratio", rate / self.results.samples["bare_calls_per_s"][-1], "")
@@ -481,8 +496,7 @@ def report(results: Results, quick: bool, info: dict[str, Any], load: float) -> 
 
 
 async def run(quick: bool) -> dict[str, Any]:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit(4 * HELD)  # the guest memfds, and the fd store kept in this process
     with ExitStack() as stack:
         root = Path(tempfile.mkdtemp(prefix="lud-bench-"))
         stack.callback(shutil.rmtree, root, ignore_errors=True)

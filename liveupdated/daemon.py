@@ -26,6 +26,7 @@ from liveupdated.bus.address import connect
 from liveupdated.bus.callers import Callers
 from liveupdated.bus.connection import FdOwningBus, fd_guard
 from liveupdated.bus.manager import Manager
+from liveupdated.bus.preserve import PreserveFdCalls
 from liveupdated.bus.session import SessionObjects
 from liveupdated.config import Config, parse_args
 from liveupdated.core.errors import LiveUpdateError
@@ -144,6 +145,8 @@ class Daemon:
         departed: asyncio.Queue[str] = asyncio.Queue()
         bus.add_message_handler(fd_guard(sessions.__contains__))
         bus.add_message_handler(_name_watcher(departed, callers, service))
+        preserve_calls = PreserveFdCalls(bus, service, callers, sessions)
+        bus.add_message_handler(preserve_calls.handle)
         await _add_match(bus, NAME_OWNER_CHANGED)
         if core.phase is Phase.NORMAL:
             for client in core.clients():
@@ -174,7 +177,7 @@ class Daemon:
         log.info("ready", state=core.phase.value, sessions=len(core.sessions),
                  fds=core.fd_count(), backend=service.backend.name, boot_id=boot_id())
 
-        outcome = await self._serve(service, bus, departed, stop)
+        outcome = await self._serve(service, bus, stop, departed, preserve_calls)
         self.notifier.notify("STOPPING=1")
         if outcome in ("disconnect", "failed"):
             log.error("exiting_for_a_restart", reason=outcome)
@@ -190,12 +193,16 @@ class Daemon:
         self,
         service: LiveUpdate,
         bus: FdOwningBus,
-        departed: asyncio.Queue[str],
         stop: asyncio.Event,
+        departed: asyncio.Queue[str],
+        preserve_calls: PreserveFdCalls,
     ) -> str:
         """Serve until a signal, a completed Reboot() or the loss of the bus."""
         async with asyncio.TaskGroup() as tasks:
-            helpers = [tasks.create_task(self._drop_departed(departed, service))]
+            helpers = [
+                tasks.create_task(self._drop_departed(departed, service)),
+                tasks.create_task(preserve_calls.answer()),
+            ]
             interval = self.notifier.watchdog_interval()
             if interval:
                 helpers.append(tasks.create_task(self._watchdog(interval)))
@@ -293,11 +300,14 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logs.configure(config.log_level)
     raise_fd_limit()
+    daemon = Daemon(config)
     try:
-        code = asyncio.run(Daemon(config).run())
+        code = asyncio.run(daemon.run())
     except LiveUpdateError as exc:
         log.error("startup_failed", error=exc.name, message=str(exc))
         code = 1
+    finally:
+        daemon.notifier.close()
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     sys.exit(code)

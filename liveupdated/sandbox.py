@@ -7,6 +7,7 @@ can be tested without systemd.
 """
 
 import array
+import ctypes
 import os
 import resource
 import socket
@@ -37,6 +38,19 @@ os.execv(sys.executable, [sys.executable] + sys.argv[1:])
 """
 
 
+_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)  # syscall number
+_KCMP_FILE = 0
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def same_file(a: int, b: int) -> bool:
+    """Do fds `a` and `b` of this process share one open file description (kcmp(2))?"""
+    if _KCMP is None:
+        return False
+    pid = os.getpid()
+    return int(_libc.syscall(_KCMP, pid, pid, _KCMP_FILE, a, b)) == 0
+
+
 class Notifications:
     """A notify socket with the parts of systemd's service manager that liveupdated uses."""
 
@@ -46,8 +60,11 @@ class Notifications:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.bind(str(self.path))
         self.store: dict[str, int] = {}
+        self._names_by_file: dict[tuple[int, int], set[str]] = {}
         self.messages: list[str] = []
         self.ready = threading.Event()
+        self._receiving = threading.Event()  # cleared: a busy manager, messages queue up
+        self._receiving.set()
         self.changed = threading.Condition()
         self._thread = threading.Thread(target=self._listen, daemon=True)
         self._thread.start()
@@ -55,6 +72,7 @@ class Notifications:
     def _listen(self) -> None:
         fd_size = array.array("i").itemsize
         while True:
+            self._receiving.wait()
             try:
                 data, ancdata, _, _ = self.sock.recvmsg(
                     65536, socket.CMSG_SPACE(253 * fd_size)
@@ -76,24 +94,47 @@ class Notifications:
             name = fields.get("FDNAME", "stored")
             if fields.get("FDSTORE") == "1":
                 for fd in fds:
-                    old = self.store.pop(name, None)
-                    if old is not None:
-                        os.close(old)
+                    if self._stored_already(fd):
+                        os.close(fd)  # systemd's same_fd(): one fd per open file description
+                        continue
+                    self._unstore(name)
                     self.store[name] = fd
+                    st = os.fstat(fd)
+                    self._names_by_file.setdefault((st.st_dev, st.st_ino), set()).add(name)
                 fds = []
-            if fields.get("FDSTOREREMOVE") == "1" and name in self.store:
-                os.close(self.store.pop(name))
+            if fields.get("FDSTOREREMOVE") == "1":
+                self._unstore(name)
             for fd in fds:
                 os.close(fd)
             if fields.get("READY") == "1":
                 self.ready.set()
             self.changed.notify_all()
 
+    def _stored_already(self, fd: int) -> bool:
+        st = os.fstat(fd)
+        names = self._names_by_file.get((st.st_dev, st.st_ino), ())
+        return any(same_file(self.store[name], fd) for name in names)
+
+    def _unstore(self, name: str) -> None:
+        fd = self.store.pop(name, None)
+        if fd is not None:
+            st = os.fstat(fd)
+            self._names_by_file.get((st.st_dev, st.st_ino), set()).discard(name)
+            os.close(fd)
+
+    def pause(self) -> None:
+        """Stop reading, as a busy service manager would: senders find the queue full."""
+        self._receiving.clear()
+
+    def resume(self) -> None:
+        self._receiving.set()
+
     def wait_for(self, predicate: Callable[["Notifications"], bool], timeout: float) -> bool:
         with self.changed:
             return self.changed.wait_for(lambda: predicate(self), timeout)
 
     def close(self) -> None:
+        self.resume()
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(10)

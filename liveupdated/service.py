@@ -32,6 +32,8 @@ from liveupdated.vault import Vault
 
 log = structlog.get_logger("liveupdated")
 
+STATUS_INTERVAL = 0.1  # seconds
+
 
 @dataclass
 class Listeners:
@@ -75,6 +77,8 @@ class LiveUpdate:
         self.host_commands = asyncio.Lock()  # Prepare, Freeze, Cancel, Reboot, Finish
         self.rebooting = False
         self._last_progress = 0.0
+        self._last_status = -STATUS_INTERVAL
+        self._status_timer: asyncio.TimerHandle | None = None
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -89,13 +93,16 @@ class LiveUpdate:
         self._effects(records)
 
     async def flush(self) -> None:
-        """A journal that cannot be written is fatal: the daemon exits for a restart."""
+        """Until what the core decided so far is durable: in the journal, and each held fd
+        in the fd store. A journal that cannot be written is fatal: the daemon exits for a
+        restart."""
         try:
             await self.journal.flush()
         except OSError as exc:
             log.critical("journal_write_failed", error=str(exc))
             self.failed.set()
             raise
+        await self.notifier.stored()
 
     def _effects(self, records: Sequence[Record]) -> None:
         changed: dict[str, None] = {}
@@ -140,6 +147,17 @@ class LiveUpdate:
             if name in self.core.sessions:
                 self.listeners.session_changed(self.core.sessions[name])
         self._changed.clear()
+        loop = asyncio.get_running_loop()
+        wait = self._last_status + STATUS_INTERVAL - loop.time()
+        if wait <= 0:
+            self._send_status()
+        elif self._status_timer is None:
+            self._status_timer = loop.call_later(wait, self._send_status)
+
+    def _send_status(self) -> None:
+        """STATUS= at most every STATUS_INTERVAL: a burst of calls needs only its last."""
+        self._status_timer = None
+        self._last_status = asyncio.get_running_loop().time()
         self.notifier.status(self.core.status_line())
 
     # ---- sessions --------------------------------------------------------------------
@@ -155,6 +173,15 @@ class LiveUpdate:
         self, caller: Caller, session: str, token: str, fd: int, requires: Sequence[str]
     ) -> None:
         """Takes ownership of `fd`: it is kept, or closed on every failure path."""
+        records = self.begin_preserve_fd(caller, session, token, fd, requires)
+        await self.flush()
+        self.finish_preserve_fd(records)
+
+    def begin_preserve_fd(
+        self, caller: Caller, session: str, token: str, fd: int, requires: Sequence[str]
+    ) -> list[Record]:
+        """PreserveFd up to the journal: decided, held and enqueued, durable after the next
+        flush. Takes ownership of `fd`: it is kept, or closed on every failure path."""
         try:
             self.core.check_preserve(caller, session, token, requires)
             facts = memfd.inspect(fd)
@@ -162,11 +189,23 @@ class LiveUpdate:
         except BaseException:
             os.close(fd)
             raise
-        key = (session, token)
-        self.vault.keep(key, fd)
-        await self._durable(records)
-        log.info("fd_preserved", session=session, token=token, bytes=facts.size,
-                 requires=list(requires))
+        self.vault.keep((session, token), fd)
+        self.journal.enqueue(records)
+        return records
+
+    def finish_preserve_fd(self, records: Sequence[Record]) -> None:
+        """After the flush that made records of begin_preserve_fd durable; one log line per
+        session for all the fds the flush carried (a line each would cost more than the
+        rest of the call)."""
+        self._effects(records)
+        by_session: dict[str, list[FdPreserved]] = {}
+        for record in records:
+            if isinstance(record, FdPreserved):
+                by_session.setdefault(record.session, []).append(record)
+        for session, preserved in by_session.items():
+            log.info("fds_preserved", session=session, tokens=[r.token for r in preserved],
+                     bytes=sum(r.size for r in preserved),
+                     requires={r.token: r.requires for r in preserved if r.requires})
 
     async def unpreserve_fd(self, caller: Caller, session: str, token: str) -> None:
         await self._durable(self.core.unpreserve_fd(caller, session, token))

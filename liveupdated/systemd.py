@@ -1,11 +1,16 @@
 """The systemd edge: sd_notify messages, the fd store, inherited fds and the boot id.
 
-Text messages go through sdnotify; fds (FDSTORE=1) go over the same $NOTIFY_SOCKET with
-SCM_RIGHTS, which sdnotify cannot send. Without $NOTIFY_SOCKET everything is a no-op.
+Text messages go through sdnotify; fd store messages (FDSTORE=1 with SCM_RIGHTS, which
+sdnotify cannot send, and FDSTOREREMOVE=1) go in order over a socket of their own to the
+same $NOTIFY_SOCKET, never blocking the loop. Without $NOTIFY_SOCKET all is a no-op.
 """
 
+import array
+import asyncio
 import os
+import select
 import socket
+from collections import deque
 from pathlib import Path
 
 import sdnotify
@@ -14,6 +19,7 @@ import structlog
 log = structlog.get_logger("liveupdated")
 
 SD_LISTEN_FDS_START = 3
+_STORE_DRAIN_TIMEOUT = 5.0  # seconds to hand the last messages over at exit
 
 
 def boot_id() -> str:
@@ -29,12 +35,20 @@ class Notifier:
         address = os.environ.get("NOTIFY_SOCKET", "")
         self.enabled = bool(address)
         self._text = sdnotify.SystemdNotifier()
-        self._sock: socket.socket | None = None
+        self._store: socket.socket | None = None
+        # Messages the service manager's notify queue had no room for yet (it holds
+        # net.unix.max_dgram_qlen datagrams, 10 by default): each with a dup of its fd,
+        # as the caller may close its own before the queue drains.
+        self._queue: deque[tuple[bytes, int | None]] = deque()
+        self._drained: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         if address:
             if address.startswith("@"):
                 address = "\0" + address[1:]
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.connect(address)
+            self._store = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
+            self._store.connect(address)
 
     def notify(self, *fields: str) -> None:
         if self.enabled:
@@ -47,15 +61,86 @@ class Notifier:
         self.notify(f"STATUS={status}")
 
     def store_fd(self, name: str, fd: int) -> None:
-        if self._sock is None:
-            return
-        try:
-            socket.send_fds(self._sock, [f"FDSTORE=1\nFDNAME={name}".encode()], [fd])
-        except OSError as exc:  # like sd_notify(): the service goes on without the store
-            log.warning("fd_store_failed", fdname=name, error=exc.strerror)
+        self._send(f"FDSTORE=1\nFDNAME={name}".encode(), fd)
 
     def remove_fd(self, name: str) -> None:
-        self.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+        self._send(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), None)
+
+    async def stored(self) -> None:
+        """Until every fd store message sent so far is with the service manager."""
+        if not self._queue:
+            return
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._drained)
+
+    def _send(self, message: bytes, fd: int | None) -> None:
+        if self._store is None:
+            return
+        if not self._queue and self._try_send(message, fd):
+            return
+        self._queue.append((message, None if fd is None else os.dup(fd)))
+        if len(self._queue) == 1:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # outside the loop (exit paths): wait for room here
+                self._drain_blocking()
+                return
+            self._loop.add_writer(self._store, self._drain)
+
+    def _try_send(self, message: bytes, fd: int | None) -> bool:
+        """False if the manager's queue is full; other errors are logged, as sd_notify
+        would swallow them: the service goes on without the store."""
+        assert self._store is not None
+        fds = [] if fd is None else [
+            (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))
+        ]
+        try:
+            self._store.sendmsg([message], fds)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log.warning("fd_store_failed", message=message.decode(), error=exc.strerror)
+        return True
+
+    def _drain(self) -> None:
+        while self._queue:
+            message, fd = self._queue[0]
+            if not self._try_send(message, fd):
+                return  # still full: stay armed for the next chance to write
+            self._queue.popleft()
+            if fd is not None:
+                os.close(fd)
+        if self._loop is not None and self._store is not None:
+            self._loop.remove_writer(self._store)
+        if self._drained is not None:
+            self._drained.set_result(None)
+            self._drained = None
+
+    def close(self) -> None:
+        """Hand over what is still queued (waiting a little for room), then close."""
+        if self._store is None:
+            return
+        if self._queue and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_writer(self._store)
+        self._drain_blocking()
+        self._store.close()
+        self._store = None
+
+    def _drain_blocking(self) -> None:
+        assert self._store is not None
+        while self._queue and select.select([], [self._store], [], _STORE_DRAIN_TIMEOUT)[1]:
+            message, fd = self._queue[0]
+            if self._try_send(message, fd):
+                self._queue.popleft()
+                if fd is not None:
+                    os.close(fd)
+        if self._queue:
+            log.warning("fd_store_messages_dropped", count=len(self._queue))
+            for _, fd in self._queue:
+                if fd is not None:
+                    os.close(fd)
+            self._queue.clear()
 
     def watchdog_interval(self) -> float | None:
         """Half of WATCHDOG_USEC in seconds, when the watchdog is on for this process."""
@@ -65,9 +150,6 @@ class Notifier:
             return None
         return int(usec) / 2e6
 
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
 
 
 def take_listen_fds() -> list[tuple[str, int]]:

@@ -105,6 +105,50 @@ async def test_kill_9_loses_nothing(host: Host, bus: PrivateBus, phase: str) -> 
             os.close(back)
 
 
+async def test_one_memfd_under_two_tokens_survives_a_crash(host: Host, bus: PrivateBus) -> None:
+    """systemd keeps one fd per open file description: the second token must not vanish."""
+    host.start()
+    async with await Client.connect(bus.address) as vmm:
+        session = await vmm.create_session("vm")
+        fd = make_memfd(4096, b"shared")
+        await session.preserve_fd("ram", fd)
+        await session.preserve_fd("alias", fd)
+        assert host.store.wait_for(lambda n: sorted(n.store) == ["vm/alias", "vm/ram"], 10)
+        host.crash()
+        assert [f.kind for f in await session.list_fds()] == ["memfd", "memfd"]
+        for token in ("ram", "alias"):
+            back = await session.retrieve_fd(token)
+            assert os.fstat(back).st_ino == os.fstat(fd).st_ino
+            assert os.pread(back, 6, 0) == b"shared"
+            os.close(back)
+    os.close(fd)
+
+
+async def test_a_full_notify_queue_delays_replies_not_the_daemon(
+    host: Host, bus: PrivateBus
+) -> None:
+    """While the service manager reads nothing, PreserveFd waits for its fd to be stored;
+    other calls are answered meanwhile, and every fd reaches the store in the end."""
+    host.start()
+    async with await Client.connect(bus.address) as vmm:
+        session = await vmm.create_session("vm")
+        fds = [make_memfd(4096, bytes([i])) for i in range(40)]
+        host.store.pause()
+        calls = [asyncio.ensure_future(session.preserve_fd(f"ram{i}", fd))
+                 for i, fd in enumerate(fds)]
+        queue = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+        try:
+            done, pending = await asyncio.wait(calls, timeout=1.0)
+            assert pending and len(done) <= queue + 1  # answered: fds in the manager's queue
+            assert [s.fd_count for s in await vmm.list_sessions()] == [40]
+        finally:
+            host.store.resume()
+        await asyncio.gather(*calls)
+        assert len(host.store.store) == 40
+    for fd in fds:
+        os.close(fd)
+
+
 async def test_restored_fds_survive_a_crash_after_the_reboot(host: Host, bus: PrivateBus) -> None:
     old = host.start()
     async with await Client.connect(bus.address) as vmm:

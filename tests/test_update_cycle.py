@@ -124,10 +124,10 @@ async def test_handovers_and_retrievals_are_logged_with_session_and_token(
     events = [json.loads(line[3:]) for line in (tmp_path / "daemon.log").read_text().splitlines()
               if line.startswith("<")]
     by_name = {e["event"]: e for e in events}
-    assert by_name["fd_preserved"]["session"] == "logged"
-    assert by_name["fd_preserved"]["token"] == "ram"
-    assert by_name["fd_preserved"]["method"] == "preserve_fd"
-    assert by_name["fd_preserved"]["sender"] == vmm.bus.unique_name
+    assert by_name["fds_preserved"]["session"] == "logged"
+    assert by_name["fds_preserved"]["tokens"] == ["ram"]
+    assert by_name["fds_preserved"]["method"] == "preserve_fd"
+    assert by_name["fds_preserved"]["sender"] == vmm.bus.unique_name
     assert by_name["fd_retrieved"]["token"] == "ram"
     assert by_name["state_changed"]["new"] == "prepared"
     assert line_priorities(tmp_path / "daemon.log") <= {"<6>", "<4>", "<3>"}

@@ -42,6 +42,10 @@ class Callers:
     def forget(self, name: str) -> None:
         self._cache.pop(name, None)
 
+    def known(self, sender: str | None) -> Caller | None:
+        """The caller behind `sender` if it has been resolved already."""
+        return self._cache.get(sender) if sender else None
+
     async def current(self) -> Caller:
         """The caller of the method call being handled."""
         sender = CURRENT_MESSAGE.get().sender

@@ -139,6 +139,11 @@ class SessionObjects:
     def __contains__(self, path: str) -> bool:
         return path in self._objects
 
+    def name_at(self, path: str) -> str | None:
+        """The name of the session exported at `path`, if any."""
+        obj = self._objects.get(path)
+        return obj.session_name if obj is not None else None
+
     def add(self, session: Session) -> None:
         path = session_path(session.name)
         self._objects[path] = SessionObject(session.name, self._service, self._callers)

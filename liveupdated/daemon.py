@@ -7,6 +7,7 @@ loses the bus, so that systemd restarts it with its fd store.
 
 import asyncio
 import contextlib
+import gc
 import os
 import resource
 import shlex
@@ -137,6 +138,10 @@ class Daemon:
 
     async def run(self) -> int:
         service = self.recover()
+        # The state just built lives as long as the daemon: keep the collector from
+        # walking it again and again (collection was off while it was built).
+        gc.freeze()
+        gc.enable()
         core = service.core
         bus = await connect(self.config.bus, FdOwningBus)
         assert isinstance(bus, FdOwningBus)
@@ -183,7 +188,7 @@ class Daemon:
             log.error("exiting_for_a_restart", reason=outcome)
             return 1
         bus.disconnect()
-        service.journal.close()
+        await service.journal.aclose()
         if outcome == "reboot":
             return self._reboot_action()
         log.info("stopped", reason=outcome)
@@ -297,6 +302,7 @@ async def _add_match(bus: FdOwningBus, rule: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    gc.disable()  # start-up allocates thousands of records and fds that all stay alive
     config = parse_args(argv)
     logs.configure(config.log_level)
     raise_fd_limit()

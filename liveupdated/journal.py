@@ -6,10 +6,11 @@ skipped; no damaged record is ever applied. This module never interprets records
 """
 
 import asyncio
+import contextlib
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,12 +141,19 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 class Journal:
+    """Group commit: at most one write+fdatasync in flight, in a worker thread; records
+    enqueued meanwhile form the next batch, written as soon as the one in flight is done.
+    An idle journal starts writing at the end of the loop's turn, so that the calls read
+    from the bus in one go share a write."""
+
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self._fd = fd
         self._pending: list[bytes] = []
         self._next_batch: asyncio.Future[None] | None = None  # what _pending will be
         self._in_flight: asyncio.Future[None] | None = None  # the batch being written
+        self._held = False  # compaction in progress: writes wait for the new file
+        self._error: BaseException | None = None  # a failed write: nothing is durable now
         self.commits = 0
         self.fsyncs = 0
 
@@ -171,6 +179,12 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
 
+    async def aclose(self) -> None:
+        """Close once the write in flight, if any, is done."""
+        if self._in_flight is not None:
+            await asyncio.wait([self._in_flight])
+        self.close()
+
     def _write_and_sync(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
@@ -192,43 +206,83 @@ class Journal:
 
     def enqueue(self, records: Sequence[Record]) -> None:
         """Put records in line now, in the order of the decisions that made them; they are
-        durable after the next `flush`."""
+        durable once `flush` returns."""
         if records:
             self._pending.append(encode(records))
             self.commits += 1
+            if len(self._pending) == 1 and self._in_flight is None:
+                with contextlib.suppress(RuntimeError):  # outside the loop: flush writes
+                    asyncio.get_running_loop().call_soon(self._write_next)
 
     async def flush(self) -> None:
-        """Make everything enqueued so far durable. Whoever finds no write in progress
-        writes; the others wait for the batch that holds their records."""
-        loop = asyncio.get_running_loop()
-        if not self._pending:
-            if self._in_flight is not None:
-                await asyncio.shield(self._in_flight)
-            return
-        if self._next_batch is None:
-            self._next_batch = loop.create_future()
-        mine = self._next_batch
-        if self._in_flight is not None:
-            await asyncio.shield(mine)
-            return
-        while self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            self._in_flight, self._next_batch = self._next_batch, None
-            assert self._in_flight is not None
-            try:
-                await asyncio.shield(asyncio.to_thread(self._write_and_sync, data))
-            except BaseException as exc:
-                self._in_flight.set_exception(exc)
-                self._in_flight = None
-                raise
-            self._in_flight.set_result(None)
-            self._in_flight = None
-            if self._pending and self._next_batch is None:
-                self._next_batch = loop.create_future()
+        """Until everything enqueued so far is durable."""
+        if self._error is not None:
+            raise self._error
+        self._write_next()
+        if self._pending:  # behind the batch in flight, or a compaction
+            if self._next_batch is None:
+                self._next_batch = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._next_batch)
+        elif self._in_flight is not None:
+            await asyncio.shield(self._in_flight)
 
-    def compact(self, records: Iterable[Record]) -> None:
-        """Replace the journal with `records` (the live state), crash-safely."""
-        write_atomically(self.path, MAGIC + encode(records))
+    def _write_next(self) -> None:
+        """Start writing what is pending, unless a write or a compaction is under way."""
+        if not self._pending or self._in_flight is not None or self._held:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside the loop: the next flush (or commit_now) writes
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        batch, self._next_batch = self._next_batch or loop.create_future(), None
+        self._in_flight = batch
+        write = loop.run_in_executor(None, self._write_and_sync, data)
+        write.add_done_callback(lambda done: self._written(batch, done))
+
+    def _written(self, batch: asyncio.Future[None], write: asyncio.Future[None]) -> None:
+        self._in_flight = None
+        error = write.exception() if not write.cancelled() else asyncio.CancelledError()
+        if error is None:
+            batch.set_result(None)
+            self._write_next()
+            return
+        self._error = error
+        for waiting in (batch, self._next_batch):
+            if waiting is not None and not waiting.done():
+                waiting.set_exception(error)
+                waiting.exception()  # retrieved: whoever waits gets it raised
+        self._next_batch = None
+
+    async def compact(self, snapshot: Callable[[], Iterable[Record]]) -> None:
+        """Replace the journal with `snapshot()` (the live state), crash-safely, between
+        two writes. Records are applied to the state before they are enqueued, so the
+        snapshot holds everything enqueued until now: what is still pending is dropped."""
+        self._held = True
+        try:
+            while self._in_flight is not None:
+                await asyncio.wait([self._in_flight])
+            if self._error is not None:
+                raise self._error
+            data = MAGIC + encode(snapshot())
+            self._pending.clear()
+            covered, self._next_batch = self._next_batch, None
+            try:
+                await asyncio.to_thread(self._replace, data)
+            except BaseException as exc:
+                self._error = exc
+                if covered is not None:
+                    covered.set_exception(exc)
+                    covered.exception()
+                raise
+            if covered is not None:
+                covered.set_result(None)
+        finally:
+            self._held = False
+            self._write_next()
+
+    def _replace(self, data: bytes) -> None:
+        write_atomically(self.path, data)
         self.close()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)

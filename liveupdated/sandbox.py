@@ -23,8 +23,11 @@ from typing import IO, Self
 
 # Put inherited fds at 3.. and set LISTEN_PID to the daemon's own pid, as systemd does.
 _LAUNCHER = """
-import os, sys
+import fcntl, os, sys, time
 fds = [int(f) for f in os.environ.pop("SANDBOX_FDS").split(",") if f]
+told = int(os.environ.pop("SANDBOX_EXEC_PIPE"))  # gets the time of the exec
+tell = fcntl.fcntl(told, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds))  # above the targets
+os.close(told)
 pairs = sorted(zip(fds, os.environ.get("LISTEN_FDNAMES", "").split(":")))
 for i, (fd, _) in enumerate(pairs):  # ascending, so 3 + i is never a fd still to move
     if fd != 3 + i:
@@ -34,6 +37,7 @@ if fds:
     os.environ["LISTEN_FDNAMES"] = ":".join(name for _, name in pairs)
     os.environ["LISTEN_PID"] = str(os.getpid())
     os.environ["LISTEN_FDS"] = str(len(fds))
+os.write(tell, repr(time.monotonic()).encode())
 os.execv(sys.executable, [sys.executable] + sys.argv[1:])
 """
 
@@ -63,6 +67,7 @@ class Notifications:
         self._names_by_file: dict[tuple[int, int], set[str]] = {}
         self.messages: list[str] = []
         self.ready = threading.Event()
+        self.ready_at = 0.0  # time.monotonic() of the last READY=1
         self._receiving = threading.Event()  # cleared: a busy manager, messages queue up
         self._receiving.set()
         self.changed = threading.Condition()
@@ -107,6 +112,7 @@ class Notifications:
             for fd in fds:
                 os.close(fd)
             if fields.get("READY") == "1":
+                self.ready_at = time.monotonic()
                 self.ready.set()
             self.changed.notify_all()
 
@@ -166,6 +172,7 @@ class DaemonProcess:
         self._own_notifications = notifications is None
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        self.exec_at = 0.0  # when the launcher, fds in place, exec'd the daemon
         self.ready_at = 0.0
 
     @property
@@ -194,19 +201,26 @@ class DaemonProcess:
             **self.env,
         }
         env.pop("INVOCATION_ID", None)
+        told, tell = os.pipe()
+        env["SANDBOX_EXEC_PIPE"] = str(tell)
         self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, *self.command()],
-            env=env, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL,
-            pass_fds=fds,
-        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _LAUNCHER, *self.command()],
+                env=env, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL,
+                pass_fds=[*fds, tell],
+            )
+        finally:
+            os.close(tell)
+        with os.fdopen(told, "rb") as exec_time:
+            self.exec_at = float(exec_time.read() or self.started_at)
         while not notes.ready.wait(0.05):
             if self.process.poll() is not None:
                 raise RuntimeError(f"liveupdated exited {self.process.returncode} before READY=1")
             if time.monotonic() - self.started_at > timeout:
                 self.kill()
                 raise RuntimeError(f"liveupdated sent no READY=1 within {timeout}s")
-        self.ready_at = time.monotonic()
+        self.ready_at = notes.ready_at
         return self
 
     def wait(self, timeout: float = 60.0) -> int:

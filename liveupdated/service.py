@@ -348,4 +348,4 @@ class LiveUpdate:
         async with self.host_commands:
             await self._durable(self.core.finish(caller))
             await asyncio.to_thread(self.backend.finish)
-            await asyncio.to_thread(self.journal.compact, self.core.snapshot())
+            await self.journal.compact(self.core.snapshot)

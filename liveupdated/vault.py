@@ -16,6 +16,7 @@ class Vault:
         self._fds: dict[Key, int] = {}
         self._files: dict[Key, tuple[int, int]] = {}  # (st_dev, st_ino) of each held fd
         self._holders: dict[tuple[int, int], int] = {}  # how many keys hold each file
+        self._unindexed: set[Key] = set()  # kept from the fd store, not yet in _files
         self._notifier = notifier
 
     def __contains__(self, key: Key) -> bool:
@@ -28,17 +29,17 @@ class Vault:
         return dict(self._fds)
 
     def keep(self, key: Key, fd: int, *, store: bool = True) -> None:
-        """Take ownership of `fd`; `store=False` when it came from the fd store already."""
-        os.set_inheritable(fd, False)
-        st = os.fstat(fd)
-        file = (st.st_dev, st.st_ino)
-        held_already = self._holders.get(file, 0) > 0
+        """Take ownership of close-on-exec `fd`; `store=False` when it came from the fd
+        store already (those are indexed by file only when a new fd needs the index, so
+        that a restart with thousands of fds does not stat each of them)."""
         self._fds[key] = fd
-        self._files[key] = file
-        self._holders[file] = self._holders.get(file, 0) + 1
         if not store:
+            self._unindexed.add(key)
             return
-        if not held_already:
+        for old in self._unindexed:
+            self._index(old, self._fds[old])
+        self._unindexed.clear()
+        if self._index(key, fd) == 1:
             self._notifier.store_fd(fd_name(*key), fd)
             return
         # systemd keeps one fd per open file description and silently drops the others
@@ -49,16 +50,25 @@ class Vault:
         finally:
             os.close(reopened)
 
+    def _index(self, key: Key, fd: int) -> int:
+        """Record which file `fd` is; how many held keys now hold that file."""
+        st = os.fstat(fd)
+        file = self._files[key] = (st.st_dev, st.st_ino)
+        self._holders[file] = self._holders.get(file, 0) + 1
+        return self._holders[file]
+
     def dup(self, key: Key) -> int:
         return os.dup(self._fds[key])
 
     def release(self, key: Key) -> None:
         fd = self._fds.pop(key, None)
         if fd is not None:
-            file = self._files.pop(key)
-            self._holders[file] -= 1
-            if not self._holders[file]:
-                del self._holders[file]
+            self._unindexed.discard(key)
+            file = self._files.pop(key, None)
+            if file is not None:
+                self._holders[file] -= 1
+                if not self._holders[file]:
+                    del self._holders[file]
             self._notifier.remove_fd(fd_name(*key))
             os.close(fd)
 

@@ -6,6 +6,8 @@ import struct
 import zlib
 from pathlib import Path
 
+import pytest
+
 from liveupdated.core.records import FdPreserved, Record, SessionCreated, SessionDropped
 from liveupdated.journal import MAGIC, Journal, decode, encode
 
@@ -106,11 +108,11 @@ async def test_concurrent_commits_share_fsyncs(tmp_path: Path) -> None:
     assert sorted(r.session for r in records) == sorted(f"s{i}" for i in range(50))  # type: ignore[union-attr]
 
 
-def test_compaction_replaces_the_journal_with_the_live_state(tmp_path: Path) -> None:
+async def test_compaction_replaces_the_journal_with_the_live_state(tmp_path: Path) -> None:
     path = tmp_path / "journal"
     journal, _, _ = Journal.open(path)
     journal.commit_now(RECORDS)
-    journal.compact(RECORDS[:1])
+    await journal.compact(lambda: RECORDS[:1])
     journal.commit_now(RECORDS[1:2])
     journal.close()
     _, records, damages = Journal.open(path)
@@ -161,3 +163,42 @@ def test_a_frame_holding_two_records_is_skipped_not_read_as_two(tmp_path: Path) 
     assert [(d.cut, d.reason.startswith("unreadable record")) for d in damages] == [
         (False, True)
     ]
+
+
+async def test_compaction_waits_for_the_write_in_flight_and_keeps_later_records(
+    tmp_path: Path,
+) -> None:
+    """The snapshot covers what was enqueued before it (dropped from the queue, never
+    written twice); what is decided during the compaction lands in the new file."""
+    path = tmp_path / "journal"
+    journal, _, _ = Journal.open(path)
+    state: list[Record] = []  # the core: records are applied, then enqueued
+
+    def decide(records: list[Record]) -> None:
+        state.extend(records)
+        journal.enqueue(records)
+
+    decide(RECORDS[:1])  # its write is in flight when the compaction starts
+    decide(RECORDS[1:2])  # pending behind it, and covered by the snapshot
+    loop = asyncio.get_running_loop()
+
+    def snapshot() -> list[Record]:
+        loop.call_soon(decide, RECORDS[2:3])  # decided while the new file is written
+        return list(state)
+
+    await asyncio.wait_for(journal.compact(snapshot), 10)
+    await asyncio.wait_for(journal.flush(), 10)
+    await journal.aclose()
+    _, records, damages = Journal.open(path)
+    assert records == RECORDS[:3]
+    assert damages == []
+
+
+async def test_a_failed_write_fails_every_waiting_flush(tmp_path: Path) -> None:
+    journal, _, _ = Journal.open(tmp_path / "journal")
+    journal.close()  # every write now fails with EBADF
+    journal.enqueue(RECORDS[:1])
+    journal.enqueue(RECORDS[1:2])
+    for _ in range(2):
+        with pytest.raises(OSError):
+            await asyncio.wait_for(journal.flush(), 10)

@@ -3,6 +3,7 @@
 import fcntl
 import os
 import socket
+import zlib
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,49 @@ def test_truncated_handover_data_is_corrupted(tmp_path: Path) -> None:
     with pytest.raises(Corrupted, match="has 100 bytes"):
         SimulatedBackend(area).retrieve_fd(("vm", "ram"), entry("ram"))
     os.close(fd)
+
+
+def test_copy_checksums_the_extents_it_copies_and_keeps_the_position() -> None:
+    src = make_guest_memory(128 << 20)
+    os.lseek(src, 12345, os.SEEK_SET)
+    extents = memfd.data_extents(src, os.fstat(src).st_size)
+    dst = memfd.create("copy", os.fstat(src).st_size)
+    copied, crc = memfd.copy_extents(src, dst, extents)
+    expected = 0
+    for start, length in extents:
+        expected = zlib.crc32(os.pread(src, length, start), expected)
+    assert (copied, crc) == (sum(length for _, length in extents), expected)
+    assert memfd.data_extents(dst, os.fstat(dst).st_size) == extents
+    assert os.lseek(src, 0, os.SEEK_CUR) == 12345 and os.lseek(dst, 0, os.SEEK_CUR) == 0
+    for fd in (src, dst):
+        os.close(fd)
+
+
+def test_a_source_cut_short_during_the_copy_is_corrupted_not_a_crash() -> None:
+    """A VMM may shrink an unsealed memfd under the daemon: no SIGBUS, a clear error."""
+    src = os.memfd_create("ram")
+    os.pwrite(src, b"x" * 4096, 0)
+    dst = memfd.create("copy", 1 << 20)
+    with pytest.raises(Corrupted, match="source ended at byte 4096"):
+        memfd.copy_extents(src, dst, [(0, 1 << 20)])  # extents from before a truncate
+    for fd in (src, dst):
+        os.close(fd)
+
+
+def test_the_handover_does_not_move_a_file_position_two_keys_share(tmp_path: Path) -> None:
+    """One open memfd under two tokens: copied in parallel, its position left alone."""
+    ram = make_guest_memory(128 << 20)
+    os.lseek(ram, 777, os.SEEK_SET)
+    fds = {("vm", "ram"): ram, ("vm", "alias"): ram}
+    area = tmp_path / "handover"
+    SimulatedBackend(area).write_handover(
+        fds, {k: entry(k[1], "guest-ram") for k in fds}, "boot-1", lambda n: None
+    )
+    assert os.lseek(ram, 0, os.SEEK_CUR) == 777
+    backend = SimulatedBackend(area)
+    for key in fds:
+        back = backend.retrieve_fd(key, entry(key[1]))
+        assert fingerprint(back) == fingerprint(ram)
+        assert os.lseek(back, 0, os.SEEK_CUR) == 777
+        os.close(back)
+    os.close(ram)

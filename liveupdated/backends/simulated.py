@@ -1,11 +1,14 @@
 """The simulated kernel: a handover area on disk stands in for kexec-preserved memory.
 
-At Reboot each memfd's data extents are copied kernel-side into a sparse file, and the
-kexec record (metadata of every fd, checksummed) is written last and atomically: it is
-the commit point. The next start finds the record and is, for liveupdated, a new boot.
+At Reboot each memfd's data extents are copied into a sparse file, checksummed on the
+way, and the kexec record (metadata and checksum of every fd) is written last, atomically
+and fsync'd: it is the commit point. The data files are left to the page cache, as the
+memory they stand for is: an orderly reboot or kexec writes them out (systemd-shutdown
+syncs), and a crash, which would have lost the VMs' memory anyway, leaves files whose
+checksums fail, so that nothing damaged is ever handed out. The next start finds the
+record and is, for liveupdated, a new boot.
 """
 
-import ctypes
 import os
 import shutil
 import zlib
@@ -45,25 +48,17 @@ class KexecRecord:
     fds: list[CarriedFd]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+COPY_WORKERS = min(4, os.cpu_count() or 1)  # memfds copied at once, one per core
 
 
-def _start_writeback(fd: int) -> None:
-    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing this file out now, without
-    waiting, so the disk works while the next memfd is copied."""
-    _libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), 2)
-
-
-def _syncfs(path: Path) -> None:
-    """syncfs(2): every file written so far on this filesystem is on disk when it returns
-    (it reports writeback errors since Linux 5.8)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
+@dataclass(frozen=True, slots=True)
+class _Source:
+    key: Key
+    fd: int
+    size: int
+    position: int
+    seals: int
+    extents: list[tuple[int, int]]
 
 
 class SimulatedBackend:
@@ -115,42 +110,43 @@ class SimulatedBackend:
         self.discard_handover()
         data_dir = self.area / DATA_DIR
         data_dir.mkdir(parents=True)
+        # Facts first, one fd at a time: finding extents moves the file position, which
+        # two keys holding one open file would share. The copies then run in parallel.
+        sources = [_source(key, fd) for key, fd in fds.items()]
         carried: list[CarriedFd] = []
         total = 0
-        with ThreadPoolExecutor(max_workers=1) as checksummer:
-            for key, fd in fds.items():
-                entry = entries[key]
-                size = os.fstat(fd).st_size
-                position = os.lseek(fd, 0, os.SEEK_CUR)
-                extents = memfd.data_extents(fd, size)
-                crc = checksummer.submit(memfd.checksum, fd, extents)  # beside the copy
-                file = self._data_file(key)
-                out = os.open(data_dir / file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-                try:
-                    os.ftruncate(out, size)
-                    total += memfd.copy_extents(fd, out, extents)
-                    _start_writeback(out)
-                finally:
-                    os.close(out)
+        with ThreadPoolExecutor(max_workers=COPY_WORKERS) as workers:
+            for source, (copied, crc) in zip(
+                sources, workers.map(lambda s: self._copy_out(data_dir, s), sources),
+                strict=True,
+            ):
+                total += copied
                 progress(total)
                 carried.append(
                     CarriedFd(
-                        session=key[0],
-                        token=key[1],
-                        file=file,
-                        size=size,
-                        name=entry.name,
-                        seals=memfd.seals_of(fd),
-                        position=position,
-                        extents=extents,
-                        crc32=crc.result(),
+                        session=source.key[0],
+                        token=source.key[1],
+                        file=self._data_file(source.key),
+                        size=source.size,
+                        name=entries[source.key].name,
+                        seals=source.seals,
+                        position=source.position,
+                        extents=source.extents,
+                        crc32=crc,
                     )
                 )
-        _syncfs(data_dir)  # one flush of the whole filesystem beats a fsync per file
-        fsync_directory(data_dir)
         body = to_json(KexecRecord(boot_id=boot_id, fds=carried))
         write_atomically(self.area / RECORD_NAME, body + b"\n" + str(zlib.crc32(body)).encode())
         return total
+
+    def _copy_out(self, data_dir: Path, source: _Source) -> tuple[int, int]:
+        path = data_dir / self._data_file(source.key)
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+        try:
+            os.ftruncate(out, source.size)
+            return memfd.copy_extents(source.fd, out, source.extents)
+        finally:
+            os.close(out)
 
     def discard_handover(self) -> None:
         record = self.area / RECORD_NAME
@@ -181,10 +177,8 @@ class SimulatedBackend:
                 )
             fd = memfd.create(carried.name, carried.size)
             try:
-                with ThreadPoolExecutor(max_workers=1) as checksummer:
-                    crc = checksummer.submit(memfd.checksum, src, carried.extents)
-                    memfd.copy_extents(src, fd, carried.extents)
-                if crc.result() != carried.crc32:
+                _, crc = memfd.copy_extents(src, fd, carried.extents)
+                if crc != carried.crc32:
                     raise Corrupted(
                         f"handover data of {key[0]}/{key[1]} fails its checksum; "
                         "it is not handed out"
@@ -204,3 +198,9 @@ class SimulatedBackend:
     def finish(self) -> None:
         self.discard_handover()
 
+
+
+def _source(key: Key, fd: int) -> _Source:
+    size = os.fstat(fd).st_size
+    return _Source(key=key, fd=fd, size=size, position=os.lseek(fd, 0, os.SEEK_CUR),
+                   seals=memfd.seals_of(fd), extents=memfd.data_extents(fd, size))

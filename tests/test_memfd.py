@@ -1,6 +1,7 @@
 """The memfd handler and the simulated handover area, on real memfds and files."""
 
 import fcntl
+import json
 import os
 import socket
 import zlib
@@ -195,3 +196,45 @@ def test_the_handover_does_not_move_a_file_position_two_keys_share(tmp_path: Pat
         assert os.lseek(back, 0, os.SEEK_CUR) == 777
         os.close(back)
     os.close(ram)
+
+
+def test_a_large_memfd_is_carried_in_pieces_each_checksummed(tmp_path: Path) -> None:
+    fd = os.memfd_create("ram")
+    os.pwrite(fd, os.urandom(40 << 20), 0)  # one extent, three pieces
+    area = tmp_path / "handover"
+    SimulatedBackend(area).write_handover({("vm", "ram"): fd}, {("vm", "ram"): entry("ram")},
+                                          "boot", lambda n: None)
+    record = json.loads((area / RECORD_NAME).read_bytes().rpartition(b"\n")[0])
+    (carried,) = record["fds"]
+    assert carried["extents"] == [[0, 16 << 20], [16 << 20, 16 << 20], [32 << 20, 8 << 20]]
+    assert carried["crc32s"] == [
+        zlib.crc32(os.pread(fd, length, start)) for start, length in carried["extents"]
+    ]
+    back = SimulatedBackend(area).retrieve_fd(("vm", "ram"), entry("ram"))
+    assert fingerprint(back).sha256 == fingerprint(fd).sha256
+    for f in (fd, back):
+        os.close(f)
+
+
+def test_a_kexec_record_of_the_previous_version_still_carries(tmp_path: Path) -> None:
+    """A live update often brings a new liveupdated: it reads the old one's handover,
+    whose record has one checksum per fd (`crc32`) rather than one per piece."""
+    fd = os.memfd_create("ram")
+    os.pwrite(fd, b"old format" * 1000, 1 << 20)
+    area = tmp_path / "handover"
+    SimulatedBackend(area).write_handover({("vm", "ram"): fd}, {("vm", "ram"): entry("ram")},
+                                          "boot", lambda n: None)
+    record = json.loads((area / RECORD_NAME).read_bytes().rpartition(b"\n")[0])
+    (carried,) = record["fds"]
+    whole = 0
+    for start, length in carried.pop("extents"):
+        whole = zlib.crc32(os.pread(fd, length, start), whole)
+    carried.pop("crc32s")
+    carried["extents"] = [[1 << 20, 10000]]
+    carried["crc32"] = whole
+    body = json.dumps(record, separators=(",", ":")).encode()
+    (area / RECORD_NAME).write_bytes(body + b"\n" + str(zlib.crc32(body)).encode())
+    back = SimulatedBackend(area).retrieve_fd(("vm", "ram"), entry("ram"))
+    assert os.pread(back, 10000, 1 << 20) == b"old format" * 1000
+    os.close(back)
+    os.close(fd)

@@ -38,8 +38,9 @@ class CarriedFd:
     name: str
     seals: int
     position: int
-    extents: list[tuple[int, int]]
-    crc32: int  # of the data extents, in order
+    extents: list[tuple[int, int]]  # the data, in pieces of at most PIECE bytes
+    crc32s: list[int] | None = None  # one per piece of `extents`
+    crc32: int | None = None  # of all the extents: records written before crc32s
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,7 +49,8 @@ class KexecRecord:
     fds: list[CarriedFd]
 
 
-COPY_WORKERS = min(4, os.cpu_count() or 1)  # memfds copied at once, one per core
+COPY_WORKERS = min(4, os.cpu_count() or 1)  # pieces copied at once, one per core
+PIECE = 16 << 20  # bytes: a large memfd is copied by all workers, a piece each
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,40 +113,52 @@ class SimulatedBackend:
         data_dir = self.area / DATA_DIR
         data_dir.mkdir(parents=True)
         # Facts first, one fd at a time: finding extents moves the file position, which
-        # two keys holding one open file would share. The copies then run in parallel.
+        # two keys holding one open file would share. The pieces are then copied in
+        # parallel with pread/pwrite, which never move it.
         sources = [_source(key, fd) for key, fd in fds.items()]
-        carried: list[CarriedFd] = []
+        for source in sources:
+            self._create(data_dir, source)
+        pieces = [(s, piece) for s in sources for piece in s.extents]
+        crcs: dict[Key, list[int]] = {s.key: [] for s in sources}
         total = 0
         with ThreadPoolExecutor(max_workers=COPY_WORKERS) as workers:
-            for source, (copied, crc) in zip(
-                sources, workers.map(lambda s: self._copy_out(data_dir, s), sources),
-                strict=True,
-            ):
+            copies = workers.map(lambda job: self._copy_out(data_dir, *job), pieces)
+            for (source, _), (copied, crc) in zip(pieces, copies, strict=True):
+                crcs[source.key].append(crc)
                 total += copied
                 progress(total)
-                carried.append(
-                    CarriedFd(
-                        session=source.key[0],
-                        token=source.key[1],
-                        file=self._data_file(source.key),
-                        size=source.size,
-                        name=entries[source.key].name,
-                        seals=source.seals,
-                        position=source.position,
-                        extents=source.extents,
-                        crc32=crc,
-                    )
-                )
+        carried = [
+            CarriedFd(
+                session=source.key[0],
+                token=source.key[1],
+                file=self._data_file(source.key),
+                size=source.size,
+                name=entries[source.key].name,
+                seals=source.seals,
+                position=source.position,
+                extents=source.extents,
+                crc32s=crcs[source.key],
+            )
+            for source in sources
+        ]
         body = to_json(KexecRecord(boot_id=boot_id, fds=carried))
         write_atomically(self.area / RECORD_NAME, body + b"\n" + str(zlib.crc32(body)).encode())
         return total
 
-    def _copy_out(self, data_dir: Path, source: _Source) -> tuple[int, int]:
+    def _create(self, data_dir: Path, source: _Source) -> None:
         path = data_dir / self._data_file(source.key)
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(out, source.size)
-            return memfd.copy_extents(source.fd, out, source.extents)
+        finally:
+            os.close(out)
+
+    def _copy_out(
+        self, data_dir: Path, source: _Source, piece: tuple[int, int]
+    ) -> tuple[int, int]:
+        out = os.open(data_dir / self._data_file(source.key), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            return memfd.copy_extents(source.fd, out, [piece])
         finally:
             os.close(out)
 
@@ -177,8 +191,7 @@ class SimulatedBackend:
                 )
             fd = memfd.create(carried.name, carried.size)
             try:
-                _, crc = memfd.copy_extents(src, fd, carried.extents)
-                if crc != carried.crc32:
+                if not _copy_back(src, fd, carried):
                     raise Corrupted(
                         f"handover data of {key[0]}/{key[1]} fails its checksum; "
                         "it is not handed out"
@@ -202,5 +215,23 @@ class SimulatedBackend:
 
 def _source(key: Key, fd: int) -> _Source:
     size = os.fstat(fd).st_size
+    pieces = [
+        (offset, min(PIECE, start + length - offset))
+        for start, length in memfd.data_extents(fd, size)
+        for offset in range(start, start + length, PIECE)
+    ]
     return _Source(key=key, fd=fd, size=size, position=os.lseek(fd, 0, os.SEEK_CUR),
-                   seals=memfd.seals_of(fd), extents=memfd.data_extents(fd, size))
+                   seals=memfd.seals_of(fd), extents=pieces)
+
+
+def _copy_back(src: int, dst: int, carried: CarriedFd) -> bool:
+    """Copy the carried pieces into the new memfd, in parallel if there are several;
+    do they match their checksums?"""
+    if carried.crc32s is None:  # one checksum of everything, from an older record
+        return memfd.copy_extents(src, dst, carried.extents)[1] == carried.crc32
+    if len(carried.crc32s) != len(carried.extents):
+        return False
+    with ThreadPoolExecutor(max_workers=min(COPY_WORKERS, len(carried.extents) or 1)) as pool:
+        crcs = list(pool.map(lambda piece: memfd.copy_extents(src, dst, [piece])[1],
+                             carried.extents))
+    return crcs == carried.crc32s

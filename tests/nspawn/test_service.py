@@ -136,7 +136,7 @@ def test_crash_and_restart_lose_nothing(installed: Installed) -> None:
     assert ready["PRIORITY"] == "6"
     assert ready["MESSAGE"]["level"] == "info"
     assert "ready" not in {e["MESSAGE"].get("event") for e in installed.journal("err")}
-    assert {"session_created", "fd_preserved", "state_changed"} <= {
+    assert {"session_created", "fds_preserved", "state_changed"} <= {
         e["MESSAGE"].get("event") for e in installed.journal("info")
     }
 

@@ -1,6 +1,9 @@
 """The baseline of the PreserveFd benchmark: a bare dbus-fast method taking and returning an fd.
 
-Run as `python bench/bare_service.py ADDRESS`; prints "ready" once it owns its bus name.
+Run as `python bench/bare_service.py ADDRESS [raw]`; prints "ready" once it owns its bus
+name. `raw` answers from a message handler, without dbus-fast's ServiceInterface dispatch
+(as liveupdated answers PreserveFd), under the name RAW_NAME: the floor of any service
+written with dbus-fast, reported beside the baseline.
 """
 
 import asyncio
@@ -14,6 +17,7 @@ from dbus_fast.annotations import DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method
 
 NAME = "org.liveupdate1.BenchBare"
+RAW_NAME = "org.liveupdate1.BenchBareRaw"
 PATH = "/org/liveupdate1/BenchBare"
 
 
@@ -42,14 +46,24 @@ class Bare(ServiceInterface):
         return fd
 
 
-async def serve(address: str) -> None:
+def echo_raw(msg: Message) -> Message | None:
+    if msg.member != "Echo" or msg.signature != "h" or len(msg.unix_fds) != 1:
+        return None
+    return Message.new_method_return(msg, "h", [0], unix_fds=msg.unix_fds)
+
+
+async def serve(address: str, raw: bool) -> None:
     bus = await ClosingBus(bus_address=address, negotiate_unix_fd=True).connect()
-    bus.export(PATH, Bare())
-    if await bus.request_name(NAME, NameFlag.DO_NOT_QUEUE) is not RequestNameReply.PRIMARY_OWNER:
-        raise SystemExit(f"{NAME} is taken")
+    if raw:
+        bus.add_message_handler(echo_raw)
+    else:
+        bus.export(PATH, Bare())
+    name = RAW_NAME if raw else NAME
+    if await bus.request_name(name, NameFlag.DO_NOT_QUEUE) is not RequestNameReply.PRIMARY_OWNER:
+        raise SystemExit(f"{name} is taken")
     print("ready", flush=True)
     await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1]))
+    asyncio.run(serve(sys.argv[1], sys.argv[2:] == ["raw"]))

@@ -25,6 +25,7 @@ from typing import Any
 
 from bare_service import NAME as BARE_NAME
 from bare_service import PATH as BARE_PATH
+from bare_service import RAW_NAME as BARE_RAW_NAME
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 from guestmem import Layout, close_all
@@ -122,9 +123,9 @@ def timed(command: list[str]) -> float:
     return since(started)
 
 
-def start_bare_service(address: str, stack: ExitStack) -> int:
+def start_bare_service(address: str, stack: ExitStack, *mode: str) -> int:
     """The baseline's own process, on the same bus; stopped when `stack` closes."""
-    bare = subprocess.Popen([sys.executable, str(BENCH / "bare_service.py"), address],
+    bare = subprocess.Popen([sys.executable, str(BENCH / "bare_service.py"), address, *mode],
                             stdout=subprocess.PIPE)
 
     def stop() -> None:
@@ -175,7 +176,7 @@ class Bench:
         self.results = Results()
         self.rng = random.Random(1)
         self.clients: set[Client] = set()
-        self.bare_pid = 0
+        self.bare_pid = self.bare_raw_pid = 0
         stack.callback(lambda: self.drop(*self.clients))
 
     # ---- plumbing --------------------------------------------------------------------
@@ -244,6 +245,7 @@ class Bench:
 
     async def preserve(self) -> None:
         self.bare_pid = start_bare_service(self.bus.address, self.stack)
+        self.bare_raw_pid = start_bare_service(self.bus.address, self.stack, "raw")
         calls = self.sizes.preserve_calls
         # One memfd per token, as VMMs hand them over (systemd's fd store keeps one fd per
         # open file description: a memfd preserved twice costs the daemon a reopen). Each
@@ -252,6 +254,7 @@ class Bench:
             with self.memfds([Layout(MIB, 4096, (0,))] * HELD) as fds:
                 progress(f"PreserveFd x {calls}, {HELD} fds held, repeat {repeat + 1}")
                 await self.bare_calls(calls, fds[0])
+                await self.bare_calls(calls, fds[0], raw=True)
                 restarts = 0 if repeat else self.sizes.restarts  # of the first daemon only
                 await self.restore(*await self.fill(fds, repeat), restarts=restarts)
 
@@ -272,18 +275,22 @@ class Bench:
                              "us")
         return self.results.add(f"{name}_calls_per_s", count / seconds, "calls/s")
 
-    async def bare_calls(self, calls: int, fd: int) -> None:
+    async def bare_calls(self, calls: int, fd: int, raw: bool = False) -> None:
         bus = await MessageBus(bus_address=self.bus.address, negotiate_unix_fd=True).connect()
+        name = BARE_RAW_NAME if raw else BARE_NAME
 
         async def call(_: int) -> None:
-            reply = await bus.call(Message(destination=BARE_NAME, path=BARE_PATH,
+            reply = await bus.call(Message(destination=name, path=BARE_PATH,
                                            interface=BARE_NAME, member="Echo", signature="h",
                                            body=[0], unix_fds=[fd]))
             assert reply is not None and len(reply.unix_fds) == 1, reply
             os.close(reply.unix_fds[0])
 
         try:
-            await self.calls("bare", self.bare_pid, calls, call)
+            if raw:
+                await self.calls("bare_raw", self.bare_raw_pid, calls, call)
+            else:
+                await self.calls("bare", self.bare_pid, calls, call)
         finally:
             bus.disconnect()
 

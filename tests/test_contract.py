@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from dbus_fast import Message, MessageType
 
-from liveupdated.client import Client
-from liveupdated.core.errors import InvalidArgument, UnsupportedFd, WrongState
+from liveupdated.client import Client, SessionClient
+from liveupdated.core.errors import InvalidArgument, TokenExists, UnsupportedFd, WrongState
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess
 from tests.conftest import DaemonFactory, make_memfd, open_fds
@@ -142,6 +142,28 @@ async def test_gdbus_can_hand_over_an_fd(client: Client, bus: PrivateBus,
     assert os.pread(back, 10, 0) == b"from gdbus"
     for f in (fd, back):
         os.close(f)
+
+
+async def test_preserve_fd_answers_alike_before_and_after_the_caller_is_known(
+    client: Client, bus: PrivateBus
+) -> None:
+    """A connection's first call is answered by the Session object (its credentials are
+    not known yet), later PreserveFds by the fast path: the same answers either way."""
+    session = await client.create_session("vm")
+    fd = make_memfd(4096, b"guest")
+    await session.preserve_fd("ram", fd)
+    async with await Client.connect(bus.address) as other:
+        as_other = SessionClient(other, "vm", session.path)
+        for _ in range(2):
+            with pytest.raises(TokenExists, match="session 'vm' already holds token 'ram'"):
+                await as_other.preserve_fd("ram", fd)
+        with pytest.raises(InvalidArgument, match="requires of 'kvm' lists a token twice"):
+            await as_other.preserve_fd("kvm", fd, ["ram", "ram"])
+        await as_other.preserve_fd("rom", fd, ["ram"])
+    assert [(f.token, f.requires) for f in await session.list_fds()] == [
+        ("ram", []), ("rom", ["ram"])
+    ]
+    os.close(fd)
 
 
 async def test_rejected_calls_leak_no_fds(client: Client, daemon: DaemonProcess) -> None:

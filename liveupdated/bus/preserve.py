@@ -8,7 +8,7 @@ else (an unknown caller first of all) falls through to the Session object's meth
 import asyncio
 
 import structlog
-from dbus_fast import Message
+from dbus_fast import Message, MessageFlag
 
 from liveupdated.bus.callers import Callers
 from liveupdated.bus.connection import FdOwningBus, preserve_fd_index
@@ -34,8 +34,8 @@ class PreserveFdCalls:
     def handle(self, msg: Message) -> bool:
         """A message handler, after fd_guard: True when the call is taken here."""
         index = preserve_fd_index(msg, self._sessions.__contains__)
-        if index is None:
-            return False
+        if index is None or msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return False  # the Session object's method handles it, or answers the error
         caller = self._callers.known(msg.sender)
         session = self._sessions.name_at(msg.path or "")
         if caller is None or session is None:

@@ -184,6 +184,8 @@ class Daemon:
 
         outcome = await self._serve(service, bus, stop, departed, preserve_calls)
         self.notifier.notify("STOPPING=1")
+        if outcome in ("stop", "reboot"):
+            await preserve_calls.finish()
         if outcome in ("disconnect", "failed"):
             log.error("exiting_for_a_restart", reason=outcome)
             return 1

@@ -153,6 +153,7 @@ class Journal:
         self._next_batch: asyncio.Future[None] | None = None  # what _pending will be
         self._in_flight: asyncio.Future[None] | None = None  # the batch being written
         self._held = False  # compaction in progress: writes wait for the new file
+        self._closing = False  # aclose() called: nothing more is written
         self._error: BaseException | None = None  # a failed write: nothing is durable now
         self.commits = 0
         self.fsyncs = 0
@@ -180,8 +181,11 @@ class Journal:
             self._fd = -1
 
     async def aclose(self) -> None:
-        """Close once the write in flight, if any, is done."""
-        if self._in_flight is not None:
+        """Write what is enqueued, then close; nothing is written after."""
+        with contextlib.suppress(Exception):  # a failed journal is closed all the same
+            await self.flush()
+        self._closing = True
+        while self._in_flight is not None:
             await asyncio.wait([self._in_flight])
         self.close()
 
@@ -230,15 +234,21 @@ class Journal:
         """Start writing what is pending, unless a write or a compaction is under way."""
         if not self._pending or self._in_flight is not None or self._held:
             return
+        if self._closing or self._error is not None:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # outside the loop: the next flush (or commit_now) writes
             return
         data = b"".join(self._pending)
+        try:
+            write = loop.run_in_executor(None, self._write_and_sync, data)
+        except RuntimeError as exc:  # no thread to write with: as good as a failed write
+            self._fail(exc, self._next_batch)
+            return
         self._pending.clear()
         batch, self._next_batch = self._next_batch or loop.create_future(), None
         self._in_flight = batch
-        write = loop.run_in_executor(None, self._write_and_sync, data)
         write.add_done_callback(lambda done: self._written(batch, done))
 
     def _written(self, batch: asyncio.Future[None], write: asyncio.Future[None]) -> None:
@@ -247,7 +257,11 @@ class Journal:
         if error is None:
             batch.set_result(None)
             self._write_next()
-            return
+        else:
+            self._fail(error, batch)
+
+    def _fail(self, error: BaseException, batch: asyncio.Future[None] | None) -> None:
+        """A write failed: nothing more is written, and every waiter gets the error."""
         self._error = error
         for waiting in (batch, self._next_batch):
             if waiting is not None and not waiting.done():
@@ -258,7 +272,8 @@ class Journal:
     async def compact(self, snapshot: Callable[[], Iterable[Record]]) -> None:
         """Replace the journal with `snapshot()` (the live state), crash-safely, between
         two writes. Records are applied to the state before they are enqueued, so the
-        snapshot holds everything enqueued until now: what is still pending is dropped."""
+        snapshot holds everything enqueued until now: what is still pending is dropped,
+        and whoever waits for it waits for the new file."""
         self._held = True
         try:
             while self._in_flight is not None:
@@ -267,18 +282,20 @@ class Journal:
                 raise self._error
             data = MAGIC + encode(snapshot())
             self._pending.clear()
-            covered, self._next_batch = self._next_batch, None
+            covered = self._next_batch or asyncio.get_running_loop().create_future()
+            self._next_batch, self._in_flight = None, covered
+            replace = asyncio.ensure_future(asyncio.to_thread(self._replace, data))
             try:
-                await asyncio.to_thread(self._replace, data)
-            except BaseException as exc:
-                self._error = exc
-                if covered is not None:
-                    covered.set_exception(exc)
-                    covered.exception()
-                raise
-            if covered is not None:
-                covered.set_result(None)
+                await asyncio.shield(replace)
+            finally:
+                if not replace.done():  # cancelled: the thread swaps the file, let it end
+                    await asyncio.wait([replace])
+                if (error := replace.exception()) is None:
+                    covered.set_result(None)
+                else:
+                    self._fail(error, covered)
         finally:
+            self._in_flight = None
             self._held = False
             self._write_next()
 

@@ -84,8 +84,17 @@ class LiveUpdate:
 
     async def _durable(self, records: Sequence[Record]) -> None:
         """Journal the records the core already applied, then carry out their effects."""
+        self._let_go(records)
         self.journal.enqueue(records)
         await self.settle(records)
+
+    def _let_go(self, records: Sequence[Record]) -> None:
+        """Close released fds (and drop them from the fd store) at once, with the decision:
+        a call decided next may hold a new fd under the same key and store name. A crash
+        before the journal has the release reports the fd lost; it was being let go."""
+        for record in records:
+            if isinstance(record, FdReleased):
+                self.vault.release((record.session, record.token))
 
     async def settle(self, records: Sequence[Record]) -> None:
         """Wait until enqueued records are durable, then carry out their effects."""
@@ -115,8 +124,6 @@ class LiveUpdate:
                 case FdPreserved():
                     changed[record.session] = None
                 case FdReleased():
-                    key = (record.session, record.token)
-                    self.vault.release(key)
                     changed[record.session] = None
                     log.info("fd_released", session=record.session, token=record.token,
                              reason=record.reason)
@@ -252,6 +259,7 @@ class LiveUpdate:
         the owner cannot come back, so the fds are released before the journal's next
         flush makes the drop durable (a crash in between drops them again at restart)."""
         records = self.core.client_gone(client)
+        self._let_go(records)
         self.journal.enqueue(records)
         self._effects(records)
 

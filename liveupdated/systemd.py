@@ -7,6 +7,7 @@ same $NOTIFY_SOCKET, never blocking the loop. Without $NOTIFY_SOCKET all is a no
 
 import array
 import asyncio
+import contextlib
 import os
 import select
 import socket
@@ -79,7 +80,12 @@ class Notifier:
             return
         if not self._queue and self._try_send(message, fd):
             return
-        self._queue.append((message, None if fd is None else os.dup(fd)))
+        try:
+            held = None if fd is None else os.dup(fd)
+        except OSError as exc:  # out of fds: the service goes on without the store
+            log.warning("fd_store_failed", message=message.decode(), error=exc.strerror)
+            return
+        self._queue.append((message, held))
         if len(self._queue) == 1:
             try:
                 self._loop = asyncio.get_running_loop()
@@ -141,6 +147,10 @@ class Notifier:
                 if fd is not None:
                     os.close(fd)
             self._queue.clear()
+        if self._drained is not None and not self._drained.done():
+            with contextlib.suppress(RuntimeError):  # its loop may be closed by now
+                self._drained.set_result(None)
+        self._drained = None
 
     def watchdog_interval(self) -> float | None:
         """Half of WATCHDOG_USEC in seconds, when the watchdog is on for this process."""

@@ -7,8 +7,12 @@ gets each one back from the store; nothing else closes a held fd.
 import fcntl
 import os
 
+import structlog
+
 from liveupdated.backends import Key
 from liveupdated.systemd import Notifier, fd_name
+
+log = structlog.get_logger("liveupdated")
 
 
 class Vault:
@@ -44,8 +48,13 @@ class Vault:
             return
         # systemd keeps one fd per open file description and silently drops the others
         # (same_fd()), so a second key of the same memfd is stored as its own opening.
-        reopened = os.open(f"/proc/self/fd/{fd}", _access_mode(fd) | os.O_CLOEXEC)
         try:
+            reopened = os.open(f"/proc/self/fd/{fd}", _access_mode(fd) | os.O_CLOEXEC)
+        except OSError as exc:  # as for any fd store failure: held, not stored
+            log.warning("fd_store_failed", fdname=fd_name(*key), error=exc.strerror)
+            return
+        try:
+            os.lseek(reopened, os.lseek(fd, 0, os.SEEK_CUR), os.SEEK_SET)
             self._notifier.store_fd(fd_name(*key), reopened)
         finally:
             os.close(reopened)

@@ -166,6 +166,21 @@ async def test_preserve_fd_answers_alike_before_and_after_the_caller_is_known(
     os.close(fd)
 
 
+async def test_calls_of_one_connection_are_decided_in_the_order_sent(client: Client) -> None:
+    """UnpreserveFd then PreserveFd of the same token, sent back to back: the second is
+    not decided before the first (it would find the token still held)."""
+    session = await client.create_session("vm")
+    old, new = make_memfd(4096, b"old"), make_memfd(4096, b"new")
+    await session.preserve_fd("ram", old)
+    for _ in range(20):
+        await asyncio.gather(session.unpreserve_fd("ram"), session.preserve_fd("ram", new))
+        await asyncio.gather(session.unpreserve_fd("ram"), session.preserve_fd("ram", old))
+    back = await session.retrieve_fd("ram")
+    assert os.pread(back, 3, 0) == b"old"
+    for fd in (old, new, back):
+        os.close(fd)
+
+
 async def test_rejected_calls_leak_no_fds(client: Client, daemon: DaemonProcess) -> None:
     session = await client.create_session("vm")
     fd = make_memfd()

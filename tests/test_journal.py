@@ -202,3 +202,45 @@ async def test_a_failed_write_fails_every_waiting_flush(tmp_path: Path) -> None:
     for _ in range(2):
         with pytest.raises(OSError):
             await asyncio.wait_for(journal.flush(), 10)
+
+
+async def test_a_flush_during_compaction_returns_once_the_new_file_holds_the_state(
+    tmp_path: Path,
+) -> None:
+    """Records dropped from the queue because the snapshot covers them are durable only
+    when the new file is in place: a flush in between must wait for it."""
+    path = tmp_path / "journal"
+    journal, _, _ = Journal.open(path)
+    await journal.commit(RECORDS[:1])
+    state: list[Record] = list(RECORDS[:1])
+    state.extend(RECORDS[1:2])
+    journal.enqueue(RECORDS[1:2])  # pending, then covered by the snapshot
+    loop = asyncio.get_running_loop()
+    seen: list[list[Record]] = []
+
+    async def flush_and_look() -> None:
+        await journal.flush()
+        seen.append(decode(path.read_bytes())[0])
+
+    flushes: list[asyncio.Task[None]] = []
+
+    def snapshot() -> list[Record]:
+        flushes.append(loop.create_task(flush_and_look()))  # runs while the file is swapped
+        return list(state)
+
+    await journal.compact(snapshot)  # at once, so that RECORDS[1:2] is still queued
+    await asyncio.wait_for(flushes[0], 10)
+    assert seen == [RECORDS[:2]]
+    await journal.aclose()
+
+
+async def test_closing_writes_what_is_enqueued_and_nothing_after(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    journal, _, _ = Journal.open(path)
+    journal.enqueue(RECORDS[:1])
+    journal.enqueue(RECORDS[1:2])
+    await asyncio.wait_for(journal.aclose(), 10)
+    journal.enqueue(RECORDS[2:3])  # after close: never written, never a write to a stale fd
+    _, records, damages = Journal.open(path)
+    assert records == RECORDS[:2]
+    assert damages == []

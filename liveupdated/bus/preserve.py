@@ -14,6 +14,7 @@ from liveupdated.bus.callers import Callers
 from liveupdated.bus.connection import FdOwningBus, preserve_fd_index
 from liveupdated.bus.errors import FAILED, to_dbus_error
 from liveupdated.bus.session import SessionObjects
+from liveupdated.core.orchestrator import Caller
 from liveupdated.core.records import Record
 from liveupdated.service import LiveUpdate
 
@@ -28,11 +29,14 @@ class PreserveFdCalls:
         self._service = service
         self._callers = callers
         self._sessions = sessions
-        self._waiting: list[tuple[Message, list[Record]]] = []
+        self._scheduled = 0  # taken calls not yet decided
+        self._waiting: list[tuple[Message, list[Record]]] = []  # decided, not yet answered
         self._arrived = asyncio.Event()
 
     def handle(self, msg: Message) -> bool:
-        """A message handler, after fd_guard: True when the call is taken here."""
+        """A message handler, after fd_guard: True when the call is taken here. It is
+        decided on the loop's next turn, as the calls dbus-fast dispatches as tasks are:
+        calls from one connection are decided in the order they were sent."""
         index = preserve_fd_index(msg, self._sessions.__contains__)
         if index is None or msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return False  # the Session object's method handles it, or answers the error
@@ -40,35 +44,60 @@ class PreserveFdCalls:
         session = self._sessions.name_at(msg.path or "")
         if caller is None or session is None:
             return False
+        self._scheduled += 1
+        asyncio.get_running_loop().call_soon(
+            self._decide, msg, caller, session, msg.unix_fds[index]
+        )
+        return True
+
+    def _decide(self, msg: Message, caller: Caller, session: str, fd: int) -> None:
+        self._scheduled -= 1
         token, _, requires = msg.body
         try:
-            records = self._service.begin_preserve_fd(
-                caller, session, token, msg.unix_fds[index], requires
-            )
+            records = self._service.begin_preserve_fd(caller, session, token, fd, requires)
         except Exception as exc:
             with structlog.contextvars.bound_contextvars(sender=msg.sender, method=METHOD):
-                raise to_dbus_error(exc) from exc
-        self._waiting.append((msg, records))
+                error = to_dbus_error(exc)
+            self._bus.send(Message.new_error(msg, error.type, error.text))
+        else:
+            self._waiting.append((msg, records))
         self._arrived.set()
-        return True
 
     async def answer(self) -> None:
         """Reply to each taken call once its records are durable; runs for the daemon's life."""
         while True:
             await self._arrived.wait()
             self._arrived.clear()
-            calls, self._waiting = self._waiting, []
-            try:
-                await self._service.flush()
-            except OSError as exc:  # the service has failed and the daemon exits
-                for msg, _ in calls:
-                    self._bus.send(Message.new_error(msg, FAILED, f"journal write failed: {exc}"))
-                continue
-            by_sender: dict[str | None, list[Record]] = {}
-            for msg, records in calls:
-                by_sender.setdefault(msg.sender, []).extend(records)
-            for sender, records in by_sender.items():
-                with structlog.contextvars.bound_contextvars(sender=sender, method=METHOD):
-                    self._service.finish_preserve_fd(records)
+            await self._answer_waiting()
+
+    async def finish(self) -> None:
+        """At a clean stop: take no more calls, and answer those taken."""
+        self._bus.remove_message_handler(self.handle)
+        while self._scheduled or self._waiting:
+            if not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            await self._answer_waiting()
+
+    async def _answer_waiting(self) -> None:
+        calls, self._waiting = self._waiting, []
+        if not calls:
+            return
+        try:
+            await self._service.flush()
+        except asyncio.CancelledError:
+            self._waiting[:0] = calls  # still to answer, at finish()
+            raise
+        except Exception as exc:  # the service has failed and the daemon exits
+            self._service.failed.set()
             for msg, _ in calls:
-                self._bus.send(Message.new_method_return(msg))
+                self._bus.send(Message.new_error(msg, FAILED, f"journal write failed: {exc}"))
+            return
+        by_sender: dict[str | None, list[Record]] = {}
+        for msg, records in calls:
+            by_sender.setdefault(msg.sender, []).extend(records)
+        for sender, records in by_sender.items():
+            with structlog.contextvars.bound_contextvars(sender=sender, method=METHOD):
+                self._service.finish_preserve_fd(records)
+        for msg, _ in calls:
+            self._bus.send(Message.new_method_return(msg))

@@ -234,3 +234,8 @@ def test_config_checks_its_fields() -> None:
             Config(**bad)
     with pytest.raises(TypeError):
         Config(no_such_option=1)  # type: ignore[call-arg]
+
+
+def test_a_record_that_replay_could_not_read_is_never_written() -> None:
+    with pytest.raises(TypeError, match="expected int"):
+        to_json(SessionCreated(session="vm", uid=True, unit="", client=":1.1"))

@@ -83,13 +83,19 @@ def _spec(hint: Any) -> Spec:
     raise TypeError(f"codec: no check for the type {hint!r}")
 
 
+def _encode_int(value: Any) -> str:
+    if type(value) is not int:  # a bool would be written as True: JSON no replay reads
+        raise TypeError(f"codec: expected int, {_got(value)}")
+    return int.__repr__(value)
+
+
 def _encoder(hint: Any) -> Callable[[Any], str]:
     """A field's value -> its JSON text: the common kinds directly, the rest by json."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is str or (origin is typing.Literal and type(args[0]) is str):
         return encode_basestring
     if hint is int:
-        return int.__repr__
+        return _encode_int
     if dataclasses.is_dataclass(hint):
         return _plan(typing.cast(type, hint)).text
     if origin is list or (origin is tuple and args[-1:] == (Ellipsis,)):

@@ -118,6 +118,9 @@ class Guest:
                     return value
                 if not self.running() and (self._reader is None or
                                            not self._reader.is_alive()):
+                    value = check(self)  # it may have stopped since: that may be the answer
+                    if value is not None:
+                        return value
                     raise RuntimeError(f"the guest stopped before {what}; console: {self.log}")
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -105,6 +105,12 @@ class Installed:
     def fd_store(self) -> int:
         return int(self.show("NFileDescriptorStore")["NFileDescriptorStore"])
 
+    def wait_status(self, text: str) -> None:
+        """Wait until the unit's StatusText is `text` (STATUS= follows changes at most ten
+        times a second)."""
+        wait_for(lambda: True if self.show("StatusText")["StatusText"] == text else None,
+                 f"StatusText={text!r}", timeout=10)
+
     def wait_fd_store(self, count: int) -> None:
         """Wait until systemd holds `count` fds for the unit (FDSTORE= is asynchronous)."""
         seen: list[int] = []

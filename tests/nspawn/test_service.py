@@ -144,7 +144,7 @@ def test_crash_and_restart_lose_nothing(installed: Installed) -> None:
     installed.systemctl("stop", "vmm-vm-a.service")
     wait_for(lambda: True if installed.sessions() == [] else None, "vm-a dropped")
     installed.wait_fd_store(0)
-    assert installed.show("StatusText")["StatusText"] == "normal, 0 sessions, 0 fds"
+    installed.wait_status("normal, 0 sessions, 0 fds")
 
 
 def test_update_across_reboot(installed: Installed) -> None:

@@ -1,8 +1,9 @@
 """The systemd edge: sd_notify messages, the fd store, inherited fds and the boot id.
 
-Text messages go through sdnotify; fd store messages (FDSTORE=1 with SCM_RIGHTS, which
-sdnotify cannot send, and FDSTOREREMOVE=1) go in order over a socket of their own to the
-same $NOTIFY_SOCKET, never blocking the loop. Without $NOTIFY_SOCKET all is a no-op.
+READY=1, STOPPING=1, WATCHDOG=1 and EXTEND_TIMEOUT_USEC= go through sdnotify; fd store
+messages (FDSTORE=1 with SCM_RIGHTS, which sdnotify cannot send, and FDSTOREREMOVE=1) and
+STATUS= go in order over a socket of their own to the same $NOTIFY_SOCKET, never blocking
+the loop. Without $NOTIFY_SOCKET all is a no-op.
 """
 
 import array
@@ -59,7 +60,9 @@ class Notifier:
         self.notify("READY=1", f"STATUS={status}")
 
     def status(self, status: str) -> None:
-        self.notify(f"STATUS={status}")
+        """STATUS= follows every change, so it goes the fd store's way: in order, never
+        blocking the loop on a full notify queue (READY=1 and the rest are rare)."""
+        self._send(f"STATUS={status}".encode(), None)
 
     def store_fd(self, name: str, fd: int) -> None:
         self._send(f"FDSTORE=1\nFDNAME={name}".encode(), fd)

@@ -220,9 +220,9 @@ class Journal:
 
     async def flush(self) -> None:
         """Until everything enqueued so far is durable."""
-        if self._error is not None:
-            raise self._error
         self._write_next()
+        if self._error is not None:  # also when the write just tried could not start
+            raise self._error
         if self._pending:  # behind the batch in flight, or a compaction
             if self._next_batch is None:
                 self._next_batch = asyncio.get_running_loop().create_future()

@@ -33,13 +33,14 @@ class Vault:
         return dict(self._fds)
 
     def keep(self, key: Key, fd: int, *, store: bool = True) -> None:
-        """Take ownership of close-on-exec `fd`; `store=False` when it came from the fd
-        store already (those are indexed by file only when a new fd needs the index, so
-        that a restart with thousands of fds does not stat each of them)."""
+        """Take ownership of `fd`; `store=False` when it came from the fd store already
+        (close-on-exec since take_listen_fds, and indexed by file only when a new fd needs
+        the index, so that a restart with thousands of fds does not stat each of them)."""
         self._fds[key] = fd
         if not store:
             self._unindexed.add(key)
             return
+        os.set_inheritable(fd, False)
         for old in self._unindexed:
             self._index(old, self._fds[old])
         self._unindexed.clear()

@@ -4,6 +4,7 @@ import asyncio
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -137,32 +138,27 @@ async def test_enqueued_records_keep_their_order_and_any_flush_makes_them_durabl
     assert records == [*first, *second]
 
 
-def test_a_well_framed_record_that_does_not_parse_is_skipped(tmp_path: Path) -> None:
-    bogus = b'{"type": "no_such_record"}'
-    frame = struct.pack("<II", len(bogus), zlib.crc32(bogus)) + bogus
+def damages_around(tmp_path: Path, payload: bytes) -> list[tuple[bool, bool]]:
+    """Replay a journal with a well-framed `payload` after its first record: the records
+    must all come back, and (cut?, "unreadable record"?) of each damaged frame is returned."""
+    frame = struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
     path = tmp_path / "journal"
     path.write_bytes(MAGIC + encode(RECORDS[:1]) + frame + encode(RECORDS[1:]))
     journal, records, damages = Journal.open(path)
     journal.close()
     assert records == RECORDS
-    assert [(d.cut, d.reason.startswith("unreadable record")) for d in damages] == [
-        (False, True)
-    ]
+    return [(d.cut, d.reason.startswith("unreadable record")) for d in damages]
+
+
+def test_a_well_framed_record_that_does_not_parse_is_skipped(tmp_path: Path) -> None:
+    assert damages_around(tmp_path, b'{"type": "no_such_record"}') == [(False, True)]
 
 
 def test_a_frame_holding_two_records_is_skipped_not_read_as_two(tmp_path: Path) -> None:
     """Frames are parsed a chunk at a time as one JSON array: a payload `{...},{...}` must
     not pass for two frames."""
     two = encode(RECORDS[:1])[8:] + b"," + encode(RECORDS[3:])[8:]  # payloads, unframed
-    frame = struct.pack("<II", len(two), zlib.crc32(two)) + two
-    path = tmp_path / "journal"
-    path.write_bytes(MAGIC + encode(RECORDS[:1]) + frame + encode(RECORDS[1:]))
-    journal, records, damages = Journal.open(path)
-    journal.close()
-    assert records == RECORDS
-    assert [(d.cut, d.reason.startswith("unreadable record")) for d in damages] == [
-        (False, True)
-    ]
+    assert damages_around(tmp_path, two) == [(False, True)]
 
 
 async def test_compaction_waits_for_the_write_in_flight_and_keeps_later_records(
@@ -244,3 +240,21 @@ async def test_closing_writes_what_is_enqueued_and_nothing_after(tmp_path: Path)
     _, records, damages = Journal.open(path)
     assert records == RECORDS[:2]
     assert damages == []
+
+
+async def test_a_write_that_cannot_start_fails_the_flush_rather_than_hanging(
+    tmp_path: Path,
+) -> None:
+    journal, _, _ = Journal.open(tmp_path / "journal")
+    loop = asyncio.get_running_loop()
+    gone = ThreadPoolExecutor()
+    gone.shutdown()
+    loop.set_default_executor(gone)  # run_in_executor now raises RuntimeError
+    try:
+        journal.enqueue(RECORDS[:1])
+        with pytest.raises(RuntimeError, match="shutdown"):
+            async with asyncio.timeout(10):  # in this task: the flush itself starts the write
+                await journal.flush()
+    finally:
+        loop.set_default_executor(ThreadPoolExecutor())
+    journal.close()

@@ -64,7 +64,7 @@ def fd_guard(is_session_path: Callable[[str], bool]) -> Callable[[Message], Mess
         if (
             keep is None
             and msg.message_type is MessageType.METHOD_CALL
-            and is_preserve(msg)
+            and _is_preserve(msg)
             and msg.path
             and is_session_path(msg.path)
         ):
@@ -76,7 +76,7 @@ def fd_guard(is_session_path: Callable[[str], bool]) -> Callable[[Message], Mess
     return handle
 
 
-def is_preserve(msg: Message) -> bool:
+def _is_preserve(msg: Message) -> bool:
     return (
         msg.member == "PreserveFd"
         and msg.interface in (SESSION_INTERFACE, None)
@@ -86,7 +86,7 @@ def is_preserve(msg: Message) -> bool:
 
 def preserve_fd_index(msg: Message, is_session_path: Callable[[str], bool]) -> int | None:
     """Index of the fd a PreserveFd call will own, or None if the call will be rejected."""
-    if msg.message_type is not MessageType.METHOD_CALL or not is_preserve(msg):
+    if msg.message_type is not MessageType.METHOD_CALL or not _is_preserve(msg):
         return None
     if not msg.path or not is_session_path(msg.path):
         return None

@@ -113,18 +113,11 @@ class Notifier:
         return True
 
     def _drain(self) -> None:
-        while self._queue:
-            message, fd = self._queue[0]
-            if not self._try_send(message, fd):
-                return  # still full: stay armed for the next chance to write
-            self._queue.popleft()
-            if fd is not None:
-                os.close(fd)
+        if not self._send_queued():
+            return  # still full: stay armed for the next chance to write
         if self._loop is not None and self._store is not None:
             self._loop.remove_writer(self._store)
-        if self._drained is not None:
-            self._drained.set_result(None)
-            self._drained = None
+        self._emptied()
 
     def close(self) -> None:
         """Hand over what is still queued (waiting a little for room), then close."""
@@ -138,18 +131,27 @@ class Notifier:
 
     def _drain_blocking(self) -> None:
         assert self._store is not None
-        while self._queue and select.select([], [self._store], [], _STORE_DRAIN_TIMEOUT)[1]:
+        while not self._send_queued():
+            if not select.select([], [self._store], [], _STORE_DRAIN_TIMEOUT)[1]:
+                log.warning("fd_store_messages_dropped", count=len(self._queue))
+                for _, fd in self._queue:
+                    if fd is not None:
+                        os.close(fd)
+                self._queue.clear()
+        self._emptied()
+
+    def _send_queued(self) -> bool:
+        """Send queued messages while the manager takes them; is the queue empty now?"""
+        while self._queue:
             message, fd = self._queue[0]
-            if self._try_send(message, fd):
-                self._queue.popleft()
-                if fd is not None:
-                    os.close(fd)
-        if self._queue:
-            log.warning("fd_store_messages_dropped", count=len(self._queue))
-            for _, fd in self._queue:
-                if fd is not None:
-                    os.close(fd)
-            self._queue.clear()
+            if not self._try_send(message, fd):
+                return False
+            self._queue.popleft()
+            if fd is not None:
+                os.close(fd)
+        return True
+
+    def _emptied(self) -> None:
         if self._drained is not None and not self._drained.done():
             with contextlib.suppress(RuntimeError):  # its loop may be closed by now
                 self._drained.set_result(None)

@@ -189,6 +189,17 @@ def held() -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], FdEntry]]:
     return fds, entries
 
 
+def handed_over(luo: FakeLuo) -> dict[tuple[str, str], FdEntry]:
+    """The fds of held(), preserved and handed over by one backend, then a kexec: their
+    entries, for the backend of the next kernel."""
+    fds, entries = held()
+    old = backend_()
+    old.prepare_handover(fds, entries)
+    old.write_handover(fds, entries, "old-boot", lambda n: None)
+    luo.kexec()
+    return entries
+
+
 def test_a_kexec_hands_every_fd_back_exactly(luo: FakeLuo) -> None:
     fds, entries = held()
     before = {key: facts(fd) for key, fd in fds.items()}
@@ -213,11 +224,7 @@ def test_a_kexec_hands_every_fd_back_exactly(luo: FakeLuo) -> None:
 
 
 def test_finishing_a_session_frees_what_it_did_not_retrieve(luo: FakeLuo) -> None:
-    fds, entries = held()
-    old = backend_()
-    old.prepare_handover(fds, entries)
-    old.write_handover(fds, entries, "old-boot", lambda n: None)
-    luo.kexec()
+    entries = handed_over(luo)
     new = backend_()
     new.find_handover()
     os.close(new.retrieve_fd(("vm1", "ram"), entries["vm1", "ram"]))
@@ -228,11 +235,7 @@ def test_finishing_a_session_frees_what_it_did_not_retrieve(luo: FakeLuo) -> Non
 
 
 def test_a_damaged_index_is_reported_and_released_by_finish(luo: FakeLuo) -> None:
-    fds, entries = held()
-    old = backend_()
-    old.prepare_handover(fds, entries)
-    old.write_handover(fds, entries, "old-boot", lambda n: None)
-    luo.kexec()
+    handed_over(luo)
     index = luo.incoming[kernel.INDEX_SESSION].files[kernel.MANIFEST_TOKEN]
     damaged = os.memfd_create("", os.MFD_CLOEXEC)
     os.write(damaged, b"{not json")
@@ -248,11 +251,7 @@ def test_a_damaged_index_is_reported_and_released_by_finish(luo: FakeLuo) -> Non
 
 
 def test_without_exact_names_the_kernels_memfd_comes_back_uncopied(luo: FakeLuo) -> None:
-    fds, entries = held()
-    old = backend_()
-    old.prepare_handover(fds, entries)
-    old.write_handover(fds, entries, "old-boot", lambda n: None)
-    luo.kexec()
+    entries = handed_over(luo)
     new = backend_(exact_names=False)
     new.find_handover()
     fd = new.retrieve_fd(("vm1", "ram"), entries["vm1", "ram"])
@@ -325,11 +324,7 @@ def test_kernel_errors_become_contract_errors_naming_the_errno(luo: FakeLuo) -> 
 
 
 def test_a_token_missing_from_the_handover_is_no_such_token(luo: FakeLuo) -> None:
-    fds, entries = held()
-    old = backend_()
-    old.prepare_handover(fds, entries)
-    old.write_handover(fds, entries, "old-boot", lambda n: None)
-    luo.kexec()
+    entries = handed_over(luo)
     new = backend_()
     with pytest.raises(NoSuchToken):
         new.retrieve_fd(("vm1", "nothing"), entries["vm1", "ram"])

@@ -3,7 +3,7 @@
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -70,3 +70,18 @@ def make_memfd(size: int = 1 << 20, data: bytes = b"guest", name: str = "ram") -
     os.ftruncate(fd, size)
     os.pwrite(fd, data, 0)
     return fd
+
+
+def closes_cycle(requires_of: Mapping[str, Sequence[str]], token: str,
+                 requires: Sequence[str]) -> bool:
+    """The models' own statement of the rule: would `token` requiring `requires` close a
+    cycle through the tokens already held (`requires_of`: token -> what it requires)?"""
+    todo, seen = list(requires), set()
+    while todo:
+        current = todo.pop()
+        if current == token:
+            return True
+        if current not in seen and current in requires_of:
+            seen.add(current)
+            todo += requires_of[current]
+    return False

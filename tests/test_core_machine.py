@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from liveupdated.core.errors import LiveUpdateError
 from liveupdated.core.orchestrator import Caller, FdFacts, Limits, Orchestrator, Phase
 from liveupdated.core.records import Record
+from tests.conftest import closes_cycle
 
 LIMITS = Limits(max_sessions=5, max_fds_per_session=3, max_sessions_per_uid=2,
                 max_preserved_bytes=20000)
@@ -115,17 +116,6 @@ class CoreMachine(RuleBasedStateMachine):
             for fd in s.fds.values() for r in fd.requires if r not in s.fds
         ] + [f"{n}/{t}" for n, s in self.sessions.items() for t, fd in s.fds.items() if fd.lost]
 
-    def closes_cycle(self, session: ModelSession, token: str, requires: list[str]) -> bool:
-        todo, seen = list(requires), set()
-        while todo:
-            current = todo.pop()
-            if current == token:
-                return True
-            if current not in seen and current in session.fds:
-                seen.add(current)
-                todo += session.fds[current].requires
-        return False
-
     # ---- session commands ---------------------------------------------------------------
 
     @rule(actor=actors, name=session_names)
@@ -165,7 +155,7 @@ class CoreMachine(RuleBasedStateMachine):
                 total + size > LIMITS.max_preserved_bytes
             ):
                 errors.add("QuotaExceeded")
-            if self.closes_cycle(session, token, requires):
+            if closes_cycle({t: f.requires for t, f in session.fds.items()}, token, requires):
                 errors.add("InvalidArgument")
         facts = FdFacts(kind="memfd", size=size, name="ram", seals=0)
         if self.attempt(errors, lambda: self.core.preserve_fd(
@@ -353,9 +343,9 @@ class CoreMachine(RuleBasedStateMachine):
     @invariant()
     def no_dependency_cycles(self) -> None:
         for session in self.core.sessions.values():
+            held = {t: f.requires for t, f in self.sessions[session.name].fds.items()}
             for token, entry in session.fds.items():
-                assert not self.closes_cycle(self.sessions[session.name], token,
-                                             list(entry.requires))
+                assert not closes_cycle(held, token, entry.requires)
 
     @invariant()
     def visibility_follows_ownership(self) -> None:

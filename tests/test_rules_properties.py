@@ -23,7 +23,7 @@ from liveupdated.client import BusError, Client, SessionClient
 from liveupdated.core.errors import LiveUpdateError
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
-from tests.conftest import make_memfd
+from tests.conftest import closes_cycle, make_memfd
 from tests.other_uid import OtherUid, content_digest, digest
 from tests.test_rules_support import NOBODY, Host
 
@@ -158,6 +158,10 @@ class ModelSession:
     delay: bool = False
     ready: bool = False
 
+    @property
+    def requires_of(self) -> dict[str, tuple[str, ...]]:
+        return {token: requires for token, (requires, _) in self.fds.items()}
+
 
 @dataclass
 class Model:
@@ -178,18 +182,6 @@ class Model:
 
     def laggards(self) -> list[str]:
         return [n for n, s in self.sessions.items() if s.delay and not s.ready]
-
-    def closes_cycle(self, s: ModelSession, token: str, requires: tuple[str, ...]) -> bool:
-        todo, seen = list(requires), set()
-        while todo:
-            current = todo.pop()
-            if current == token:
-                return True
-            if current in seen or current not in s.fds:
-                continue
-            seen.add(current)
-            todo.extend(s.fds[current][0])
-        return False
 
     def session_errors(self, step: Step, phases: set[str]) -> tuple[set[str], ModelSession | None]:
         """Errors of a call on session `step.name`, and the session if it exists."""
@@ -232,7 +224,7 @@ class Model:
                         errors.add("TokenExists")
                     if len(s.fds) >= MAX_FDS or self.total_bytes() + step.size > MAX_BYTES:
                         errors.add("QuotaExceeded")
-                    if self.closes_cycle(s, step.token, step.requires):
+                    if closes_cycle(s.requires_of, step.token, step.requires):
                         errors.add("InvalidArgument")
             case "unpreserve" | "retrieve":
                 if not NAME_RE.fullmatch(step.token):

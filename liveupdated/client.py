@@ -166,6 +166,12 @@ class SessionClient:
         """Hand `fd` over; the caller keeps its own copy and may close it afterwards."""
         await self._call("PreserveFd", "shas", [token, 0, list(requires)], [fd])
 
+    async def preserve_fds(self, fds: Sequence[tuple[str, int, Sequence[str]]]) -> None:
+        """Hand several fds over in one call, each as (token, fd, requires): all are
+        preserved, or none. At most 16 per call (dbus-daemon's default limit)."""
+        body = [[token, i, list(requires)] for i, (token, _, requires) in enumerate(fds)]
+        await self._call("PreserveFds", "a(shas)", [body], [fd for _, fd, _ in fds])
+
     async def unpreserve_fd(self, token: str) -> None:
         await self._call("UnpreserveFd", "s", [token])
 

@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 import structlog
 
 from liveupdated.backends import Backend, Key
-from liveupdated.core.errors import Corrupted, Timeout, WrongState
-from liveupdated.core.orchestrator import Caller, FdEntry, Orchestrator, Phase, Session
+from liveupdated.core.errors import Corrupted, Timeout, UnsupportedFd, WrongState
+from liveupdated.core.orchestrator import (
+    Caller,
+    FdEntry,
+    FdFacts,
+    Orchestrator,
+    Phase,
+    Session,
+)
 from liveupdated.core.records import (
     FdPreserved,
     FdReleased,
@@ -180,23 +187,45 @@ class LiveUpdate:
         self, caller: Caller, session: str, token: str, fd: int, requires: Sequence[str]
     ) -> None:
         """Takes ownership of `fd`: it is kept, or closed on every failure path."""
-        records = self.begin_preserve_fd(caller, session, token, fd, requires)
+        await self.preserve_fds(caller, session, [(token, fd, requires)], "PreserveFd")
+
+    async def preserve_fds(
+        self,
+        caller: Caller,
+        session: str,
+        fds: Sequence[tuple[str, int, Sequence[str]]],
+        command: str = "PreserveFds",
+    ) -> None:
+        """(token, fd, requires) of each fd: all preserved, or none. Takes ownership of
+        every fd: all kept, or all closed."""
+        records = self.begin_preserve_fds(caller, session, fds, command)
         await self.flush()
         self.finish_preserve_fd(records)
 
     def begin_preserve_fd(
         self, caller: Caller, session: str, token: str, fd: int, requires: Sequence[str]
     ) -> list[Record]:
-        """PreserveFd up to the journal: decided, held and enqueued, durable after the next
-        flush. Takes ownership of `fd`: it is kept, or closed on every failure path."""
+        return self.begin_preserve_fds(caller, session, [(token, fd, requires)], "PreserveFd")
+
+    def begin_preserve_fds(
+        self,
+        caller: Caller,
+        session: str,
+        fds: Sequence[tuple[str, int, Sequence[str]]],
+        command: str,
+    ) -> list[Record]:
+        """PreserveFd(s) up to the journal: decided, held and enqueued, durable after the
+        next flush. Takes ownership of the fds: all kept, or all closed on every failure."""
         try:
-            self.core.check_preserve(caller, session, token, requires)
-            facts = memfd.inspect(fd)
-            records = self.core.preserve_fd(caller, session, token, requires, facts)
+            self.core.check_preserve_all(caller, session, [(t, r) for t, _, r in fds], command)
+            inspected = [(t, r, _inspect(t, fd, named=len(fds) > 1)) for t, fd, r in fds]
+            records = self.core.preserve_fds(caller, session, inspected, command)
         except BaseException:
-            os.close(fd)
+            for _, fd, _ in fds:
+                os.close(fd)
             raise
-        self.vault.keep((session, token), fd)
+        for token, fd, _ in fds:
+            self.vault.keep((session, token), fd)
         self.journal.enqueue(records)
         return records
 
@@ -357,3 +386,13 @@ class LiveUpdate:
             await self._durable(self.core.finish(caller))
             await asyncio.to_thread(self.backend.finish)
             await self.journal.compact(self.core.snapshot)
+
+
+def _inspect(token: str, fd: int, named: bool) -> FdFacts:
+    """The memfd's facts; an error about one fd of several says which token it is for."""
+    try:
+        return memfd.inspect(fd)
+    except UnsupportedFd as exc:
+        if named:
+            raise UnsupportedFd(f"fd of token {token!r}: {exc}") from None
+        raise

@@ -136,33 +136,43 @@ class CoreMachine(RuleBasedStateMachine):
             self.sessions[name] = ModelSession(UIDS[actor], self.clients[actor])
             assert self.core.sessions[name].unit == self.caller(actor).unit
 
-    @rule(actor=actors, name=session_names, token=tokens, requires=requires_lists, size=sizes)
-    def preserve_fd(
-        self, actor: str, name: str, token: str, requires: list[str], size: int
+    @rule(actor=actors, name=session_names,
+          fds=st.lists(st.tuples(tokens, requires_lists, sizes), min_size=1, max_size=3))
+    def preserve_fds(
+        self, actor: str, name: str, fds: list[tuple[str, list[str], int]]
     ) -> None:
+        """PreserveFd for one fd, PreserveFds for several: all of them or none."""
         errors = set()
-        if not all(NAME_RE.fullmatch(t) for t in [token, *requires]) or len(
-            set(requires)
-        ) != len(requires):
+        tokens = [token for token, _, _ in fds]
+        if (
+            not all(NAME_RE.fullmatch(t) for token, requires, _ in fds for t in [token, *requires])
+            or any(len(set(requires)) != len(requires) for _, requires, _ in fds)
+            or len(set(tokens)) != len(tokens)
+        ):
             errors.add("InvalidArgument")
         errors |= self.session_errors(actor, name, {"normal"})
         session = self.sessions.get(name)
         if session is not None:
-            if token in session.fds:
+            if any(token in session.fds for token in tokens):
                 errors.add("TokenExists")
             total = sum(fd.size for s in self.sessions.values() for fd in s.fds.values())
-            if len(session.fds) >= LIMITS.max_fds_per_session or (
-                total + size > LIMITS.max_preserved_bytes
+            if len(session.fds) + len(fds) > LIMITS.max_fds_per_session or (
+                total + sum(size for _, _, size in fds) > LIMITS.max_preserved_bytes
             ):
                 errors.add("QuotaExceeded")
-            if closes_cycle({t: f.requires for t, f in session.fds.items()}, token, requires):
+            graph = {t: f.requires for t, f in session.fds.items()}
+            graph.update((token, tuple(requires)) for token, requires, _ in fds)
+            if any(closes_cycle(graph, token, requires) for token, requires, _ in fds):
                 errors.add("InvalidArgument")
-        facts = FdFacts(kind="memfd", size=size, name="ram", seals=0)
-        if self.attempt(errors, lambda: self.core.preserve_fd(
-            self.caller(actor), name, token, requires, facts
+        caller = self.caller(actor)
+        facts = [(t, r, FdFacts(kind="memfd", size=size, name="ram", seals=0))
+                 for t, r, size in fds]
+        if self.attempt(errors, lambda: self.core.preserve_fds(
+            caller, name, facts, "PreserveFd" if len(fds) == 1 else "PreserveFds"
         )):
             assert session is not None
-            session.fds[token] = ModelFd(tuple(requires), size)
+            for token, requires, size in fds:
+                session.fds[token] = ModelFd(tuple(requires), size)
 
     @rule(actor=actors, name=session_names, token=tokens)
     def unpreserve_fd(self, actor: str, name: str, token: str) -> None:

@@ -18,6 +18,7 @@ from liveupdated.bus import ERROR_PREFIX, SESSION_INTERFACE
 from liveupdated.bus.callers import CURRENT_MESSAGE
 
 PRESERVE_SIGNATURE = "shas"
+PRESERVE_ALL_SIGNATURE = "a(shas)"
 
 
 class FdOwningBus(MessageBus):
@@ -55,42 +56,63 @@ def fd_guard(is_session_path: Callable[[str], bool]) -> Callable[[Message], Mess
     def handle(msg: Message) -> Message | bool:
         CURRENT_MESSAGE.set(msg)
         fds = msg.unix_fds
-        if not fds:
-            return False
         for fd in fds:
             os.set_inheritable(fd, False)
-        keep = preserve_fd_index(msg, is_session_path)
-        _close_all([fd for i, fd in enumerate(fds) if i != keep])
-        if (
-            keep is None
-            and msg.message_type is MessageType.METHOD_CALL
-            and _is_preserve(msg)
-            and msg.path
-            and is_session_path(msg.path)
-        ):
+        if not _calls_preserve(msg, is_session_path):
+            _close_all(fds)
+            return False
+        keep = _owned_indices(msg)
+        _close_all([fd for i, fd in enumerate(fds) if keep is None or i not in keep])
+        if keep is None:  # also with no fds at all: an index must never reach a method
             return Message.new_error(
-                msg, ERROR_PREFIX + "InvalidArgument", "the fd argument names no passed fd"
+                msg, ERROR_PREFIX + "InvalidArgument",
+                "each fd argument must name a passed fd of its own",
             )
+        if msg.member == "PreserveFds":
+            # dbus-fast unmarshals structs as tuples, then fails to put the fds into them
+            # (its dispatch raises TypeError and the fds would stay open): lists it can fill.
+            entries = msg.body[0]
+            entries[:] = [list(entry) for entry in entries]
         return False
 
     return handle
 
 
-def _is_preserve(msg: Message) -> bool:
+def _preserve_member(msg: Message) -> str | None:
+    """PreserveFd or PreserveFds, when msg calls one with its signature."""
+    if msg.interface not in (SESSION_INTERFACE, None):
+        return None
+    if msg.member == "PreserveFd" and msg.signature == PRESERVE_SIGNATURE:
+        return "PreserveFd"
+    if msg.member == "PreserveFds" and msg.signature == PRESERVE_ALL_SIGNATURE:
+        return "PreserveFds"
+    return None
+
+
+def _calls_preserve(msg: Message, is_session_path: Callable[[str], bool]) -> bool:
+    path = msg.path
     return (
-        msg.member == "PreserveFd"
-        and msg.interface in (SESSION_INTERFACE, None)
-        and msg.signature == PRESERVE_SIGNATURE
+        msg.message_type is MessageType.METHOD_CALL
+        and _preserve_member(msg) is not None
+        and path is not None
+        and is_session_path(path)
     )
+
+
+def _owned_indices(msg: Message) -> frozenset[int] | None:
+    """Indices of the fds a PreserveFd(s) call will own, or None if the call must be
+    rejected: each fd argument must be the index of a passed fd, no two the same."""
+    body = msg.body
+    indices = [body[1]] if msg.member == "PreserveFd" else [entry[1] for entry in body[0]]
+    if not all(isinstance(i, int) and 0 <= i < len(msg.unix_fds) for i in indices):
+        return None
+    owned = frozenset(indices)
+    return owned if len(owned) == len(indices) else None
 
 
 def preserve_fd_index(msg: Message, is_session_path: Callable[[str], bool]) -> int | None:
     """Index of the fd a PreserveFd call will own, or None if the call will be rejected."""
-    if msg.message_type is not MessageType.METHOD_CALL or not _is_preserve(msg):
+    if msg.member != "PreserveFd" or not _calls_preserve(msg, is_session_path):
         return None
-    if not msg.path or not is_session_path(msg.path):
-        return None
-    index = msg.body[1]
-    if not isinstance(index, int) or not 0 <= index < len(msg.unix_fds):
-        return None
-    return index
+    owned = _owned_indices(msg)
+    return next(iter(owned)) if owned else None

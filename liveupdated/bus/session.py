@@ -18,6 +18,7 @@ from liveupdated.service import LiveUpdate
 
 StringList = Annotated[list[str], Sig("as")]
 FdList = Annotated[list[list[Any]], Sig("a(ssast)")]
+FdsToPreserve = Annotated[list[list[Any]], Sig("a(shas)")]
 
 
 class SessionObject(ServiceInterface):
@@ -40,6 +41,18 @@ class SessionObject(ServiceInterface):
             os.close(fd)
             raise
         await self._service.preserve_fd(caller, self.session_name, token, fd, requires)
+
+    @dbus_method(name="PreserveFds")
+    @contract
+    async def preserve_fds(self, fds: FdsToPreserve) -> None:
+        entries = [(token, fd, requires) for token, fd, requires in fds]
+        try:
+            caller = await self._callers.current()
+        except BaseException:
+            for _, fd, _ in entries:
+                os.close(fd)
+            raise
+        await self._service.preserve_fds(caller, self.session_name, entries)
 
     @dbus_method(name="UnpreserveFd")
     @contract

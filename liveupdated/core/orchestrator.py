@@ -67,6 +67,7 @@ SESSION_COMMAND_PHASES: dict[str, frozenset[Phase]] = {
     "CreateSession": frozenset({Phase.NORMAL}),
     "RetrieveSession": frozenset({Phase.UPDATED}),
     "PreserveFd": frozenset({Phase.NORMAL}),
+    "PreserveFds": frozenset({Phase.NORMAL}),
     "UnpreserveFd": frozenset({Phase.NORMAL}),
     "DelayFreeze": frozenset({Phase.NORMAL}),
     "ReadyForFreeze": frozenset({Phase.PREPARED}),
@@ -340,52 +341,95 @@ class Orchestrator:
         self, caller: Caller, name: str, token: str, requires: Sequence[str]
     ) -> Session:
         """Every check of PreserveFd that does not need the fd itself."""
-        check_name(token, "token")
-        for required in requires:
-            check_name(required, "required token")
-        if len(set(requires)) != len(requires):
-            raise InvalidArgument(f"requires of {token!r} lists a token twice: {list(requires)}")
+        return self.check_preserve_all(caller, name, [(token, requires)])
+
+    def check_preserve_all(
+        self,
+        caller: Caller,
+        name: str,
+        wanted: Sequence[tuple[str, Sequence[str]]],
+        command: str = "PreserveFd",
+    ) -> Session:
+        """Every check of PreserveFd or PreserveFds that does not need the fds: (token,
+        requires) pairs that are preserved all together or not at all."""
+        new: dict[str, Sequence[str]] = {}
+        for token, requires in wanted:
+            check_name(token, "token")
+            for required in requires:
+                check_name(required, "required token")
+            if len(set(requires)) != len(requires):
+                raise InvalidArgument(
+                    f"requires of {token!r} lists a token twice: {list(requires)}"
+                )
+            if token in new:
+                raise InvalidArgument(f"{command} names token {token!r} twice; one fd per token")
+            new[token] = requires
         session = self.owned_session(caller, name)
-        self._require_phase("PreserveFd", SESSION_COMMAND_PHASES["PreserveFd"])
-        if token in session.fds:
-            raise TokenExists(
-                f"session {name!r} already holds token {token!r}; UnpreserveFd it first"
-            )
-        if len(session.fds) >= self.limits.max_fds_per_session:
+        self._require_phase(command, SESSION_COMMAND_PHASES[command])
+        for token in new:
+            if token in session.fds:
+                raise TokenExists(
+                    f"session {name!r} already holds token {token!r}; UnpreserveFd it first"
+                )
+        if len(session.fds) + len(new) > self.limits.max_fds_per_session:
             raise QuotaExceeded(
-                f"session {name!r} holds the maximum of {self.limits.max_fds_per_session} fds"
+                f"session {name!r} holds {len(session.fds)} fds; {len(new)} more would pass "
+                f"the maximum of {self.limits.max_fds_per_session} fds"
             )
-        cycle = self._cycle_through(session, token, requires)
-        if cycle:
-            raise InvalidArgument(
-                f"requires of {token!r} would close a dependency cycle: {' -> '.join(cycle)}"
-            )
+        for token, requires in wanted:
+            cycle = self._cycle_through(session, token, requires, new)
+            if cycle:
+                raise InvalidArgument(
+                    f"requires of {token!r} would close a dependency cycle: {' -> '.join(cycle)}"
+                )
         return session
 
     def _cycle_through(
-        self, session: Session, token: str, requires: Sequence[str]
+        self,
+        session: Session,
+        token: str,
+        requires: Sequence[str],
+        new: Mapping[str, Sequence[str]],
     ) -> list[str] | None:
-        """A path token -> ... -> token through the session's declared requires, if any."""
+        """A path token -> ... -> token through the requires declared in the session and
+        by the `new` tokens being added with it, if any."""
         stack: list[tuple[str, list[str]]] = [(r, [token, r]) for r in requires]
         seen: set[str] = set()
         while stack:
             current, path = stack.pop()
             if current == token:
                 return path
-            if current in seen or current not in session.fds:
+            if current in seen:
                 continue
             seen.add(current)
-            stack.extend((nxt, [*path, nxt]) for nxt in session.fds[current].requires)
+            if current in new:
+                onward: Sequence[str] = new[current]
+            elif current in session.fds:
+                onward = session.fds[current].requires
+            else:
+                continue
+            stack.extend((nxt, [*path, nxt]) for nxt in onward)
         return None
 
     def preserve_fd(
         self, caller: Caller, name: str, token: str, requires: Sequence[str], facts: FdFacts
     ) -> list[Record]:
-        self.check_preserve(caller, name, token, requires)
-        total = self.total_preserved_bytes() + facts.size
+        return self.preserve_fds(caller, name, [(token, requires, facts)])
+
+    def preserve_fds(
+        self,
+        caller: Caller,
+        name: str,
+        fds: Sequence[tuple[str, Sequence[str], FdFacts]],
+        command: str = "PreserveFd",
+    ) -> list[Record]:
+        """(token, requires, facts) of each fd: all preserved, or none."""
+        self.check_preserve_all(caller, name, [(t, r) for t, r, _ in fds], command)
+        size = sum(facts.size for _, _, facts in fds)
+        total = self.total_preserved_bytes() + size
         if total > self.limits.max_preserved_bytes:
             raise QuotaExceeded(
-                f"preserving {facts.size} bytes would bring the host to {total} bytes, over "
+                f"preserving {size} bytes would bring the host to {total} bytes, over "
                 f"the limit of {self.limits.max_preserved_bytes} bytes"
             )
         return self._commit(
@@ -399,6 +443,7 @@ class Orchestrator:
                     name=facts.name,
                     seals=facts.seals,
                 )
+                for token, requires, facts in fds
             ]
         )
 

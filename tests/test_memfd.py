@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from liveupdated.backends.simulated import RECORD_NAME, SimulatedBackend
+from liveupdated.backends.simulated import RECORD_NAME, SimulatedBackend, _runs
 from liveupdated.core.errors import Corrupted, UnsupportedFd
 from liveupdated.core.orchestrator import FdEntry
 from liveupdated.demo import fingerprint, make_guest_memory
@@ -212,6 +212,30 @@ def test_a_large_memfd_is_carried_in_pieces_each_checksummed(tmp_path: Path) -> 
     ]
     back = SimulatedBackend(area).retrieve_fd(("vm", "ram"), entry("ram"))
     assert fingerprint(back).sha256 == fingerprint(fd).sha256
+    for f in (fd, back):
+        os.close(f)
+
+
+def test_many_small_extents_are_copied_in_runs_each_checksummed(tmp_path: Path) -> None:
+    """Extents are grouped into runs of up to PIECE bytes (one thread writes a file in
+    order); the record still has one checksum per extent, in order."""
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 128 << 20)
+    for i in range(40):  # just over 1 MiB of data every 3 MiB: 40 extents, 3 runs
+        os.pwrite(fd, os.urandom((1 << 20) + i * 4096), i * (3 << 20) + (1 << 20))
+    assert [len(run) for run in _runs([(0, 6 << 20)] * 5)] == [2, 2, 1]
+    assert [len(run) for run in _runs([(0, 16 << 20), (0, 1), (0, 16 << 20)])] == [1, 1, 1]
+    area = tmp_path / "handover"
+    SimulatedBackend(area).write_handover({("vm", "ram"): fd}, {("vm", "ram"): entry("ram")},
+                                          "boot", lambda n: None)
+    record = json.loads((area / RECORD_NAME).read_bytes().rpartition(b"\n")[0])
+    (carried,) = record["fds"]
+    assert len(carried["extents"]) == 40
+    assert carried["crc32s"] == [
+        zlib.crc32(os.pread(fd, length, start)) for start, length in carried["extents"]
+    ]
+    back = SimulatedBackend(area).retrieve_fd(("vm", "ram"), entry("ram"))
+    assert fingerprint(back) == fingerprint(fd)
     for f in (fd, back):
         os.close(f)
 

@@ -118,14 +118,15 @@ class SimulatedBackend:
         sources = [_source(key, fd) for key, fd in fds.items()]
         for source in sources:
             self._create(data_dir, source)
-        pieces = [(s, piece) for s in sources for piece in s.extents]
+        jobs = [(s, run) for s in sources for run in _runs(s.extents)]
         crcs: dict[Key, list[int]] = {s.key: [] for s in sources}
         total = 0
         with ThreadPoolExecutor(max_workers=COPY_WORKERS) as workers:
-            copies = workers.map(lambda job: self._copy_out(data_dir, *job), pieces)
-            for (source, _), (copied, crc) in zip(pieces, copies, strict=True):
-                crcs[source.key].append(crc)
-                total += copied
+            copies = workers.map(lambda job: self._copy_out(data_dir, *job), jobs)
+            for (source, _), copied in zip(jobs, copies, strict=True):
+                for length, crc in copied:
+                    crcs[source.key].append(crc)
+                    total += length
                 progress(total)
         carried = [
             CarriedFd(
@@ -154,11 +155,12 @@ class SimulatedBackend:
             os.close(out)
 
     def _copy_out(
-        self, data_dir: Path, source: _Source, piece: tuple[int, int]
-    ) -> tuple[int, int]:
+        self, data_dir: Path, source: _Source, run: list[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """Copy a run of pieces of one fd; (bytes, crc32) of each."""
         out = os.open(data_dir / self._data_file(source.key), os.O_WRONLY | os.O_CLOEXEC)
         try:
-            return memfd.copy_extents(source.fd, out, [piece])
+            return [memfd.copy_extents(source.fd, out, [piece]) for piece in run]
         finally:
             os.close(out)
 
@@ -222,6 +224,21 @@ def _source(key: Key, fd: int) -> _Source:
     ]
     return _Source(key=key, fd=fd, size=size, position=os.lseek(fd, 0, os.SEEK_CUR),
                    seals=memfd.seals_of(fd), extents=pieces)
+
+
+def _runs(pieces: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Consecutive pieces grouped into runs of up to PIECE bytes: one worker writes each
+    run, so that a file is written in order by one thread (two threads writing one file
+    wait for each other on its lock) and a large one is still shared out."""
+    runs: list[list[tuple[int, int]]] = []
+    size = PIECE
+    for piece in pieces:
+        if size + piece[1] > PIECE:
+            runs.append([])
+            size = 0
+        runs[-1].append(piece)
+        size += piece[1]
+    return runs
 
 
 def _copy_back(src: int, dst: int, carried: CarriedFd) -> bool:

@@ -1,4 +1,5 @@
-"""The baseline of the PreserveFd benchmark: a bare dbus-fast method taking and returning an fd.
+"""The baseline of the PreserveFd benchmark: a bare dbus-fast method taking and returning an fd
+(Echo), and one taking and returning several (EchoAll), beside PreserveFds.
 
 Run as `python bench/bare_service.py ADDRESS [raw]`; prints "ready" once it owns its bus
 name. `raw` answers from a message handler, without dbus-fast's ServiceInterface dispatch
@@ -9,13 +10,14 @@ written with dbus-fast, reported beside the baseline.
 import asyncio
 import os
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 from dbus_fast import Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusUnixFd
+from dbus_fast.annotations import DBusSignature, DBusUnixFd
 from dbus_fast.service import ServiceInterface, dbus_method
 
+FdArray = Annotated[list[int], DBusSignature("ah")]
 NAME = "org.liveupdate1.BenchBare"
 RAW_NAME = "org.liveupdate1.BenchBareRaw"
 PATH = "/org/liveupdate1/BenchBare"
@@ -44,6 +46,10 @@ class Bare(ServiceInterface):
     @dbus_method(name="Echo")
     async def echo(self, fd: DBusUnixFd) -> DBusUnixFd:
         return fd
+
+    @dbus_method(name="EchoAll")
+    async def echo_all(self, fds: FdArray) -> FdArray:
+        return fds
 
 
 def echo_raw(msg: Message) -> Message | None:

@@ -267,6 +267,7 @@ class Bench:
                 progress(f"PreserveFd x {calls}, {HELD} fds held, repeat {repeat + 1}")
                 await self.bare_calls(calls, fds[0])
                 await self.bare_calls(calls, fds[0], raw=True)
+                await self.bare_batch_calls(len(runs(calls, HELD)), fds[0])
                 restarts = 0 if repeat else self.sizes.restarts  # of the first daemon only
                 await self.restore(*await self.fill(fds, repeat), restarts=restarts)
 
@@ -286,6 +287,24 @@ class Bench:
             self.results.add(f"{name}{part}_cpu_us_per_call", round(spent / count * 1e6, 1),
                              "us")
         return self.results.add(f"{name}_calls_per_s", count / seconds, "calls/s")
+
+    async def bare_batch_calls(self, calls: int, fd: int) -> None:
+        """EchoAll of BATCH fds a call: the bare method beside PreserveFds."""
+        bus = await MessageBus(bus_address=self.bus.address, negotiate_unix_fd=True).connect()
+
+        async def call(_: int) -> None:
+            reply = await bus.call(Message(destination=BARE_NAME, path=BARE_PATH,
+                                           interface=BARE_NAME, member="EchoAll",
+                                           signature="ah", body=[list(range(BATCH))],
+                                           unix_fds=[fd] * BATCH))
+            assert reply is not None and len(reply.unix_fds) == BATCH, reply
+            close_all(reply.unix_fds)
+
+        try:
+            rate = await self.calls("bare_batch", self.bare_pid, calls, call)
+            self.results.add("bare_batch_fds_per_s", rate * BATCH, "fds/s")
+        finally:
+            bus.disconnect()
 
     async def bare_calls(self, calls: int, fd: int, raw: bool = False) -> None:
         bus = await MessageBus(bus_address=self.bus.address, negotiate_unix_fd=True).connect()
@@ -346,6 +365,8 @@ class Bench:
         fds_per_s = calls_per_s * (HELD - single) / calls
         self.results.add("preserve_batch_fds_per_s", fds_per_s, "fds/s")
         self.results.add("preserve_batch_ratio", fds_per_s / bare, "")
+        self.results.add("preserve_batch_vs_bare_batch",
+                         fds_per_s / self.results.samples["bare_batch_fds_per_s"][-1], "")
         self.results.add("rss_mib_10k_preserved", rss_mib(daemon.pid), "MiB")
         return daemon, client, notes, state
 

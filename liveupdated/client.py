@@ -13,7 +13,13 @@ from typing import Any, Self
 from dbus_fast import DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from liveupdated.bus import BUS_NAME, ERROR_PREFIX, MANAGER_INTERFACE, SESSION_INTERFACE
+from liveupdated.bus import (
+    BUS_NAME,
+    ERROR_PREFIX,
+    MANAGER_INTERFACE,
+    MAX_FDS_PER_MESSAGE,
+    SESSION_INTERFACE,
+)
 from liveupdated.bus.address import connect
 from liveupdated.core import errors
 from liveupdated.core.names import MANAGER_PATH
@@ -168,7 +174,13 @@ class SessionClient:
 
     async def preserve_fds(self, fds: Sequence[tuple[str, int, Sequence[str]]]) -> None:
         """Hand several fds over in one call, each as (token, fd, requires): all are
-        preserved, or none. At most 16 per call (dbus-daemon's default limit)."""
+        preserved, or none. At most MAX_FDS_PER_MESSAGE (16) a call: dbus-daemon drops
+        the connection of a client that sends more in one message."""
+        if len(fds) > MAX_FDS_PER_MESSAGE:
+            raise errors.InvalidArgument(
+                f"PreserveFds takes at most {MAX_FDS_PER_MESSAGE} fds a call (dbus-daemon's "
+                f"max_message_unix_fds), not {len(fds)}: hand the set over in several calls"
+            )
         body = [[token, i, list(requires)] for i, (token, _, requires) in enumerate(fds)]
         await self._call("PreserveFds", "a(shas)", [body], [fd for _, fd, _ in fds])
 

@@ -1,6 +1,7 @@
 """The durable record of every state change: an append-only file of checksummed frames.
 
-A frame is `<u32 length><u32 crc32>` and a JSON record. Commits are group-fsync'd off the
+A frame is `<u32 length><u32 crc32>` and a JSON record, or the JSON list of the records of
+one decision (a torn write keeps all of them or none). Commits are group-fsync'd off the
 event loop. At replay a torn or corrupt tail is cut, and a damaged frame in the middle is
 skipped; no damaged record is ever applied. This module never interprets records.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from liveupdated.core.codec import to_json
-from liveupdated.core.records import Record, decode_record, decode_records
+from liveupdated.core.records import Record, decode_group, decode_records
 
 MAGIC = b"LUJRNL\x00\x01"
 _FRAME = struct.Struct("<II")
@@ -33,10 +34,16 @@ class Damage:
     cut: bool
 
 
-def encode(records: Iterable[Record]) -> bytes:
+def encode(records: Iterable[Record], whole: bool = False) -> bytes:
+    """A frame per record; with `whole`, one frame holding the list of them all, so that
+    a torn write keeps all or none (unless that frame would pass MAX_RECORD_BYTES)."""
+    payloads = [to_json(record) for record in records]
+    if whole and len(payloads) > 1:
+        group = b"[" + b",".join(payloads) + b"]"
+        if len(group) <= MAX_RECORD_BYTES:
+            payloads = [group]
     out = bytearray()
-    for record in records:
-        payload = to_json(record)
+    for payload in payloads:
         out += _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
     return bytes(out)
 
@@ -111,7 +118,7 @@ def _parse(starts: list[int], payloads: list[bytes], damages: list[Damage]) -> l
             pass
         for offset, payload in zip(starts[first : first + _PARSE_CHUNK], chunk, strict=True):
             try:
-                records.append(decode_record(payload))
+                records += decode_group(payload)
             except ValueError as exc:
                 reason = f"unreadable record: {exc}"
                 damages.append(Damage(offset, _FRAME.size + len(payload), reason, cut=False))
@@ -198,7 +205,7 @@ class Journal:
 
     def commit_now(self, records: Iterable[Record]) -> None:
         """Blocking commit, for start-up and shutdown paths outside the event loop's work."""
-        data = encode(records)
+        data = encode(records, whole=True)
         if data:
             self._write_and_sync(data)
             self.commits += 1
@@ -209,10 +216,10 @@ class Journal:
         await self.flush()
 
     def enqueue(self, records: Sequence[Record]) -> None:
-        """Put records in line now, in the order of the decisions that made them; they are
-        durable once `flush` returns."""
+        """Put the records of one decision in line now, in the order of the decisions;
+        they are durable once `flush` returns, all of them or (after a crash) none."""
         if records:
-            self._pending.append(encode(records))
+            self._pending.append(encode(records, whole=True))
             self.commits += 1
             if len(self._pending) == 1 and self._in_flight is None:
                 with contextlib.suppress(RuntimeError):  # outside the loop: flush writes

@@ -28,6 +28,7 @@ from liveupdated.core.records import (
     SessionDropped,
     SessionFinished,
     SessionReady,
+    decode_group,
     decode_record,
     decode_records,
 )
@@ -64,6 +65,25 @@ def test_every_record_round_trips_with_its_type_first(record: Record) -> None:
 def test_records_decode_many_at_once() -> None:
     assert decode_records([to_json(r) for r in EVERY_RECORD]) == EVERY_RECORD
     assert decode_records([]) == []
+
+
+def test_a_list_of_records_is_one_decisions_group() -> None:
+    """A journal frame may hold the records of one decision as a list: decode_group and
+    decode_records take it, decode_record (one record) does not, and a list holding
+    anything but records is refused whole."""
+    group = b"[" + b",".join(to_json(r) for r in EVERY_RECORD[:3]) + b"]"
+    assert decode_group(group) == EVERY_RECORD[:3]
+    assert decode_group(to_json(EVERY_RECORD[3])) == [EVERY_RECORD[3]]
+    assert decode_records([to_json(EVERY_RECORD[3]), group]) == [EVERY_RECORD[3],
+                                                                 *EVERY_RECORD[:3]]
+    with pytest.raises(DecodeError, match="expected a JSON object, got list"):
+        decode_record(group)
+    for bad in (b"[" + to_json(EVERY_RECORD[0]) + b",7]", b"[[" + SESSION_READY.encode() + b"]]",
+                b'[{"type":"session_ready"}]'):
+        with pytest.raises(DecodeError):
+            decode_group(bad)
+        with pytest.raises(DecodeError):
+            decode_records([to_json(EVERY_RECORD[0]), bad])
 
 
 def test_the_json_is_compact_utf8_in_declared_order() -> None:
@@ -127,7 +147,6 @@ PRESERVED = FdPreserved(session="vm", token="t", kind="memfd", requires=(), size
         ('{"type":["session_ready"],"session":"vm"}',
          "Record: unknown type ['session_ready']"),
         ('{"type":1}', "Record: unknown type 1"),
-        ("[" + SESSION_READY + "]", "Record: expected a JSON object, got list"),
         ('"session_ready"', "Record: expected a JSON object, got str"),
         ("null", "Record: expected a JSON object, got NoneType"),
         ("7", "Record: expected a JSON object, got int"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from liveupdated.core.records import FdPreserved, Record, SessionCreated, SessionDropped
-from liveupdated.journal import MAGIC, Journal, decode, encode
+from liveupdated.journal import MAGIC, MAX_RECORD_BYTES, Journal, decode, encode
 
 RECORDS: list[Record] = [
     SessionCreated(session="vm", uid=1000, unit="vmm.service", client=":1.5"),
@@ -51,6 +51,27 @@ def test_a_cut_at_every_byte_replays_to_a_valid_prefix_and_is_trimmed(tmp_path: 
         assert (damages == []) == (cut in ends)
         assert all(d.cut for d in damages)
         assert path.stat().st_size == ends[whole]
+
+
+def test_a_decision_is_one_frame_that_a_cut_keeps_whole_or_drops() -> None:
+    """The records of one decision (a PreserveFds of several fds) are one frame: a cut
+    anywhere in it replays none of them, and what came before survives."""
+    before, decision = encode(RECORDS[:1]), encode(RECORDS[1:3], whole=True)
+    assert struct.unpack_from("<I", decision)[0] + 8 == len(decision)  # one frame
+    data = MAGIC + before + decision
+    for cut in range(len(MAGIC + before), len(data) + 1):
+        records, _, end = decode(data[:cut])
+        assert records == (RECORDS[:3] if cut == len(data) else RECORDS[:1])
+        assert end == (len(data) if cut == len(data) else len(MAGIC + before))
+
+
+def test_a_decision_too_large_for_one_frame_is_written_a_frame_per_record() -> None:
+    many = [FdPreserved(session="vm", token=f"t{i}", kind="memfd", requires=("x" * 60,) * 50,
+                        size=i, name="n", seals=0) for i in range(400)]
+    data = encode(many, whole=True)
+    assert len(data) > MAX_RECORD_BYTES
+    assert struct.unpack_from("<I", data)[0] == len(encode(many[:1])) - 8
+    assert decode(MAGIC + data)[0] == many
 
 
 def test_a_flipped_bit_in_the_middle_skips_only_that_record(tmp_path: Path) -> None:

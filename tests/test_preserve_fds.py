@@ -3,6 +3,7 @@ all; a refused call names the token at fault, keeps none of its fds and changes 
 """
 
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from liveupdated.bus import BUS_NAME, SESSION_INTERFACE
+from liveupdated.bus import BUS_NAME, MAX_FDS_PER_MESSAGE, SESSION_INTERFACE
 from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import (
     InvalidArgument,
@@ -20,7 +21,8 @@ from liveupdated.core.errors import (
     TokenExists,
     UnsupportedFd,
 )
-from liveupdated.core.records import FdPreserved
+from liveupdated.core.records import FdPreserved, decode_group
+from liveupdated.journal import MAGIC
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import content_digest, digest
@@ -50,6 +52,9 @@ async def test_fds_are_preserved_together_with_their_dependencies(host: Host) ->
         assert listed == {"ram0": [], "ram1": [], "kvm": ["ram0", "ram1"]}
         preserved = [r.token for r in host.journal_records() if isinstance(r, FdPreserved)]
         assert preserved == ["ram0", "ram1", "kvm"]
+        last = last_frame(host.journal_path)  # one frame: a torn write keeps all or none
+        assert [r.token for r in decode_group(last) if isinstance(r, FdPreserved)] == [
+            "ram0", "ram1", "kvm"]
         assert {"vm/ram0", "vm/ram1", "vm/kvm"} <= host.stored_fd_names()
 
         await host.restart(crash=True)  # every fd is back from the fd store
@@ -60,6 +65,31 @@ async def test_fds_are_preserved_together_with_their_dependencies(host: Host) ->
         await root.prepare()
         await root.freeze()  # the dependencies declared in the one call are all there
         await root.cancel()
+
+
+def last_frame(journal: Path) -> bytes:
+    data, offset, payload = journal.read_bytes(), len(MAGIC), b""
+    while offset < len(data):
+        (length,) = struct.unpack_from("<I", data, offset)
+        payload = data[offset + 8 : offset + 8 + length]
+        offset += 8 + length
+    return payload
+
+
+async def test_more_fds_than_a_message_may_carry_are_refused_by_the_client(host: Host) -> None:
+    """dbus-daemon drops a client that sends more than 16 fds in one message; the client
+    library says so before sending, and the connection stays usable."""
+    await host.start()
+    async with await host.connect() as root:
+        vm = await root.create_session("vm")
+        fd = guest("ram")
+        try:
+            with pytest.raises(InvalidArgument, match="at most 16 fds a call"):
+                await vm.preserve_fds([(f"t{i}", fd, ()) for i in range(MAX_FDS_PER_MESSAGE + 1)])
+            await vm.preserve_fds([(f"t{i}", fd, ()) for i in range(MAX_FDS_PER_MESSAGE)])
+        finally:
+            os.close(fd)
+        assert len(await vm.list_fds()) == MAX_FDS_PER_MESSAGE
 
 
 async def refused(

@@ -1,8 +1,8 @@
 """The daemon's bus connection: owns every fd that crosses it.
 
 dbus-fast never closes an fd it receives or sends. Here, each received fd is made
-close-on-exec and closed at once unless it is the argument of a well-formed PreserveFd;
-each fd the daemon sends in a reply is a dup that is closed once written.
+close-on-exec and closed at once unless it is an fd argument of a well-formed PreserveFd
+or PreserveFds; each fd the daemon sends in a reply is a dup that is closed once written.
 """
 
 import asyncio
@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
 from liveupdated.bus import ERROR_PREFIX, SESSION_INTERFACE
@@ -19,6 +19,11 @@ from liveupdated.bus.callers import CURRENT_MESSAGE
 
 PRESERVE_SIGNATURE = "shas"
 PRESERVE_ALL_SIGNATURE = "a(shas)"
+_BAD_FD = {
+    "PreserveFd": "the fd argument names no passed fd",
+    "PreserveFds": "each fd argument must name a passed fd of its own (to preserve one fd "
+    "under two tokens, pass it twice)",
+}
 
 
 class FdOwningBus(MessageBus):
@@ -58,17 +63,17 @@ def fd_guard(is_session_path: Callable[[str], bool]) -> Callable[[Message], Mess
         fds = msg.unix_fds
         for fd in fds:
             os.set_inheritable(fd, False)
-        if not _calls_preserve(msg, is_session_path):
+        member = _preserve_call(msg, is_session_path)
+        if member is None:
             _close_all(fds)
             return False
-        keep = _owned_indices(msg)
+        keep = _owned_indices(msg, member)
         _close_all([fd for i, fd in enumerate(fds) if keep is None or i not in keep])
         if keep is None:  # also with no fds at all: an index must never reach a method
-            return Message.new_error(
-                msg, ERROR_PREFIX + "InvalidArgument",
-                "each fd argument must name a passed fd of its own",
-            )
-        if msg.member == "PreserveFds":
+            if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+                return True
+            return Message.new_error(msg, ERROR_PREFIX + "InvalidArgument", _BAD_FD[member])
+        if member == "PreserveFds":
             # dbus-fast unmarshals structs as tuples, then fails to put the fds into them
             # (its dispatch raises TypeError and the fds would stay open): lists it can fill.
             entries = msg.body[0]
@@ -89,21 +94,19 @@ def _preserve_member(msg: Message) -> str | None:
     return None
 
 
-def _calls_preserve(msg: Message, is_session_path: Callable[[str], bool]) -> bool:
+def _preserve_call(msg: Message, is_session_path: Callable[[str], bool]) -> str | None:
+    """PreserveFd or PreserveFds, when msg is a call of one on a session object."""
     path = msg.path
-    return (
-        msg.message_type is MessageType.METHOD_CALL
-        and _preserve_member(msg) is not None
-        and path is not None
-        and is_session_path(path)
-    )
+    if msg.message_type is not MessageType.METHOD_CALL or path is None:
+        return None
+    return _preserve_member(msg) if is_session_path(path) else None
 
 
-def _owned_indices(msg: Message) -> frozenset[int] | None:
+def _owned_indices(msg: Message, member: str) -> frozenset[int] | None:
     """Indices of the fds a PreserveFd(s) call will own, or None if the call must be
     rejected: each fd argument must be the index of a passed fd, no two the same."""
     body = msg.body
-    indices = [body[1]] if msg.member == "PreserveFd" else [entry[1] for entry in body[0]]
+    indices = [body[1]] if member == "PreserveFd" else [entry[1] for entry in body[0]]
     if not all(isinstance(i, int) and 0 <= i < len(msg.unix_fds) for i in indices):
         return None
     owned = frozenset(indices)
@@ -112,7 +115,7 @@ def _owned_indices(msg: Message) -> frozenset[int] | None:
 
 def preserve_fd_index(msg: Message, is_session_path: Callable[[str], bool]) -> int | None:
     """Index of the fd a PreserveFd call will own, or None if the call will be rejected."""
-    if msg.member != "PreserveFd" or not _calls_preserve(msg, is_session_path):
+    if _preserve_call(msg, is_session_path) != "PreserveFd":
         return None
-    owned = _owned_indices(msg)
+    owned = _owned_indices(msg, "PreserveFd")
     return next(iter(owned)) if owned else None

@@ -372,9 +372,11 @@ class Orchestrator:
                     f"session {name!r} already holds token {token!r}; UnpreserveFd it first"
                 )
         if len(session.fds) + len(new) > self.limits.max_fds_per_session:
+            most = self.limits.max_fds_per_session
             raise QuotaExceeded(
+                f"session {name!r} holds the maximum of {most} fds" if len(new) == 1 else
                 f"session {name!r} holds {len(session.fds)} fds; {len(new)} more would pass "
-                f"the maximum of {self.limits.max_fds_per_session} fds"
+                f"the maximum of {most} fds"
             )
         for token, requires in wanted:
             cycle = self._cycle_through(session, token, requires, new)

@@ -138,10 +138,23 @@ def decode_record(payload: bytes | str) -> Record:
     return _RECORD.from_json(payload)
 
 
+def decode_group(payload: bytes) -> list[Record]:
+    """The records of a payload holding one record, or a list of them (a decision of
+    several records, written whole); DecodeError if any one is not valid."""
+    if payload[:1] != b"[":
+        return [decode_record(payload)]
+    values = loads(payload, "Record")
+    if not isinstance(values, list):
+        raise DecodeError("Record: a group of records that is not a list")
+    return _RECORD.from_dicts(values)
+
+
 def decode_records(payloads: Sequence[bytes]) -> list[Record]:
-    """Many at once, one JSON parse for all; DecodeError if any one is not a valid record
-    (`decode_record` on each finds which)."""
+    """Many payloads (each as for `decode_group`) at once, one JSON parse for all;
+    DecodeError if any one is not valid (`decode_group` on each finds which)."""
     values = loads(b"[" + b",".join(payloads) + b"]", "Record")
     if len(values) != len(payloads):  # a payload holding two values, or none
         raise DecodeError(f"Record: {len(payloads)} payloads hold {len(values)} values")
+    if any(isinstance(value, list) for value in values):
+        values = [r for v in values for r in (v if isinstance(v, list) else [v])]
     return _RECORD.from_dicts(values)

@@ -1,5 +1,6 @@
 """A VMM's memfds survive a whole update across two daemon processes, byte-exact."""
 
+import asyncio
 import fcntl
 import json
 import os
@@ -113,7 +114,7 @@ async def test_a_client_of_another_library_does_the_whole_cycle(
 async def test_handovers_and_retrievals_are_logged_with_session_and_token(
     bus: PrivateBus, start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
-    start_daemon()
+    daemon = start_daemon()
     async with await Client.connect(bus.address) as vmm:
         session = await vmm.create_session("logged")
         fd = make_memfd()
@@ -121,6 +122,9 @@ async def test_handovers_and_retrievals_are_logged_with_session_and_token(
         os.close(await session.retrieve_fd("ram"))
         os.close(fd)
         await vmm.prepare()
+        await vmm.freeze()
+        await vmm.reboot()
+    assert await asyncio.to_thread(daemon.wait) == 0
     events = [json.loads(line[3:]) for line in (tmp_path / "daemon.log").read_text().splitlines()
               if line.startswith("<")]
     by_name = {e["event"]: e for e in events}
@@ -129,7 +133,10 @@ async def test_handovers_and_retrievals_are_logged_with_session_and_token(
     assert by_name["fds_preserved"]["method"] == "preserve_fd"
     assert by_name["fds_preserved"]["sender"] == vmm.bus.unique_name
     assert by_name["fd_retrieved"]["token"] == "ram"
-    assert by_name["state_changed"]["new"] == "prepared"
+    assert [e["new"] for e in events if e["event"] == "state_changed"] == ["prepared", "frozen"]
+    assert by_name["handover_written"]["bytes"] == by_name["simulated_handover_written"]["bytes"]
+    assert by_name["simulated_handover_written"]["bytes"] == 4096  # one page holds the data
+    assert by_name["simulated_handover_written"]["copy_s"] > 0
     assert line_priorities(tmp_path / "daemon.log") <= {"<6>", "<4>", "<3>"}
 
 

@@ -148,10 +148,9 @@ class Daemon:
         callers = Callers(bus, system_bus=self.config.bus == "system")
         sessions = SessionObjects(bus, service, callers)
         departed: asyncio.Queue[str] = asyncio.Queue()
-        bus.add_message_handler(fd_guard(sessions.__contains__))
-        bus.add_message_handler(_name_watcher(departed, callers, service))
         preserve_calls = PreserveFdCalls(bus, service, callers, sessions)
-        bus.add_message_handler(preserve_calls.handle)
+        bus.add_message_handler(fd_guard(sessions.__contains__, preserve_calls.take))
+        bus.add_message_handler(_name_watcher(departed, callers, service))
         await _add_match(bus, NAME_OWNER_CHANGED)
         if core.phase is Phase.NORMAL:
             for client in core.clients():

@@ -54,9 +54,13 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def fd_guard(is_session_path: Callable[[str], bool]) -> Callable[[Message], Message | bool]:
+def fd_guard(
+    is_session_path: Callable[[str], bool], take_preserve_fd: Callable[[Message, int], bool]
+) -> Callable[[Message], Message | bool]:
     """A message handler that runs before dispatch: records the current message and
-    closes every received fd that no method will take ownership of."""
+    closes every received fd that no method will take ownership of. A well-formed
+    PreserveFd is offered to `take_preserve_fd` (with the index of its fd) first; when
+    that takes it, it is handled, else dispatched."""
 
     def handle(msg: Message) -> Message | bool:
         CURRENT_MESSAGE.set(msg)
@@ -73,6 +77,8 @@ def fd_guard(is_session_path: Callable[[str], bool]) -> Callable[[Message], Mess
             if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
                 return True
             return Message.new_error(msg, ERROR_PREFIX + "InvalidArgument", _BAD_FD[member])
+        if member == "PreserveFd":
+            return take_preserve_fd(msg, next(iter(keep)))
         if member == "PreserveFds":
             # dbus-fast unmarshals structs as tuples, then fails to put the fds into them
             # (its dispatch raises TypeError and the fds would stay open): lists it can fill.
@@ -111,11 +117,3 @@ def _owned_indices(msg: Message, member: str) -> frozenset[int] | None:
         return None
     owned = frozenset(indices)
     return owned if len(owned) == len(indices) else None
-
-
-def preserve_fd_index(msg: Message, is_session_path: Callable[[str], bool]) -> int | None:
-    """Index of the fd a PreserveFd call will own, or None if the call will be rejected."""
-    if _preserve_call(msg, is_session_path) != "PreserveFd":
-        return None
-    owned = _owned_indices(msg, "PreserveFd")
-    return next(iter(owned)) if owned else None

@@ -11,7 +11,7 @@ import structlog
 from dbus_fast import Message, MessageFlag
 
 from liveupdated.bus.callers import Callers
-from liveupdated.bus.connection import FdOwningBus, preserve_fd_index
+from liveupdated.bus.connection import FdOwningBus
 from liveupdated.bus.errors import FAILED, to_dbus_error
 from liveupdated.bus.session import SessionObjects
 from liveupdated.core.orchestrator import Caller
@@ -29,17 +29,18 @@ class PreserveFdCalls:
         self._service = service
         self._callers = callers
         self._sessions = sessions
+        self._taking = True  # until finish()
         self._scheduled = 0  # taken calls not yet decided
         self._waiting: list[tuple[Message, list[Record]]] = []  # decided, not yet answered
         self._arrived = asyncio.Event()
 
-    def handle(self, msg: Message) -> bool:
-        """A message handler, after fd_guard: True when the call is taken here. It is
-        decided on the loop's next turn, as the calls dbus-fast dispatches as tasks are:
-        calls from one connection are decided in the order they were sent."""
-        index = preserve_fd_index(msg, self._sessions.__contains__)
-        if index is None or msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            return False  # the Session object's method handles it, or answers the error
+    def take(self, msg: Message, index: int) -> bool:
+        """For fd_guard, given a well-formed PreserveFd and the index of its fd: True when
+        the call is taken here. It is decided on the loop's next turn, as the calls
+        dbus-fast dispatches as tasks are: calls from one connection are decided in the
+        order they were sent."""
+        if not self._taking or msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return False  # the Session object's method handles it
         caller = self._callers.known(msg.sender)
         session = self._sessions.name_at(msg.path or "")
         if caller is None or session is None:
@@ -72,7 +73,7 @@ class PreserveFdCalls:
 
     async def finish(self) -> None:
         """At a clean stop: take no more calls, and answer those taken."""
-        self._bus.remove_message_handler(self.handle)
+        self._taking = False
         while self._scheduled or self._waiting:
             if not self._waiting:
                 self._arrived.clear()
@@ -98,6 +99,6 @@ class PreserveFdCalls:
             by_sender.setdefault(msg.sender, []).extend(records)
         for sender, records in by_sender.items():
             with structlog.contextvars.bound_contextvars(sender=sender, method=METHOD):
-                self._service.finish_preserve_fd(records)
+                self._service.finish_preserve_fds(records)
         for msg, _ in calls:
             self._bus.send(Message.new_method_return(msg))

@@ -266,9 +266,10 @@ class Bench:
         for repeat in range(self.sizes.repeats):
             with self.memfds([Layout(MIB, 4096, (0,))] * HELD) as fds:
                 progress(f"PreserveFd x {calls}, {HELD} fds held, repeat {repeat + 1}")
-                await self.bare_calls(calls, fds[0])
-                await self.bare_calls(calls, fds[0], raw=True)
-                await self.bare_batch_calls(len(runs(calls, HELD)), fds[0])
+                await self.bare_calls("bare", calls, fds[0])
+                await self.bare_calls("bare_raw", calls, fds[0])
+                batch_rate = await self.bare_calls("bare_batch", len(runs(calls, HELD)), fds[0])
+                self.results.add("bare_batch_fds_per_s", batch_rate * BATCH, "fds/s")
                 restarts = 0 if repeat else self.sizes.restarts  # of the first daemon only
                 await self.restore(*await self.fill(fds, repeat), restarts=restarts)
 
@@ -289,40 +290,27 @@ class Bench:
                              "us")
         return self.results.add(f"{name}_calls_per_s", count / seconds, "calls/s")
 
-    async def bare_batch_calls(self, calls: int, fd: int) -> None:
-        """EchoAll of BATCH fds a call: the bare method beside PreserveFds."""
+    async def bare_calls(self, name: str, calls: int, fd: int) -> float:
+        """Calls/s of the bare service, measured as `name`: `bare` and `bare_raw` Echo one
+        fd a call (through dbus-fast's dispatch or a raw handler), `bare_batch` EchoAll
+        BATCH fds a call, beside PreserveFds."""
         bus = await MessageBus(bus_address=self.bus.address, negotiate_unix_fd=True).connect()
+        destination, pid = ((BARE_RAW_NAME, self.bare_raw_pid) if name == "bare_raw"
+                            else (BARE_NAME, self.bare_pid))
+        count = BATCH if name == "bare_batch" else 1
+        member, signature, body = (("EchoAll", "ah", [list(range(count))]) if count > 1
+                                   else ("Echo", "h", [0]))
 
         async def call(_: int) -> None:
-            reply = await bus.call(Message(destination=BARE_NAME, path=BARE_PATH,
-                                           interface=BARE_NAME, member="EchoAll",
-                                           signature="ah", body=[list(range(BATCH))],
-                                           unix_fds=[fd] * BATCH))
-            assert reply is not None and len(reply.unix_fds) == BATCH, reply
+            reply = await bus.call(Message(destination=destination, path=BARE_PATH,
+                                           interface=BARE_NAME, member=member,
+                                           signature=signature, body=body,
+                                           unix_fds=[fd] * count))
+            assert reply is not None and len(reply.unix_fds) == count, reply
             close_all(reply.unix_fds)
 
         try:
-            rate = await self.calls("bare_batch", self.bare_pid, calls, call)
-            self.results.add("bare_batch_fds_per_s", rate * BATCH, "fds/s")
-        finally:
-            bus.disconnect()
-
-    async def bare_calls(self, calls: int, fd: int, raw: bool = False) -> None:
-        bus = await MessageBus(bus_address=self.bus.address, negotiate_unix_fd=True).connect()
-        name = BARE_RAW_NAME if raw else BARE_NAME
-
-        async def call(_: int) -> None:
-            reply = await bus.call(Message(destination=name, path=BARE_PATH,
-                                           interface=BARE_NAME, member="Echo", signature="h",
-                                           body=[0], unix_fds=[fd]))
-            assert reply is not None and len(reply.unix_fds) == 1, reply
-            os.close(reply.unix_fds[0])
-
-        try:
-            if raw:
-                await self.calls("bare_raw", self.bare_raw_pid, calls, call)
-            else:
-                await self.calls("bare", self.bare_pid, calls, call)
+            return await self.calls(name, pid, calls, call)
         finally:
             bus.disconnect()
 

@@ -194,13 +194,13 @@ class LiveUpdate:
         caller: Caller,
         session: str,
         fds: Sequence[tuple[str, int, Sequence[str]]],
-        command: str = "PreserveFds",
+        command: str,
     ) -> None:
         """(token, fd, requires) of each fd: all preserved, or none. Takes ownership of
         every fd: all kept, or all closed."""
         records = self.begin_preserve_fds(caller, session, fds, command)
         await self.flush()
-        self.finish_preserve_fd(records)
+        self.finish_preserve_fds(records)
 
     def begin_preserve_fd(
         self, caller: Caller, session: str, token: str, fd: int, requires: Sequence[str]
@@ -229,8 +229,8 @@ class LiveUpdate:
         self.journal.enqueue(records)
         return records
 
-    def finish_preserve_fd(self, records: Sequence[Record]) -> None:
-        """After the flush that made records of begin_preserve_fd durable; one log line per
+    def finish_preserve_fds(self, records: Sequence[Record]) -> None:
+        """After the flush that made records of begin_preserve_fds durable; one log line per
         session for all the fds the flush carried (a line each would cost more than the
         rest of the call)."""
         self._effects(records)

@@ -3,7 +3,6 @@ all; a refused call names the token at fault, keeps none of its fds and changes 
 """
 
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,11 @@ from liveupdated.core.errors import (
     TokenExists,
     UnsupportedFd,
 )
-from liveupdated.core.records import FdPreserved, decode_group
-from liveupdated.journal import MAGIC
+from liveupdated.core.records import FdPreserved
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import content_digest, digest
-from tests.test_rules_support import Host
+from tests.test_rules_support import Host, journal_frames
 
 
 @pytest.fixture
@@ -52,9 +50,8 @@ async def test_fds_are_preserved_together_with_their_dependencies(host: Host) ->
         assert listed == {"ram0": [], "ram1": [], "kvm": ["ram0", "ram1"]}
         preserved = [r.token for r in host.journal_records() if isinstance(r, FdPreserved)]
         assert preserved == ["ram0", "ram1", "kvm"]
-        last = last_frame(host.journal_path)  # one frame: a torn write keeps all or none
-        assert [r.token for r in decode_group(last) if isinstance(r, FdPreserved)] == [
-            "ram0", "ram1", "kvm"]
+        *_, (_, _, last) = journal_frames(host.journal_path)  # one frame: all or none
+        assert [r.token for r in last if isinstance(r, FdPreserved)] == ["ram0", "ram1", "kvm"]
         assert {"vm/ram0", "vm/ram1", "vm/kvm"} <= host.stored_fd_names()
 
         await host.restart(crash=True)  # every fd is back from the fd store
@@ -65,15 +62,6 @@ async def test_fds_are_preserved_together_with_their_dependencies(host: Host) ->
         await root.prepare()
         await root.freeze()  # the dependencies declared in the one call are all there
         await root.cancel()
-
-
-def last_frame(journal: Path) -> bytes:
-    data, offset, payload = journal.read_bytes(), len(MAGIC), b""
-    while offset < len(data):
-        (length,) = struct.unpack_from("<I", data, offset)
-        payload = data[offset + 8 : offset + 8 + length]
-        offset += 8 + length
-    return payload
 
 
 async def test_more_fds_than_a_message_may_carry_are_refused_by_the_client(host: Host) -> None:

@@ -6,8 +6,6 @@ other session untouched.
 import contextlib
 import os
 import socket
-import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +16,11 @@ from liveupdated.backends.simulated import DATA_DIR, RECORD_NAME, KexecRecord
 from liveupdated.client import Client, SessionClient
 from liveupdated.core.codec import from_json
 from liveupdated.core.errors import Corrupted, InvalidArgument, UnsupportedFd
-from liveupdated.core.records import FdPreserved, decode_record
-from liveupdated.journal import MAGIC
+from liveupdated.core.records import FdPreserved
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid, content_digest, digest
-from tests.test_rules_support import NOBODY, Host
+from tests.test_rules_support import NOBODY, Host, journal_frames
 
 BAD_NAMES = ["", "x" * 64, "has space", "colon:", "slash/", "ünïcode", "tab\t", "semi;colon",
              "dollar$", "new\nline", "star*"]
@@ -240,21 +237,6 @@ async def test_damaged_handover_data_gives_corrupted_for_that_fd_only(host: Host
         assert host.handover_files() == []
 
 
-def journal_frames(path: Path) -> list[tuple[int, int, Any]]:
-    """(offset of the payload, its length, the record) of every frame of a journal."""
-    data = path.read_bytes()
-    assert data.startswith(MAGIC)
-    frames = []
-    offset = len(MAGIC)
-    while offset < len(data):
-        length, crc = struct.unpack_from("<II", data, offset)
-        payload = data[offset + 8 : offset + 8 + length]
-        assert zlib.crc32(payload) == crc
-        frames.append((offset + 8, length, decode_record(payload)))
-        offset += 8 + length
-    return frames
-
-
 async def test_a_damaged_journal_record_is_never_used_and_spares_every_other_session(
     host: Host,
 ) -> None:
@@ -273,7 +255,7 @@ async def test_a_damaged_journal_record_is_never_used_and_spares_every_other_ses
         await host.stop()
 
         ((offset, length),) = [
-            (o, n) for o, n, r in journal_frames(host.journal_path)
+            (o, n) for o, n, records in journal_frames(host.journal_path) for r in records
             if isinstance(r, FdPreserved) and (r.session, r.token) == ("vm-first", "ram")
         ]
         flip_byte(host.journal_path, offset + length // 2)

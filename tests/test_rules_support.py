@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import os
 import pwd
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -20,8 +22,8 @@ from dbus_fast import Message, MessageType
 
 from liveupdated.bus import BUS_NAME, MANAGER_INTERFACE
 from liveupdated.client import Client
-from liveupdated.core.records import Record
-from liveupdated.journal import decode
+from liveupdated.core.records import Record, decode_group
+from liveupdated.journal import MAGIC, decode
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess, Notifications
 
@@ -148,6 +150,22 @@ class Host:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def journal_frames(path: Path) -> list[tuple[int, int, list[Record]]]:
+    """(offset of the payload, its length, its records) of every frame of a journal; a
+    frame holds one record, or the records of one decision."""
+    data = path.read_bytes()
+    assert data.startswith(MAGIC)
+    frames = []
+    offset = len(MAGIC)
+    while offset < len(data):
+        length, crc = struct.unpack_from("<II", data, offset)
+        payload = data[offset + 8 : offset + 8 + length]
+        assert zlib.crc32(payload) == crc
+        frames.append((offset + 8, length, decode_group(payload)))
+        offset += 8 + length
+    return frames
 
 
 def session_records(records: list[Record]) -> list[Record]:

@@ -52,7 +52,7 @@ class SessionObject(ServiceInterface):
             for _, fd, _ in entries:
                 os.close(fd)
             raise
-        await self._service.preserve_fds(caller, self.session_name, entries)
+        await self._service.preserve_fds(caller, self.session_name, entries, "PreserveFds")
 
     @dbus_method(name="UnpreserveFd")
     @contract

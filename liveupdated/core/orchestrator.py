@@ -337,18 +337,12 @@ class Orchestrator:
         self._require_phase("RetrieveSession", SESSION_COMMAND_PHASES["RetrieveSession"])
         return self.owned_session(caller, name)
 
-    def check_preserve(
-        self, caller: Caller, name: str, token: str, requires: Sequence[str]
-    ) -> Session:
-        """Every check of PreserveFd that does not need the fd itself."""
-        return self.check_preserve_all(caller, name, [(token, requires)])
-
     def check_preserve_all(
         self,
         caller: Caller,
         name: str,
         wanted: Sequence[tuple[str, Sequence[str]]],
-        command: str = "PreserveFd",
+        command: str,
     ) -> Session:
         """Every check of PreserveFd or PreserveFds that does not need the fds: (token,
         requires) pairs that are preserved all together or not at all."""
@@ -416,14 +410,14 @@ class Orchestrator:
     def preserve_fd(
         self, caller: Caller, name: str, token: str, requires: Sequence[str], facts: FdFacts
     ) -> list[Record]:
-        return self.preserve_fds(caller, name, [(token, requires, facts)])
+        return self.preserve_fds(caller, name, [(token, requires, facts)], "PreserveFd")
 
     def preserve_fds(
         self,
         caller: Caller,
         name: str,
         fds: Sequence[tuple[str, Sequence[str], FdFacts]],
-        command: str = "PreserveFd",
+        command: str,
     ) -> list[Record]:
         """(token, requires, facts) of each fd: all preserved, or none."""
         self.check_preserve_all(caller, name, [(t, r) for t, r, _ in fds], command)

@@ -58,6 +58,13 @@ class Timeout(LiveUpdateError):
     name = "Timeout"
 
 
+class Storage(LiveUpdateError):
+    """The daemon's disk refused a write (read-only, full, I/O error): nothing changed.
+    The message names the errno; held fds stay held and RetrieveFd and Cancel still work."""
+
+    name = "Storage"
+
+
 ALL_ERRORS: tuple[type[LiveUpdateError], ...] = (
     InvalidArgument,
     SessionExists,
@@ -71,4 +78,5 @@ ALL_ERRORS: tuple[type[LiveUpdateError], ...] = (
     QuotaExceeded,
     Corrupted,
     Timeout,
+    Storage,
 )

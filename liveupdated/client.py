@@ -46,6 +46,14 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
+class QuarantinedInfo:
+    session: str
+    token: str
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class FdInfo:
     token: str
     kind: str
@@ -154,6 +162,20 @@ class Client:
 
     async def finish(self) -> None:
         await self._manager("Finish")
+
+    async def drop_session(self, name: str, reason: str = "") -> None:
+        await self._manager("DropSession", "ss", name, reason)
+
+    async def list_quarantined(self) -> list[QuarantinedInfo]:
+        (rows,) = await self._manager("ListQuarantined")
+        return [QuarantinedInfo(*row) for row in rows]
+
+    async def retrieve_quarantined(self, session: str, token: str) -> int:
+        (fd,) = await self._manager("RetrieveQuarantined", "ss", session, token)
+        return int(fd)
+
+    async def release_quarantined(self, session: str, token: str) -> None:
+        await self._manager("ReleaseQuarantined", "ss", session, token)
 
 
 class SessionClient:

@@ -30,8 +30,8 @@ from liveupdated.bus.manager import Manager
 from liveupdated.bus.preserve import PreserveFdCalls
 from liveupdated.bus.session import SessionObjects
 from liveupdated.config import Config, parse_args
-from liveupdated.core.errors import LiveUpdateError
-from liveupdated.core.names import MANAGER_PATH
+from liveupdated.core.errors import LiveUpdateError, Storage
+from liveupdated.core.names import MANAGER_PATH, is_name
 from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import Record
 from liveupdated.journal import Journal
@@ -57,7 +57,8 @@ def make_backend(config: Config) -> Backend:
 
 
 def replay(config: Config) -> tuple[Orchestrator, Journal, bool]:
-    """The core rebuilt from the journal, and whether any journal record was lost."""
+    """The core rebuilt from the journal, and whether the journal was damaged: then the
+    fd store may hold fds that no surviving record explains."""
     journal, records, damages = Journal.open(config.state_dir / "journal")
     for damage in damages:
         event = "journal_tail_cut" if damage.cut else "journal_record_skipped"
@@ -70,27 +71,52 @@ def replay(config: Config) -> tuple[Orchestrator, Journal, bool]:
         except (KeyError, ValueError):  # it depended on a record that was lost
             skipped += 1
             log.error("journal_record_inapplicable", number=number, type=record.type)
-    return core, journal, bool(skipped or any(not d.cut for d in damages))
+    return core, journal, bool(skipped or damages)
 
 
 def reclaim_fds(core: Orchestrator, vault: Vault, journal_damaged: bool) -> list[Record]:
-    """Match the fds systemd kept for us with the journal: keep, close or report."""
+    """Match the fds systemd kept for us with the journal. Recovery never closes an fd
+    the journal cannot explain: after damage such an fd is kept and reported, as
+    Corrupted in its session when the session survived, else quarantined for an admin.
+    With an intact journal an unknown fd is a PreserveFd that was never acknowledged
+    (the daemon stopped before its record was durable): its VMM still has it."""
     corrupted: list[tuple[str, str, int]] = []
+    quarantined: list[tuple[str, str, int, str]] = []
+    unnamed: set[str] = set()
     for name, fd in take_listen_fds():
         session, _, token = name.partition("/")
+        key = (session, token)
         entry = core.sessions[session].fds.get(token) if session in core.sessions else None
         # After the reboot only restored fds are ours; earlier ones are the old boot's.
         known = entry is not None and (core.phase is not Phase.UPDATED or entry.restored)
-        if known and (session, token) not in vault:
-            vault.keep((session, token), fd, store=False)
-        elif journal_damaged and entry is None and session in core.sessions:
-            log.error("fd_record_corrupted", session=session, token=token)
-            vault.keep((session, token), fd, store=False)
-            corrupted.append((session, token, os.fstat(fd).st_size))
+        if key in vault:  # the same name twice: the first is held, this one is spare
+            log.warning("duplicate_fd_closed", fdname=name)
+            os.close(fd)
+        elif known or key in core.quarantine:
+            vault.keep(key, fd, store=False)
+        elif entry is None and journal_damaged and is_name(session) and is_name(token):
+            vault.keep(key, fd, store=False)
+            size = os.fstat(fd).st_size
+            if session in core.sessions:
+                log.error("fd_record_corrupted", session=session, token=token, bytes=size)
+                corrupted.append((session, token, size))
+            else:
+                log.error("fd_quarantined", session=session, token=token, bytes=size,
+                          hint="an admin may RetrieveQuarantined or ReleaseQuarantined it")
+                quarantined.append((session, token, size, "the journal lost its session"))
+        elif entry is None and journal_damaged:  # a name that is no session/token
+            renamed = ("unnamed", f"fd{len(quarantined)}-{os.getpid()}")
+            vault.keep(renamed, fd)  # stored under a name the next start can match
+            unnamed.add(name)
+            log.error("fd_quarantined", fdname=name, session=renamed[0], token=renamed[1])
+            quarantined.append((*renamed, os.fstat(fd).st_size, f"stored as {name!r}"))
         else:
-            log.warning("unknown_fd_closed", fdname=name)
+            event = "old_boot_fd_closed" if entry is not None else "unacknowledged_fd_closed"
+            log.warning(event, fdname=name)
             vault.refuse(name, fd)
-    records = core.fds_corrupted(corrupted)
+    for name in unnamed:
+        vault.forget_stored(name)
+    records = core.fds_corrupted(corrupted) + core.quarantine_fds(quarantined)
     if core.phase is Phase.UPDATED:
         return records  # fds not held come back from the handover on request
     missing = [
@@ -103,18 +129,29 @@ def reclaim_fds(core: Orchestrator, vault: Vault, journal_damaged: bool) -> list
 
 
 def recover_handover(core: Orchestrator, backend: Backend) -> list[Record]:
-    """Is this start the first of a new boot? Then the handover is our fds' source now."""
+    """Is this start the first of a new boot? Only on evidence (another boot id, or the
+    old daemon's KexecSimulated): a restart between Reboot and the kexec is a crash in
+    FROZEN, whose handover is discarded so that Cancel or another Reboot works."""
     handover = backend.find_handover()
-    if handover is None:
-        return []
     if core.phase is Phase.FROZEN:
-        if handover.damage:
-            log.error("handover_damaged", error=handover.damage,
-                      hint="every RetrieveFd will fail with Corrupted; Finish releases it")
-        else:
-            log.info("handover_found", previous_boot=handover.boot_id, fds=len(handover.keys))
-        return core.rebooted(handover.boot_id)
-    if core.phase is not Phase.UPDATED:
+        if handover is not None and core.is_new_boot(handover.boot_id, boot_id()):
+            if handover.damage:
+                log.error("handover_damaged", error=handover.damage,
+                          hint="every RetrieveFd will fail with Corrupted; Finish releases it")
+            else:
+                log.info("handover_found", previous_boot=handover.boot_id,
+                         fds=len(handover.keys))
+            return core.rebooted(handover.boot_id)
+        records: list[Record] = []
+        if core.reboot is not None:
+            log.error("reboot_interrupted", hint="no evidence of a new boot: the daemon "
+                      "restarted before the kexec; the state is frozen (Cancel or Reboot)")
+            records = core.reboot_failed("the daemon restarted before the kexec")
+        if handover is not None:
+            log.warning("unfinished_handover_discarded", phase=core.phase.value)
+            backend.discard_handover()
+        return records
+    if handover is not None and core.phase is not Phase.UPDATED:
         log.warning("stale_handover_discarded", phase=core.phase.value)
         backend.discard_handover()
     return []
@@ -150,6 +187,7 @@ class Daemon:
         departed: asyncio.Queue[str] = asyncio.Queue()
         preserve_calls = PreserveFdCalls(bus, service, callers, sessions)
         bus.add_message_handler(fd_guard(sessions.__contains__, preserve_calls.take))
+        bus.add_message_handler(sessions.answer_missing)
         bus.add_message_handler(_name_watcher(departed, callers, service))
         await _add_match(bus, NAME_OWNER_CHANGED)
         if core.phase is Phase.NORMAL:
@@ -185,10 +223,15 @@ class Daemon:
         self.notifier.notify("STOPPING=1")
         if outcome in ("stop", "reboot"):
             await preserve_calls.finish()
-        if outcome in ("disconnect", "failed"):
+        if outcome == "disconnect":
             log.error("exiting_for_a_restart", reason=outcome)
             return 1
         bus.disconnect()
+        if outcome == "reboot" and self.config.resolved_reboot_action() == "exit":
+            # No real reboot follows: this exit is the kexec. Recorded as the old boot's
+            # last act, it is the next start's evidence of a "new boot" with the same
+            # boot id; a crash before this point is a restart in FROZEN instead.
+            service.journal.enqueue(core.simulated_kexec_done(boot_id()))
         await service.journal.aclose()
         if outcome == "reboot":
             return self._reboot_action()
@@ -215,7 +258,6 @@ class Daemon:
             outcome = await _first(
                 stop=stop.wait(),
                 reboot=service.reboot_requested.wait(),
-                failed=service.failed.wait(),
                 disconnect=bus.wait_for_disconnect(),  # type: ignore[no-untyped-call]
             )
             for helper in helpers:
@@ -244,7 +286,8 @@ class Daemon:
         """Make the drops of departed clients' sessions durable."""
         while True:
             await departed.get()
-            await service.flush()
+            with contextlib.suppress(Storage):  # degraded: the next compaction has them
+                await service.flush()
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -310,3 +310,11 @@ class Journal:
         write_atomically(self.path, data)
         self.close()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    async def rewrite(self, snapshot: Callable[[], Iterable[Record]]) -> None:
+        """After a failed write: the whole state written anew (a compaction), and on
+        success the journal takes writes again. Raises what the disk says if it fails."""
+        self._error = None
+        await self.compact(snapshot)
+        if self._error is not None:
+            raise self._error

@@ -3,9 +3,18 @@
 It runs a command through the pure core, makes the resulting records durable, then
 carries out their effects on held fds, the backend and whoever listens (the bus edge).
 It knows nothing of D-Bus; it never acknowledges a change that is not in the journal.
+It holds no lock across an await: each decision is one synchronous call into the core,
+which keeps the in-flight states, and a command that awaited asks the core again.
+
+A disk that refuses a write does not stop the daemon (a failed unit may lose its fd
+store, the only copy of the VMs' memory): it runs degraded, refusing changes with
+Error.Storage while RetrieveFd and Cancel are still served, and comes back by itself
+once a compaction of the whole state succeeds.
 """
 
 import asyncio
+import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -14,7 +23,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from liveupdated.backends import Backend, Key
-from liveupdated.core.errors import Corrupted, Timeout, UnsupportedFd, WrongState
+from liveupdated.core.errors import Corrupted, Storage, Timeout, UnsupportedFd
 from liveupdated.core.orchestrator import (
     Caller,
     FdEntry,
@@ -57,7 +66,6 @@ class FreezeBarrier:
     """Wakes a waiting Freeze whenever a session reports ready (or the phase moves)."""
 
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    freezing: bool = False
 
 
 class LiveUpdate:
@@ -79,10 +87,8 @@ class LiveUpdate:
         self.listeners = Listeners()
         self.barrier = FreezeBarrier()
         self.reboot_requested = asyncio.Event()
-        self.failed = asyncio.Event()
         self._changed: dict[str, None] = {}  # sessions to announce ("" = only STATUS=)
-        self.host_commands = asyncio.Lock()  # Prepare, Freeze, Cancel, Reboot, Finish
-        self.rebooting = False
+        self.storage_problem = ""  # why the journal cannot be written: degraded if set
         self._last_progress = 0.0
         self._last_status = -STATUS_INTERVAL
         self._status_timer: asyncio.TimerHandle | None = None
@@ -110,15 +116,40 @@ class LiveUpdate:
 
     async def flush(self) -> None:
         """Until what the core decided so far is durable: in the journal, and each held fd
-        in the fd store. A journal that cannot be written is fatal: the daemon exits for a
-        restart."""
+        in the fd store. A journal that cannot be written makes the daemon degraded
+        (Storage), never makes it exit."""
         try:
             await self.journal.flush()
         except OSError as exc:
-            log.critical("journal_write_failed", error=str(exc))
-            self.failed.set()
-            raise
+            raise self._degrade(exc) from exc
         await self.notifier.stored()
+
+    def _degrade(self, exc: OSError) -> Storage:
+        problem = describe_os_error(exc)
+        if not self.storage_problem:
+            log.critical("storage_failed", error=problem,
+                         hint="changes are refused until the journal can be written again")
+        self.storage_problem = problem
+        return Storage(
+            f"the journal could not be written ({problem}); the change may not be "
+            "recorded. Held fds stay held; RetrieveFd and Cancel still work"
+        )
+
+    async def writable(self) -> None:
+        """Before a change: Storage while degraded, unless the whole state can be written
+        anew now (a compaction), which ends the degraded mode."""
+        if not self.storage_problem:
+            return
+        try:
+            await self.journal.rewrite(self.core.snapshot)
+        except OSError as exc:
+            self.storage_problem = describe_os_error(exc)
+            raise Storage(
+                f"the daemon cannot write its journal ({self.storage_problem}); no change "
+                "is accepted until it can. Held fds stay held; RetrieveFd and Cancel work"
+            ) from exc
+        log.warning("storage_recovered", was=self.storage_problem)
+        self.storage_problem = ""
 
     def _effects(self, records: Sequence[Record]) -> None:
         changed: dict[str, None] = {}
@@ -136,6 +167,7 @@ class LiveUpdate:
                              reason=record.reason)
                 case SessionDropped():
                     changed.pop(record.session, None)
+                    self.barrier.changed.set()  # a dropped laggard may release a Freeze
                     self.listeners.session_removed(record.session)
                     log.info("session_dropped", session=record.session, reason=record.reason)
                 case PhaseChanged():
@@ -177,6 +209,7 @@ class LiveUpdate:
     # ---- sessions --------------------------------------------------------------------
 
     async def create_session(self, caller: Caller, name: str) -> Session:
+        await self.writable()
         await self._durable(self.core.create_session(caller, name))
         return self.core.sessions[name]
 
@@ -198,6 +231,12 @@ class LiveUpdate:
     ) -> None:
         """(token, fd, requires) of each fd: all preserved, or none. Takes ownership of
         every fd: all kept, or all closed."""
+        try:
+            await self.writable()
+        except BaseException:
+            for _, fd, _ in fds:
+                os.close(fd)
+            raise
         records = self.begin_preserve_fds(caller, session, fds, command)
         await self.flush()
         self.finish_preserve_fds(records)
@@ -217,6 +256,8 @@ class LiveUpdate:
         """PreserveFd(s) up to the journal: decided, held and enqueued, durable after the
         next flush. Takes ownership of the fds: all kept, or all closed on every failure."""
         try:
+            if self.storage_problem:  # the fast path's check; writable() may end it
+                raise Storage(f"the daemon cannot write its journal ({self.storage_problem})")
             self.core.check_preserve_all(caller, session, [(t, r) for t, _, r in fds], command)
             inspected = [(t, r, _inspect(t, fd, named=len(fds) > 1)) for t, fd, r in fds]
             records = self.core.preserve_fds(caller, session, inspected, command)
@@ -244,6 +285,7 @@ class LiveUpdate:
                      requires={r.token: r.requires for r in preserved if r.requires})
 
     async def unpreserve_fd(self, caller: Caller, session: str, token: str) -> None:
+        await self.writable()
         await self._durable(self.core.unpreserve_fd(caller, session, token))
 
     async def retrieve_fd(self, caller: Caller, session: str, token: str) -> int:
@@ -253,33 +295,46 @@ class LiveUpdate:
         if key not in self.vault:
             if self.core.phase is not Phase.UPDATED:
                 raise Corrupted(f"{session}/{token} is journaled but its fd is not held")
-            await self._restore(key, entry)
+            await self._restore(caller, key, entry)
         log.info("fd_retrieved", session=session, token=token, phase=self.core.phase.value)
         return self.vault.dup(key)
 
-    async def _restore(self, key: Key, entry: FdEntry) -> None:
+    async def _restore(self, caller: Caller, key: Key, entry: FdEntry) -> None:
         fd = await asyncio.to_thread(self.backend.retrieve_fd, key, entry)
+        try:  # ask again: a Finish or Close may have come while the fd was rebuilt
+            self.core.check_retrieve_fd(caller, *key)
+        except BaseException:
+            os.close(fd)
+            raise
         if key in self.vault:  # a concurrent RetrieveFd restored it first
             os.close(fd)
             return
         self.vault.keep(key, fd)
-        if not entry.restored:
-            await self._durable(self.core.fd_restored(*key))
         log.info("fd_restored", session=key[0], token=key[1], bytes=entry.size)
+        if not entry.restored:
+            records = self.core.fd_restored(*key)
+            if self.storage_problem:  # served all the same: the fd is held either way
+                self.journal.enqueue(records)
+                return
+            await self._durable(records)
 
     async def delay_freeze(self, caller: Caller, session: str, enable: bool) -> None:
+        await self.writable()
         await self._durable(self.core.delay_freeze(caller, session, enable))
 
     async def ready_for_freeze(self, caller: Caller, session: str) -> None:
+        await self.writable()
         await self._durable(self.core.ready_for_freeze(caller, session))
 
     async def finish_session(self, caller: Caller, session: str) -> None:
+        await self.writable()
         records = self.core.finish_session(caller, session)
         await self._durable(records)
         released = [r.token for r in records if isinstance(r, FdReleased)]
         await asyncio.to_thread(self.backend.finish_session, session, released)
 
     async def close_session(self, caller: Caller, session: str) -> None:
+        await self.writable()
         await self._durable(self.core.close_session(caller, session))
 
     def client_left(self, client: str) -> None:
@@ -292,6 +347,27 @@ class LiveUpdate:
         self.journal.enqueue(records)
         self._effects(records)
 
+    async def drop_session(self, caller: Caller, session: str, reason: str) -> None:
+        await self.writable()
+        records = self.core.drop_session(caller, session, reason)
+        log.warning("session_dropped_by_admin", session=session, uid=caller.uid,
+                    sender=caller.client, reason=reason)
+        await self._durable(records)
+
+    # ---- quarantine: fds the journal cannot explain ---------------------------------
+
+    def retrieve_quarantined(self, caller: Caller, session: str, token: str) -> int:
+        self.core.quarantined(caller, session, token)
+        log.warning("quarantined_fd_retrieved", session=session, token=token, uid=caller.uid)
+        return self.vault.dup((session, token))
+
+    async def release_quarantined(self, caller: Caller, session: str, token: str) -> None:
+        await self.writable()
+        records = self.core.release_quarantined(caller, session, token)
+        self.vault.release((session, token))
+        log.warning("quarantined_fd_released", session=session, token=token, uid=caller.uid)
+        await self._durable(records)
+
     # ---- the host's update -----------------------------------------------------------
 
     def _held(self) -> tuple[dict[Key, int], dict[Key, FdEntry]]:
@@ -300,32 +376,36 @@ class LiveUpdate:
             for name, session in self.core.sessions.items()
             for token, entry in session.fds.items()
         }
-        return self.vault.items(), entries
+        fds = {key: fd for key, fd in self.vault.items().items() if key in entries}
+        return fds, entries
 
     async def prepare(self, caller: Caller) -> None:
-        async with self.host_commands:
-            await self._durable(self.core.prepare(caller))  # sessions and fds fixed now
-            try:
-                await asyncio.to_thread(self.backend.prepare_handover, *self._held())
-            except Exception:
-                await self._durable(self.core.cancel(caller))
-                raise
+        await self.writable()
+        records = self.core.prepare(caller)  # sessions and fds fixed now
+        try:
+            await self._durable(records)
+            await asyncio.to_thread(self.backend.prepare_handover, *self._held())
+        except Exception:
+            self.core.done("Prepare")
+            if self.core.phase is Phase.PREPARED:
+                with contextlib.suppress(Storage):
+                    await self._durable(self.core.cancel(caller))
+                self.core.done("Cancel")
+            raise
+        finally:
+            self.core.done("Prepare")
 
     async def freeze(self, caller: Caller) -> None:
-        self.core.check_freeze(caller)
-        if self.barrier.freezing:
-            raise WrongState("a Freeze is already waiting for its barrier")
-        self.barrier.freezing = True
+        await self.writable()
+        attempt = self.core.begin_freeze(caller)
         try:
-            await self._wait_for_barrier()  # outside the lock: Cancel may interrupt it
-            async with self.host_commands:
-                sizes = {key: os.fstat(fd).st_size for key, fd in self.vault.items().items()}
-                self.core.check_carried_bytes(sizes)
-                await self._durable(self.core.freeze(caller))
+            await self._wait_for_barrier(attempt)
+            sizes = {key: os.fstat(fd).st_size for key, fd in self._held()[0].items()}
+            await self._durable(self.core.freeze(caller, sizes, attempt))
         finally:
-            self.barrier.freezing = False
+            self.core.done("Freeze", attempt)
 
-    async def _wait_for_barrier(self) -> None:
+    async def _wait_for_barrier(self, attempt: int) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.freeze_timeout
         while self.core.freeze_laggards():
@@ -335,42 +415,66 @@ class LiveUpdate:
                 laggards = ", ".join(self.core.freeze_laggards())
                 raise Timeout(
                     f"Freeze waited {self.freeze_timeout:g}s for ReadyForFreeze from: "
-                    f"{laggards}; the state stays prepared (retry Freeze or Cancel)"
+                    f"{laggards}; the state stays prepared (retry Freeze, DropSession a "
+                    "laggard, or Cancel)"
                 )
             try:
                 async with asyncio.timeout(remaining):
                     await self.barrier.changed.wait()
             except TimeoutError:
                 continue
-            if self.core.phase is not Phase.PREPARED:
-                raise WrongState(f"the update was moved to {self.core.phase.value} during Freeze")
+            self.core.check_freeze_attempt(attempt)
 
     async def cancel(self, caller: Caller) -> None:
-        if self.rebooting:
-            raise WrongState("Reboot is writing the handover; it can no longer be cancelled")
-        async with self.host_commands:
-            self.core.check_transition(caller, "Cancel")
+        """Served while degraded: a Cancel the journal cannot record leaves the journal
+        in PREPARED or FROZEN, which a restart takes back safely."""
+        records = self.core.cancel(caller)
+        try:
+            try:
+                await self._durable(records)
+            except Storage:
+                log.error("cancel_not_journaled", hint="a restart comes back in "
+                          "prepared or frozen; Cancel again then")
             await asyncio.to_thread(self.backend.discard_handover)
-            await self._durable(self.core.cancel(caller))
+        finally:
+            self.core.done("Cancel")
 
     async def reboot(self, caller: Caller) -> int:
-        """Write the handover for the next kernel; the daemon then stops as the old kernel."""
-        self.core.check_reboot(caller)
-        if self.rebooting:
-            raise WrongState("Reboot is already in progress")
-        async with self.host_commands:
-            self.rebooting = True
-            fds, entries = self._held()
-            self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000", "STATUS=writing handover")
-            try:
-                carried = await asyncio.to_thread(
-                    self.backend.write_handover, fds, entries, boot_id(), self._report_progress
-                )
-            except BaseException:
-                self.rebooting = False
-                raise
+        """Write the handover for the next kernel; the daemon then stops as the old kernel.
+        A failure leaves no partial handover and the state FROZEN (Cancel or retry)."""
+        await self.writable()
+        records = self.core.begin_reboot(caller, boot_id())
+        try:
+            await self._durable(records)
+        except BaseException:
+            self.core.reboot_failed("the reboot could not be journaled")
+            raise
+        fds, entries = self._held()
+        self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000", "STATUS=writing handover")
+        try:
+            carried = await asyncio.to_thread(
+                self.backend.write_handover, fds, entries, boot_id(), self._report_progress
+            )
+        except BaseException as exc:
+            await self._reboot_failed(exc)
+            if isinstance(exc, OSError):
+                raise Storage(
+                    f"the handover could not be written ({describe_os_error(exc)}); nothing "
+                    "of it is left, the state is still frozen: retry Reboot or Cancel"
+                ) from exc
+            raise
         log.info("handover_written", fds=len(entries), bytes=carried)
         return carried
+
+    async def _reboot_failed(self, exc: BaseException) -> None:
+        log.error("reboot_failed", error=str(exc) or exc.__class__.__name__)
+        try:
+            await asyncio.to_thread(self.backend.discard_handover)
+        except OSError as discard:
+            log.error("handover_discard_failed", error=describe_os_error(discard))
+        records = self.core.reboot_failed(f"the handover could not be written: {exc}")
+        with contextlib.suppress(Storage):
+            await self._durable(records)
 
     def _report_progress(self, carried: int) -> None:
         """From the writer thread: keep systemd's start/stop timeout from firing."""
@@ -382,10 +486,21 @@ class LiveUpdate:
             )
 
     async def finish(self, caller: Caller) -> None:
-        async with self.host_commands:
-            await self._durable(self.core.finish(caller))
+        await self.writable()
+        records = self.core.finish(caller)
+        try:
+            await self._durable(records)
             await asyncio.to_thread(self.backend.finish)
             await self.journal.compact(self.core.snapshot)
+        finally:
+            self.core.done("Finish")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'No space left on device (ENOSPC)': the errno by name, for messages and logs."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    text = exc.strerror or str(exc)
+    return f"{text} ({code})" if code else text
 
 
 def _inspect(token: str, fd: int, named: bool) -> FdFacts:

@@ -82,6 +82,10 @@ class Vault:
             self._notifier.remove_fd(fd_name(*key))
             os.close(fd)
 
+    def forget_stored(self, name: str) -> None:
+        """Drop `name` from the fd store (its fds are held under other names now)."""
+        self._notifier.remove_fd(name)
+
     def refuse(self, name: str, fd: int) -> None:
         """An fd from the store that is not ours (any more): close it, drop it from the store."""
         self._notifier.remove_fd(name)

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from liveupdated.client import Client
 from liveupdated.privatebus import PrivateBus
-from liveupdated.sandbox import DaemonProcess
+from liveupdated.sandbox import DaemonProcess, Notifications
 
 DaemonFactory = Callable[..., DaemonProcess]
 
@@ -85,3 +86,43 @@ def closes_cycle(requires_of: Mapping[str, Sequence[str]], token: str,
             seen.add(current)
             todo += requires_of[current]
     return False
+
+
+@pytest.fixture
+def store() -> Iterator[Notifications]:
+    notes = Notifications()
+    yield notes
+    notes.close()
+
+
+class Host:
+    """Successive daemon processes sharing one state dir and one fd store."""
+
+    def __init__(self, bus: PrivateBus, state: Path, store: Notifications, log: Path) -> None:
+        self.bus, self.state, self.store = bus, state, store
+        self.log = log.open("ab")
+        self.daemons: list[DaemonProcess] = []
+
+    def start(self, store: Notifications | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(self.bus.address, self.state, "--backend", "simulated",
+                               log=self.log, notifications=store or self.store)
+        self.daemons.append(daemon)
+        return daemon.start()
+
+    def crash(self) -> DaemonProcess:
+        """kill -9 the running daemon and start the next one."""
+        self.daemons[-1].process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        self.daemons[-1].wait()
+        return self.start()
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            daemon.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def host(bus: PrivateBus, tmp_path: Path, store: Notifications) -> Iterator[Host]:
+    h = Host(bus, tmp_path / "state", store, tmp_path / "daemon.log")
+    yield h
+    h.close()

@@ -42,6 +42,8 @@ def content_digest(data: bytes, size: int) -> dict[str, Any]:
 
 # ---- the child: one command per line -------------------------------------------------
 
+_KEPT: dict[tuple[str, str], int] = {}  # memfds preserved with "keep": true
+
 
 async def _execute(client: Client, op: str, args: dict[str, Any]) -> Any:
     def session(name: str) -> SessionClient:
@@ -61,6 +63,14 @@ async def _execute(client: Client, op: str, args: dict[str, Any]) -> Any:
         case "prepare" | "freeze" | "cancel" | "reboot" | "finish":
             await getattr(client, op)()
             return None
+        case "drop_session":
+            await client.drop_session(args["name"], args.get("reason", ""))
+            return None
+        case "list_quarantined":
+            return [list(vars(q).values()) for q in await client.list_quarantined()]
+        case "resize":  # a memfd kept with "keep": true grows or shrinks after the fact
+            os.ftruncate(_KEPT[(args["session"], args["token"])], args["size"])
+            return None
         case "preserve_fd":
             data = bytes.fromhex(args.get("data", ""))
             fd = os.memfd_create(args.get("memfd_name", "ram"), os.MFD_CLOEXEC)
@@ -71,7 +81,10 @@ async def _execute(client: Client, op: str, args: dict[str, Any]) -> Any:
                     args["token"], fd, args.get("requires", [])
                 )
             finally:
-                os.close(fd)
+                if args.get("keep"):
+                    _KEPT[(args["session"], args["token"])] = fd
+                else:
+                    os.close(fd)
             return None
         case "unpreserve_fd":
             await session(args["session"]).unpreserve_fd(args["token"])
@@ -103,7 +116,7 @@ async def _execute(client: Client, op: str, args: dict[str, Any]) -> Any:
 
 async def _serve(address: str) -> None:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=64 << 20)  # a command may carry 20,000 names
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     client = await Client.connect(address)
     try:

@@ -18,11 +18,16 @@ from liveupdated.core.records import (
     FdCorrupted,
     FdLost,
     FdPreserved,
+    FdQuarantined,
     FdReleased,
     FdRestored,
     FreezeDelaySet,
+    KexecSimulated,
     PhaseChanged,
+    QuarantineReleased,
     Rebooted,
+    RebootFailed,
+    RebootStarted,
     Record,
     SessionCreated,
     SessionDropped,
@@ -47,6 +52,11 @@ EVERY_RECORD: list[Record] = [
     SessionFinished(session="vm"),
     PhaseChanged(old="normal", new="prepared", at_usec=1_700_000_000_000_000),
     Rebooted(boot_id="0123456789abcdef0123456789abcdef", blackout_usec=0),
+    RebootStarted(boot_id="0123456789abcdef0123456789abcdef", at_usec=1),
+    RebootFailed(reason="ENOSPC"),
+    KexecSimulated(boot_id="0123456789abcdef0123456789abcdef"),
+    FdQuarantined(session="vm", token="ram", size=4096, reason="its session was lost"),
+    QuarantineReleased(session="vm", token="ram", by_uid=0),
 ]
 
 

@@ -6,8 +6,6 @@ with real systemd.
 
 import asyncio
 import os
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,48 +14,8 @@ from dbus_fast import Message
 from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import DependencyMissing, NoSuchToken
 from liveupdated.privatebus import PrivateBus
-from liveupdated.sandbox import DaemonProcess, Notifications
-from tests.conftest import make_memfd, open_fds
-
-
-@pytest.fixture
-def store() -> Iterator[Notifications]:
-    notes = Notifications()
-    yield notes
-    notes.close()
-
-
-class Host:
-    """Successive daemon processes sharing one state dir and one fd store."""
-
-    def __init__(self, bus: PrivateBus, state: Path, store: Notifications, log: Path) -> None:
-        self.bus, self.state, self.store = bus, state, store
-        self.log = log.open("ab")
-        self.daemons: list[DaemonProcess] = []
-
-    def start(self, store: Notifications | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(self.bus.address, self.state, "--backend", "simulated",
-                               log=self.log, notifications=store or self.store)
-        self.daemons.append(daemon)
-        return daemon.start()
-
-    def crash(self) -> DaemonProcess:
-        """kill -9 the running daemon and start the next one."""
-        self.daemons[-1].process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-        self.daemons[-1].wait()
-        return self.start()
-
-    def close(self) -> None:
-        for daemon in self.daemons:
-            daemon.kill()
-        self.log.close()
-
-
-@pytest.fixture
-def host(bus: PrivateBus, tmp_path: Path, store: Notifications) -> Iterator[Host]:
-    h = Host(bus, tmp_path / "state", store, tmp_path / "daemon.log")
-    yield h
-    h.close()
+from liveupdated.sandbox import Notifications
+from tests.conftest import Host, make_memfd, open_fds
 
 
 async def _preserve_two(vmm: Client) -> dict[str, int]:

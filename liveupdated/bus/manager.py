@@ -2,7 +2,7 @@
 
 from typing import Annotated, Any
 
-from dbus_fast.annotations import DBusObjectPath, DBusStr, DBusUInt64
+from dbus_fast.annotations import DBusObjectPath, DBusStr, DBusUInt64, DBusUnixFd
 from dbus_fast.annotations import DBusSignature as Sig
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
@@ -17,6 +17,7 @@ from liveupdated.service import LiveUpdate
 from liveupdated.systemd import boot_id
 
 SessionList = Annotated[list[list[Any]], Sig("a(sousu)")]
+QuarantineList = Annotated[list[list[Any]], Sig("a(ssts)")]
 
 
 class Manager(ServiceInterface):
@@ -76,6 +77,32 @@ class Manager(ServiceInterface):
     @contract
     async def finish(self) -> None:
         await self._service.finish(await self._callers.current())
+
+    @dbus_method(name="DropSession")
+    @contract
+    async def drop_session(self, name: DBusStr, reason: DBusStr) -> None:
+        await self._service.drop_session(await self._callers.current(), name, reason)
+
+    @dbus_method(name="ListQuarantined")
+    @contract
+    async def list_quarantined(self) -> QuarantineList:
+        caller = await self._callers.current()
+        return [
+            [q.session, q.token, q.size, q.reason]
+            for q in self._service.core.visible_quarantine(caller)
+        ]
+
+    @dbus_method(name="RetrieveQuarantined")
+    @contract
+    async def retrieve_quarantined(self, session: DBusStr, token: DBusStr) -> DBusUnixFd:
+        caller = await self._callers.current()
+        return self._service.retrieve_quarantined(caller, session, token)
+
+    @dbus_method(name="ReleaseQuarantined")
+    @contract
+    async def release_quarantined(self, session: DBusStr, token: DBusStr) -> None:
+        caller = await self._callers.current()
+        await self._service.release_quarantined(caller, session, token)
 
     @dbus_property(access=PropertyAccess.READ, name="State")
     def state(self) -> DBusStr:

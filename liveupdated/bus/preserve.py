@@ -12,7 +12,7 @@ from dbus_fast import Message, MessageFlag
 
 from liveupdated.bus.callers import Callers
 from liveupdated.bus.connection import FdOwningBus
-from liveupdated.bus.errors import FAILED, to_dbus_error
+from liveupdated.bus.errors import to_dbus_error
 from liveupdated.bus.session import SessionObjects
 from liveupdated.core.orchestrator import Caller
 from liveupdated.core.records import Record
@@ -89,10 +89,10 @@ class PreserveFdCalls:
         except asyncio.CancelledError:
             self._waiting[:0] = calls  # still to answer, at finish()
             raise
-        except Exception as exc:  # the service has failed and the daemon exits
-            self._service.failed.set()
+        except Exception as exc:  # the journal failed: the service is degraded now
+            error = to_dbus_error(exc)
             for msg, _ in calls:
-                self._bus.send(Message.new_error(msg, FAILED, f"journal write failed: {exc}"))
+                self._bus.send(Message.new_error(msg, error.type, error.text))
             return
         by_sender: dict[str | None, list[Record]] = {}
         for msg, records in calls:

@@ -3,16 +3,17 @@
 import os
 from typing import Annotated, Any
 
+from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
 from dbus_fast.annotations import DBusSignature as Sig
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
-from liveupdated.bus import SESSION_INTERFACE
+from liveupdated.bus import ERROR_PREFIX, SESSION_INTERFACE
 from liveupdated.bus.callers import Callers
 from liveupdated.bus.errors import contract
-from liveupdated.core.names import session_path
+from liveupdated.core.names import SESSION_PATH_PREFIX, session_path
 from liveupdated.core.orchestrator import Session
 from liveupdated.service import LiveUpdate
 
@@ -156,6 +157,26 @@ class SessionObjects:
         """The name of the session exported at `path`, if any."""
         obj = self._objects.get(path)
         return obj.session_name if obj is not None else None
+
+    def answer_missing(self, msg: Message) -> Message | bool:
+        """A message handler: a Session call on a path where no session is exported gets
+        NoSuchSession, as RetrieveFd after a reboot does, not dbus-fast's UnknownMethod.
+        (Its fds, if any, were closed by the fd guard, which runs first.)"""
+        path = msg.path or ""
+        if (
+            msg.message_type is not MessageType.METHOD_CALL
+            or msg.interface not in (SESSION_INTERFACE, None)
+            or not path.startswith(SESSION_PATH_PREFIX)
+            or path in self._objects
+        ):
+            return False
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return True
+        return Message.new_error(
+            msg, ERROR_PREFIX + "NoSuchSession",
+            f"no session at {path}: CreateSession it in normal (a session lives with the "
+            "connection that made it until Prepare), or RetrieveSession it after a reboot",
+        )
 
     def add(self, session: Session) -> None:
         path = session_path(session.name)

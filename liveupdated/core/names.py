@@ -10,6 +10,12 @@ from liveupdated.core.errors import InvalidArgument
 MANAGER_PATH = "/org/liveupdate1"
 SESSION_PATH_PREFIX = "/org/liveupdate1/session/"
 MAX_NAME_LENGTH = 63  # the kernel's 64-byte session name, with its NUL
+# Admission bounds: every record a call can produce stays far below the journal's frame
+# bound (16 fds x 32 requires x 63 characters is about 40 KB), so no caller can write a
+# frame the reader would take for damage.
+MAX_REQUIRES = 32  # tokens one fd may require (a session holds at most 128 fds)
+MAX_FDS_PER_CALL = 16  # PreserveFds: dbus-daemon's default for fds in one message
+MAX_REASON_LENGTH = 200  # DropSession's reason, kept in the journal and the log
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -21,6 +27,31 @@ def check_name(value: str, what: str) -> str:
             f"invalid {what} {value!r}: use 1-{MAX_NAME_LENGTH} characters of [A-Za-z0-9_.-]"
         )
     return value
+
+
+def is_name(value: str) -> bool:
+    return bool(_NAME_RE.fullmatch(value))
+
+
+def check_session_name_for(uid: int, admin: bool, name: str) -> str:
+    """A session name `uid` may create: admins name freely, anyone else's names start
+    with their uid and a dash (`1000-vm42`), so no tenant can take a name that a VMM of
+    root's (or of another uid) will ask for."""
+    check_name(name, "session name")
+    if not admin and not name.startswith(f"{uid}-"):
+        raise InvalidArgument(
+            f"invalid session name {name!r}: a session of uid {uid} must be named "
+            f"'{uid}-<name>' (e.g. '{uid}-vm42'); only root names sessions freely"
+        )
+    return name
+
+
+def check_reason(reason: str) -> str:
+    if len(reason) > MAX_REASON_LENGTH or not reason.isprintable():
+        raise InvalidArgument(
+            f"the reason must be at most {MAX_REASON_LENGTH} printable characters"
+        )
+    return reason
 
 
 def escape_path_label(label: str) -> str:

@@ -7,9 +7,19 @@ Theory of operation. The host moves through four phases:
 
 Each command method checks the caller and the phase, decides, applies its decision to the
 in-memory state and returns the records that describe it; the caller must make those
-records durable before it acknowledges the command. `apply` is the only mutator, so
-replaying a journal through it rebuilds exactly the state that produced it. This module
-does no I/O: no files, no fds, no bus; it takes plain values and raises contract errors.
+records durable before it acknowledges the command. `apply` is the only mutator of the
+durable state, so replaying a journal through it rebuilds exactly the state that produced
+it. This module does no I/O: no files, no fds, no bus; it takes plain values and raises
+contract errors.
+
+In-flight states are states too. A host command whose effects take an await (Prepare's
+backend work, Freeze waiting on its barrier, Reboot writing the handover, Cancel and
+Finish cleaning up) holds `in_flight` from its decision until its caller calls `done`;
+every other host command is refused meanwhile (Cancel may interrupt a waiting Freeze),
+and a command that awaited asks again here before it decides (`freeze` after the
+barrier, `check_retrieve_fd` after a restore). Reboot is journaled (RebootStarted) so
+that a restart knows a handover was under way, and a handover is taken as a new boot only
+on evidence: another boot id, or the old daemon's KexecSimulated.
 """
 
 import time
@@ -29,16 +39,28 @@ from liveupdated.core.errors import (
     TokenExists,
     WrongState,
 )
-from liveupdated.core.names import check_name
+from liveupdated.core.names import (
+    MAX_FDS_PER_CALL,
+    MAX_REASON_LENGTH,
+    MAX_REQUIRES,
+    check_name,
+    check_reason,
+    check_session_name_for,
+)
 from liveupdated.core.records import (
     FdCorrupted,
     FdLost,
     FdPreserved,
+    FdQuarantined,
     FdReleased,
     FdRestored,
     FreezeDelaySet,
+    KexecSimulated,
     PhaseChanged,
+    QuarantineReleased,
     Rebooted,
+    RebootFailed,
+    RebootStarted,
     Record,
     SessionCreated,
     SessionDropped,
@@ -89,12 +111,23 @@ class Caller:
 
 @dataclass(frozen=True)
 class Limits:
-    """Defaults never exceed what the Linux 6.19 LUO accepts (744 sessions, 128 fds each)."""
+    """Defaults never exceed what the Linux 6.19 LUO accepts (744 sessions, 128 fds each).
+
+    Bytes are apparent sizes: on the kernel backend every page of a preserved memfd is
+    pinned, so these bound the RAM one tenant can pin. The per-uid limits bind every
+    caller but admins; an unset per-uid byte limit is a quarter of the host's, so no one
+    tenant can take the host's whole budget from root."""
 
     max_sessions: int = 744
     max_fds_per_session: int = 128
     max_sessions_per_uid: int = 64
     max_preserved_bytes: int = 4 << 40
+    max_fds_per_uid: int = 1024
+    max_bytes_per_uid: int = 0  # 0: a quarter of max_preserved_bytes
+
+    @property
+    def bytes_per_uid(self) -> int:
+        return self.max_bytes_per_uid or max(1, self.max_preserved_bytes // 4)
 
 
 @dataclass(frozen=True)
@@ -119,6 +152,22 @@ class FdEntry:
     restored: bool = False
 
 
+@dataclass(frozen=True)
+class QuarantinedFd:
+    """An fd the journal cannot explain: kept whole, never handed to a VMM."""
+
+    session: str
+    token: str
+    size: int
+    reason: str
+
+    @property
+    def likely_uid(self) -> int | None:
+        """The owner its name suggests: non-root session names start with `<uid>-`."""
+        head, dash, _ = self.session.partition("-")
+        return int(head) if dash and head.isdigit() else None
+
+
 @dataclass
 class Session:
     name: str
@@ -135,6 +184,12 @@ class Session:
         return sum(entry.size for entry in self.fds.values())
 
 
+_HOST_RECORDS = (
+    PhaseChanged, Rebooted, RebootStarted, RebootFailed, KexecSimulated, FdQuarantined,
+    QuarantineReleased,
+)
+
+
 def _realtime_usec() -> int:
     return time.time_ns() // 1000
 
@@ -149,13 +204,23 @@ class Orchestrator:
         self.last_blackout_usec = 0
         self.freeze_started_usec = 0
         self.handover_boot_id = ""
+        self.reboot: RebootStarted | None = None  # journaled: a handover is being written
+        self.kexec_simulated = False  # the old daemon left its evidence of a new boot
+        self.in_flight = ""  # the host command whose effects are under way, if any
+        self.freeze_attempt = 0  # which Freeze holds in_flight "Freeze"
+        self.quarantine: dict[tuple[str, str], QuarantinedFd] = {}
         self._fd_total = 0  # kept up to date by apply: PreserveFd must not scan every fd
         self._bytes_total = 0
+        self._uid_fds: dict[int, int] = {}
+        self._uid_bytes: dict[int, int] = {}
         self._clock_usec = clock_usec
 
     # ---- the one mutator -------------------------------------------------------------
 
     def apply(self, record: Record) -> None:
+        if isinstance(record, _HOST_RECORDS):
+            self._apply_host(record)
+            return
         match record:
             case SessionCreated():
                 self.sessions[record.session] = Session(
@@ -170,32 +235,41 @@ class Orchestrator:
                     record.name,
                     record.seals,
                 )
-                self._count(record.size)
+                self._count(record.session, record.size)
             case FdReleased():
-                self._count(-self.sessions[record.session].fds.pop(record.token).size, -1)
+                size = self.sessions[record.session].fds.pop(record.token).size
+                self._count(record.session, -size, -1)
             case FdLost():
                 self.sessions[record.session].fds[record.token].problem = "lost"
             case FdCorrupted():
                 self.sessions[record.session].fds[record.token] = FdEntry(
                     record.token, "memfd", (), record.size, "", 0, problem="corrupted"
                 )
-                self._count(record.size)
+                self._count(record.session, record.size)
             case FdRestored():
                 self.sessions[record.session].fds[record.token].restored = True
             case SessionDropped():
-                del self.sessions[record.session]
+                dropped = self.sessions.pop(record.session)
+                for entry in dropped.fds.values():  # normally released before the drop
+                    self._count_uid(dropped.uid, -entry.size, -1)
+                    self._bytes_total -= entry.size
+                    self._fd_total -= 1
             case FreezeDelaySet():
                 self.sessions[record.session].delay_freeze = record.enabled
             case SessionReady():
                 self.sessions[record.session].ready = True
             case SessionFinished():
                 self.sessions[record.session].finished = True
+
+    def _apply_host(self, record: Record) -> None:
+        match record:
             case PhaseChanged():
                 self.phase = Phase(record.new)
                 if self.phase is Phase.FROZEN:
                     self.freeze_started_usec = record.at_usec
                 elif self.phase is Phase.NORMAL:
                     self.freeze_started_usec = 0  # a cancelled freeze starts no blackout
+                    self.reboot = None
                 if self.phase in (Phase.NORMAL, Phase.PREPARED):
                     for session in self.sessions.values():
                         session.ready = False
@@ -203,8 +277,25 @@ class Orchestrator:
                 self.phase = Phase.UPDATED
                 self.last_blackout_usec = record.blackout_usec
                 self.handover_boot_id = record.boot_id
+                self.reboot = None
+                self.kexec_simulated = False
                 for session in self.sessions.values():
                     session.ready = False
+            case RebootStarted():
+                self.reboot = record
+                self.kexec_simulated = False
+            case RebootFailed():
+                self.reboot = None
+                self.kexec_simulated = False
+            case KexecSimulated():
+                self.kexec_simulated = True
+            case FdQuarantined():
+                self.quarantine[(record.session, record.token)] = QuarantinedFd(
+                    record.session, record.token, record.size, record.reason
+                )
+            case QuarantineReleased():
+                del self.quarantine[(record.session, record.token)]
+
 
     def snapshot(self) -> list[Record]:
         """Records that rebuild the current state from nothing: what compaction keeps."""
@@ -217,6 +308,14 @@ class Orchestrator:
             records.append(
                 PhaseChanged(old="normal", new=self.phase.value, at_usec=self.freeze_started_usec)
             )
+        if self.reboot is not None:
+            records.append(self.reboot)
+        if self.kexec_simulated:
+            records.append(KexecSimulated(boot_id=self.reboot.boot_id if self.reboot else ""))
+        records += [
+            FdQuarantined(session=q.session, token=q.token, size=q.size, reason=q.reason)
+            for q in self.quarantine.values()
+        ]
         for s in self.sessions.values():
             records.append(
                 SessionCreated(session=s.name, uid=s.uid, unit=s.unit, client=s.client)
@@ -281,9 +380,18 @@ class Orchestrator:
         except KeyError:
             raise NoSuchToken(f"session {session.name!r} has no token {token!r}") from None
 
-    def _count(self, size: int, fds: int = 1) -> None:
+    def _count(self, session: str, size: int, fds: int = 1) -> None:
         self._bytes_total += size
         self._fd_total += fds
+        self._count_uid(self.sessions[session].uid, size, fds)
+
+    def _count_uid(self, uid: int, size: int, fds: int) -> None:
+        self._uid_bytes[uid] = self._uid_bytes.get(uid, 0) + size
+        self._uid_fds[uid] = self._uid_fds.get(uid, 0) + fds
+
+    def uid_usage(self, uid: int) -> tuple[int, int]:
+        """(fds, bytes) the sessions of `uid` hold."""
+        return self._uid_fds.get(uid, 0), self._uid_bytes.get(uid, 0)
 
     def total_preserved_bytes(self) -> int:
         return self._bytes_total
@@ -299,7 +407,7 @@ class Orchestrator:
 
     def _require_admin(self, caller: Caller, command: str) -> None:
         if not caller.admin:
-            raise AccessDenied(f"{command} drives the host's update; only root may call it")
+            raise AccessDenied(f"{command} is for the host's administrator; only root may call it")
 
     def check_transition(self, caller: Caller, command: str) -> None:
         """Raise what `command` (Prepare, Freeze, Cancel, Finish) would raise; no change."""
@@ -309,15 +417,39 @@ class Orchestrator:
         self._require_admin(caller, command)
         allowed, new = PHASE_TRANSITIONS[command]
         self._require_phase(command, allowed)
+        self._require_idle(command)
         return [PhaseChanged(old=self.phase.value, new=new.value, at_usec=self._clock_usec())]
+
+    def _require_idle(self, command: str) -> None:
+        """No host command is under way, but for the ones `command` may interrupt: a
+        Freeze waiting on its barrier can be cancelled, or unblocked by DropSession."""
+        if self.reboot is not None:
+            raise WrongState(
+                f"{command} is not possible: Reboot is writing the handover for the next "
+                "kernel (a failed Reboot returns to frozen)"
+            )
+        interruptible = command in ("Cancel", "DropSession") and self.in_flight == "Freeze"
+        if self.in_flight and not interruptible:
+            raise WrongState(f"{command} is not possible while {self.in_flight} is under way")
+
+    def done(self, command: str, attempt: int = 0) -> None:
+        """The effects of host command `command` are over (succeeded or not); a Freeze
+        says which attempt, so that an interrupted one cannot end the next one's wait."""
+        if self.in_flight == command and (command != "Freeze" or attempt == self.freeze_attempt):
+            self.in_flight = ""
 
     # ---- session commands ------------------------------------------------------------
 
     def create_session(self, caller: Caller, name: str) -> list[Record]:
-        check_name(name, "session name")
+        check_session_name_for(caller.uid, caller.admin, name)
         self._require_phase("CreateSession", SESSION_COMMAND_PHASES["CreateSession"])
         if name in self.sessions:
             raise SessionExists(f"a session named {name!r} already exists; pick another name")
+        if any(session == name for session, _ in self.quarantine):
+            raise SessionExists(
+                f"the name {name!r} belongs to quarantined fds; an admin must retrieve or "
+                "release them (Manager.ReleaseQuarantined) before it can be used again"
+            )
         if len(self.sessions) >= self.limits.max_sessions:
             raise QuotaExceeded(
                 f"the host holds the maximum of {self.limits.max_sessions} sessions"
@@ -346,9 +478,18 @@ class Orchestrator:
     ) -> Session:
         """Every check of PreserveFd or PreserveFds that does not need the fds: (token,
         requires) pairs that are preserved all together or not at all."""
+        if len(wanted) > MAX_FDS_PER_CALL:
+            raise InvalidArgument(
+                f"{command} takes at most {MAX_FDS_PER_CALL} fds a call, not {len(wanted)}"
+            )
         new: dict[str, Sequence[str]] = {}
         for token, requires in wanted:
             check_name(token, "token")
+            if len(requires) > MAX_REQUIRES:
+                raise InvalidArgument(
+                    f"requires of {token!r} names {len(requires)} tokens; at most "
+                    f"{MAX_REQUIRES} are allowed (tokens of the same session)"
+                )
             for required in requires:
                 check_name(required, "required token")
             if len(set(requires)) != len(requires):
@@ -371,6 +512,12 @@ class Orchestrator:
                 f"session {name!r} holds the maximum of {most} fds" if len(new) == 1 else
                 f"session {name!r} holds {len(session.fds)} fds; {len(new)} more would pass "
                 f"the maximum of {most} fds"
+            )
+        held_fds, _ = self.uid_usage(caller.uid)
+        if not caller.admin and held_fds + len(new) > self.limits.max_fds_per_uid:
+            raise QuotaExceeded(
+                f"uid {caller.uid} holds {held_fds} fds; {len(new)} more would pass its "
+                f"limit of {self.limits.max_fds_per_uid} fds"
             )
         for token, requires in wanted:
             cycle = self._cycle_through(session, token, requires, new)
@@ -421,13 +568,7 @@ class Orchestrator:
     ) -> list[Record]:
         """(token, requires, facts) of each fd: all preserved, or none."""
         self.check_preserve_all(caller, name, [(t, r) for t, r, _ in fds], command)
-        size = sum(facts.size for _, _, facts in fds)
-        total = self.total_preserved_bytes() + size
-        if total > self.limits.max_preserved_bytes:
-            raise QuotaExceeded(
-                f"preserving {size} bytes would bring the host to {total} bytes, over "
-                f"the limit of {self.limits.max_preserved_bytes} bytes"
-            )
+        self._check_bytes(caller, sum(facts.size for _, _, facts in fds))
         return self._commit(
             [
                 FdPreserved(
@@ -442,6 +583,28 @@ class Orchestrator:
                 for token, requires, facts in fds
             ]
         )
+
+    def _check_bytes(self, caller: Caller, size: int) -> None:
+        """The caller's own budget, then the host's; a tenant is told of its own usage
+        and limit only, never of the host's or of others'."""
+        _, held = self.uid_usage(caller.uid)
+        limit = self.limits.bytes_per_uid
+        if not caller.admin and held + size > limit:
+            raise QuotaExceeded(
+                f"uid {caller.uid} holds {held} bytes; {size} more would pass its limit of "
+                f"{limit} bytes (sizes are apparent sizes: holes count)"
+            )
+        total = self.total_preserved_bytes() + size
+        if total > self.limits.max_preserved_bytes:
+            if not caller.admin:
+                raise QuotaExceeded(
+                    f"the host has no room for {size} more preserved bytes now; "
+                    "ask the host's administrator"
+                )
+            raise QuotaExceeded(
+                f"preserving {size} bytes would bring the host to {total} bytes, over "
+                f"the limit of {self.limits.max_preserved_bytes} bytes"
+            )
 
     def unpreserve_fd(self, caller: Caller, name: str, token: str) -> list[Record]:
         check_name(token, "token")
@@ -515,6 +678,50 @@ class Orchestrator:
         ]
         return [*released, SessionDropped(session=name, reason=reason)]
 
+    def drop_session(self, caller: Caller, name: str, reason: str) -> list[Record]:
+        """An admin drops a session (one that blocks Freeze, say) with all its fds."""
+        self._require_admin(caller, "DropSession")
+        check_name(name, "session name")
+        check_reason(reason)
+        self.session(name)
+        self._require_phase("DropSession", {Phase.NORMAL, Phase.PREPARED})
+        self._require_idle("DropSession")
+        why = f"dropped by uid {caller.uid}: {reason}" if reason else f"dropped by uid {caller.uid}"
+        return self._commit(self._drop(name, why))
+
+    def quarantine_fds(self, found: Iterable[tuple[str, str, int, str]]) -> list[Record]:
+        """(session, token, size, reason) of fds the journal cannot explain: held,
+        reported, released only by an admin; recovery never closes them."""
+        return self._commit(
+            [
+                FdQuarantined(session=s, token=t, size=size, reason=reason)
+                for s, t, size, reason in found
+                if (s, t) not in self.quarantine
+            ]
+        )
+
+    def visible_quarantine(self, caller: Caller) -> list[QuarantinedFd]:
+        """Admins see every quarantined fd; a uid those its session names suggest."""
+        return sorted(
+            (q for q in self.quarantine.values() if caller.admin or q.likely_uid == caller.uid),
+            key=lambda q: (q.session, q.token),
+        )
+
+    def quarantined(self, caller: Caller, session: str, token: str) -> QuarantinedFd:
+        self._require_admin(caller, "a quarantined fd")
+        check_name(session, "session name")
+        check_name(token, "token")
+        try:
+            return self.quarantine[(session, token)]
+        except KeyError:
+            raise NoSuchToken(f"no quarantined fd {session}/{token}") from None
+
+    def release_quarantined(self, caller: Caller, session: str, token: str) -> list[Record]:
+        self.quarantined(caller, session, token)
+        return self._commit(
+            [QuarantineReleased(session=session, token=token, by_uid=caller.uid)]
+        )
+
     def client_gone(self, client: str) -> list[Record]:
         """The connection left the bus: before Prepare its sessions go with it."""
         if self.phase is not Phase.NORMAL:
@@ -545,7 +752,9 @@ class Orchestrator:
     # ---- host-wide commands ----------------------------------------------------------
 
     def prepare(self, caller: Caller) -> list[Record]:
-        return self._commit(self._transition(caller, "Prepare"))
+        records = self._commit(self._transition(caller, "Prepare"))
+        self.in_flight = "Prepare"  # until the backend's brownout work is done
+        return records
 
     def freeze_laggards(self) -> list[str]:
         """Sessions that asked Freeze to wait for them and are not ready yet."""
@@ -567,40 +776,127 @@ class Orchestrator:
                 ]
         return problems
 
+    def _check_freezable(self) -> None:
+        missing = self.missing_dependencies()
+        if missing:
+            blocking = sorted({problem.split("/", 1)[0] for problem in missing})
+            raise DependencyMissing(
+                "cannot freeze, missing: " + "; ".join(missing)
+                + f". Sessions blocking: {', '.join(blocking)}. Preserve what is missing, "
+                "drop a session (Manager.DropSession) or Cancel the update"
+            )
+        if self.quarantine:
+            names = ", ".join(f"{s}/{t}" for s, t in sorted(self.quarantine))
+            raise WrongState(
+                f"cannot freeze: quarantined fds ({names}) would not survive the reboot; "
+                "an admin must RetrieveQuarantined or ReleaseQuarantined them first"
+            )
+
+    def begin_freeze(self, caller: Caller) -> int:
+        """Freeze's checks before it waits on its barrier; the wait is in flight. Returns
+        the attempt, which the Freeze shows again when it decides."""
+        self._transition(caller, "Freeze")
+        self._check_freezable()
+        self.in_flight = "Freeze"
+        self.freeze_attempt += 1
+        return self.freeze_attempt
+
+    def check_freeze_attempt(self, attempt: int) -> None:
+        """Is the Freeze `attempt` still the one waiting? A Cancel (or Cancel, Prepare
+        and another Freeze) may have come during its wait."""
+        if self.in_flight != "Freeze" or attempt != self.freeze_attempt:
+            moved = f"{self.in_flight} is under way" if self.in_flight else (
+                f"the state is {self.phase.value}")
+            raise WrongState(f"Freeze was interrupted while it waited: {moved}")
+
     def check_freeze(self, caller: Caller) -> None:
         """Everything Freeze checks before it waits on the barrier; raises, never mutates."""
         self._transition(caller, "Freeze")
-        missing = self.missing_dependencies()
-        if missing:
-            raise DependencyMissing(
-                "cannot freeze, missing: " + "; ".join(missing)
-                + ". Preserve them or Cancel the update"
-            )
+        self._check_freezable()
 
-    def check_carried_bytes(self, sizes: Mapping[tuple[str, str], int]) -> None:
-        """The fds' sizes now (a memfd may have grown since PreserveFd) against the limit."""
-        total = sum(sizes.values())
-        limit = self.limits.max_preserved_bytes
-        if total > limit:
-            grown = sorted(
-                (size - self.sessions[s].fds[t].size, f"{s}/{t}") for (s, t), size in sizes.items()
-            )[-3:]
-            raise QuotaExceeded(
-                f"the fds have grown to {total} bytes, over the limit of {limit} bytes "
-                f"(grown most: {', '.join(name for _, name in reversed(grown))}); "
-                "shrink them or Cancel the update"
-            )
+    def _check_carried_bytes(self, sizes: Mapping[tuple[str, str], int]) -> None:
+        """The fds' sizes now (a memfd may have grown since PreserveFd) against each
+        uid's budget and the host's: whoever grew past its own budget blocks, by name."""
+        by_uid: dict[int, int] = {}
+        by_session: dict[str, int] = {}
+        for (session, _), size in sizes.items():
+            if session in self.sessions:
+                uid = self.sessions[session].uid
+                by_uid[uid] = by_uid.get(uid, 0) + size
+                by_session[session] = by_session.get(session, 0) + size
+        limit = self.limits.bytes_per_uid
+        over = sorted(
+            name for name, s in self.sessions.items()
+            if s.uid != 0 and by_uid.get(s.uid, 0) > limit and by_session.get(name, 0)
+        )
+        total = sum(by_session.values())
+        if not over and total <= self.limits.max_preserved_bytes:
+            return
+        if not over:
+            over = sorted(by_session, key=lambda n: -by_session[n])[:3]
+            problem = (f"the fds have grown to {total} bytes, over the host's limit of "
+                       f"{self.limits.max_preserved_bytes} bytes")
+        else:
+            problem = f"fds have grown past their uid's limit of {limit} bytes"
+        raise QuotaExceeded(
+            f"cannot freeze: {problem}. Sessions blocking: {', '.join(over)}. Shrink them, "
+            "drop a session (Manager.DropSession) or Cancel the update"
+        )
 
-    def freeze(self, caller: Caller) -> list[Record]:
-        self.check_freeze(caller)
-        return self._commit(self._transition(caller, "Freeze"))
+    def freeze(
+        self, caller: Caller, sizes: Mapping[tuple[str, str], int], attempt: int
+    ) -> list[Record]:
+        """Decide Freeze after the barrier, asking every question again: the phase, a
+        Cancel that came meanwhile, the dependencies, the bytes carried now."""
+        self.check_freeze_attempt(attempt)
+        waiting, self.in_flight = self.in_flight, ""
+        try:
+            records = self._transition(caller, "Freeze")
+            self._check_freezable()
+            self._check_carried_bytes(sizes)
+        finally:
+            self.in_flight = waiting
+        return self._commit(records)
 
     def cancel(self, caller: Caller) -> list[Record]:
-        return self._commit(self._transition(caller, "Cancel"))
+        records = self._commit(self._transition(caller, "Cancel"))
+        self.in_flight = "Cancel"  # until the handover is discarded
+        return records
+
+    def begin_reboot(self, caller: Caller, boot_id: str) -> list[Record]:
+        """Reboot decided and journaled before the handover is written."""
+        self._require_admin(caller, "Reboot")
+        self._require_phase("Reboot", {Phase.FROZEN})
+        self._require_idle("Reboot")
+        records = self._commit([RebootStarted(boot_id=boot_id, at_usec=self._clock_usec())])
+        self.in_flight = "Reboot"
+        return records
 
     def check_reboot(self, caller: Caller) -> None:
         self._require_admin(caller, "Reboot")
         self._require_phase("Reboot", {Phase.FROZEN})
+        self._require_idle("Reboot")
+
+    def reboot_failed(self, reason: str) -> list[Record]:
+        """The handover was not completed: a plain FROZEN again."""
+        self.done("Reboot")
+        if self.reboot is None:
+            return []
+        return self._commit([RebootFailed(reason=reason[:MAX_REASON_LENGTH])])
+
+    def simulated_kexec_done(self, boot_id: str) -> list[Record]:
+        """The old daemon's last record when no real reboot follows Reboot."""
+        return self._commit([KexecSimulated(boot_id=boot_id)])
+
+    def is_new_boot(self, handover_boot_id: str, current_boot_id: str) -> bool:
+        """Evidence that the kexec happened: the handover was written by another boot,
+        or the old daemon recorded its simulated kexec. Without it a start after Reboot
+        is a restart in FROZEN (a crash between Reboot's reply and the kexec)."""
+        if self.phase is not Phase.FROZEN:
+            return False
+        if self.reboot is not None and self.reboot.boot_id != handover_boot_id:
+            return False  # not the handover this journal's Reboot wrote
+        return handover_boot_id != current_boot_id or self.kexec_simulated
 
     def rebooted(self, boot_id: str) -> list[Record]:
         """The handover of the previous boot was found: this is the new kernel."""
@@ -614,7 +910,9 @@ class Orchestrator:
         dropped: list[Record] = []
         for name in list(self.sessions):
             dropped += self._drop(name, "update finished")
-        return self._commit([*dropped, *transition])
+        records = self._commit([*dropped, *transition])
+        self.in_flight = "Finish"  # until the backend let go and the journal is compacted
+        return records
 
     def status_line(self) -> str:
         return (

@@ -115,6 +115,55 @@ class Rebooted:
     blackout_usec: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RebootStarted:
+    """Reboot was decided: the handover for the next kernel is being written. Only a
+    later start that has evidence of a new boot (another boot id, or the old daemon's
+    KexecSimulated) takes the handover; any other start is a crash in FROZEN."""
+
+    type: Literal["reboot_started"] = "reboot_started"
+    boot_id: str  # of the boot that writes the handover
+    at_usec: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RebootFailed:
+    """The handover was not completed (a write failed, or the daemon restarted before
+    the kexec): back to a plain FROZEN, from which Cancel or another Reboot works."""
+
+    type: Literal["reboot_failed"] = "reboot_failed"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KexecSimulated:
+    """The old daemon's last act after a completed Reboot with no real reboot to follow
+    (--reboot-action exit): the evidence of a "new boot" that keeps the boot id."""
+
+    type: Literal["kexec_simulated"] = "kexec_simulated"
+    boot_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FdQuarantined:
+    """An fd from the fd store that the journal cannot explain (its session's records
+    were damaged): held, reported, handed out or released only by an admin."""
+
+    type: Literal["fd_quarantined"] = "fd_quarantined"
+    session: str
+    token: str
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuarantineReleased:
+    type: Literal["quarantine_released"] = "quarantine_released"
+    session: str
+    token: str
+    by_uid: int
+
+
 Record = (
     SessionCreated
     | FdPreserved
@@ -128,6 +177,11 @@ Record = (
     | SessionFinished
     | PhaseChanged
     | Rebooted
+    | RebootStarted
+    | RebootFailed
+    | KexecSimulated
+    | FdQuarantined
+    | QuarantineReleased
 )
 
 _RECORD: Tagged[Record] = Tagged("Record", get_args(Record))

@@ -85,7 +85,11 @@ def test_a_flipped_bit_in_the_middle_skips_only_that_record(tmp_path: Path) -> N
     assert records == [RECORDS[0], *RECORDS[2:]]
     (damage,) = damages
     assert (damage.offset, damage.reason, damage.cut) == (second, "checksum mismatch", False)
-    assert path.read_bytes() == bytes(data)  # kept: the records after it are valid
+    # The damaged original is kept aside; the journal itself holds only valid frames now,
+    # so that appends never follow garbage.
+    assert damage.quarantine is not None
+    assert damage.quarantine.read_bytes() == bytes(data)
+    assert path.read_bytes() == MAGIC + encode(RECORDS[:1]) + encode(RECORDS[2:])
 
 
 def test_a_flipped_bit_in_the_last_record_cuts_it(tmp_path: Path) -> None:
@@ -101,14 +105,18 @@ def test_a_flipped_bit_in_the_last_record_cuts_it(tmp_path: Path) -> None:
     assert path.stat().st_size == last
 
 
-def test_a_bad_header_starts_an_empty_journal(tmp_path: Path) -> None:
+def test_a_bad_header_keeps_the_frames_after_it(tmp_path: Path) -> None:
+    """It used to start an empty journal, discarding every record: frames are found
+    after whatever stands in the header's place, and the original is quarantined."""
     path = tmp_path / "journal"
     path.write_bytes(b"garbage" + encode(RECORDS))
     journal, records, damages = Journal.open(path)
     journal.close()
-    assert records == []
-    assert [d.cut for d in damages] == [True]
-    assert path.read_bytes() == MAGIC
+    assert records == RECORDS
+    assert [(d.offset, d.length, d.cut) for d in damages] == [(0, 7, False)]
+    assert path.read_bytes() == MAGIC + encode(RECORDS)
+    assert damages[0].quarantine is not None
+    assert damages[0].quarantine.read_bytes() == b"garbage" + encode(RECORDS)
 
 
 def test_decode_rejects_an_implausible_length() -> None:

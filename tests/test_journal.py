@@ -2,7 +2,10 @@
 
 import asyncio
 import os
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -559,3 +562,81 @@ async def test_a_live_state_over_the_limit_is_not_compacted_after_every_flush(
     assert journal.needs_compaction(limit)
     await journal.aclose()
     assert not journal.needs_compaction(limit)  # closed: nothing more is written
+
+
+# --- A crash at any durable point loses nothing that was durable ------------------------
+
+# Opens (and so repairs) a damaged journal, commits, compacts, commits: every point a
+# daemon passes in the journal's life.
+LIFE = """
+import asyncio, sys
+from pathlib import Path
+from liveupdated.journal import Journal
+from tests.test_journal import decisions
+
+async def main() -> None:
+    groups = decisions()
+    journal, records, _ = Journal.open(Path(sys.argv[1]))
+    journal.commit_now(groups[0])
+    await journal.commit(groups[1])
+    await journal.compact(lambda: [*records, *groups[0], *groups[1]])
+    await journal.commit(groups[2])
+    await journal.aclose()
+
+asyncio.run(main())
+"""
+
+
+def live(tmp_path: Path, damaged: bytes, crash_at: int | None) -> tuple[int, list[str]]:
+    """Run LIFE on a journal holding `damaged`, in an empty `tmp_path`: its exit status
+    and the points it passed, in order."""
+    for leftover in tmp_path.iterdir():
+        leftover.unlink()
+    (tmp_path / "journal").write_bytes(damaged)
+    log = tmp_path.parent / f"{tmp_path.name}.points"
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "LIVEUPDATED_POINTS_LOG": str(log)}
+    env.pop("LIVEUPDATED_CRASH_AT_POINT", None)
+    if crash_at is not None:
+        env["LIVEUPDATED_CRASH_AT_POINT"] = str(crash_at)
+    done = subprocess.run([sys.executable, "-c", LIFE, str(tmp_path / "journal")], env=env,
+                          timeout=60, check=False)
+    return done.returncode, log.read_text().splitlines()
+
+
+def test_a_crash_at_any_point_keeps_what_was_durable_and_the_evidence(
+    tmp_path: Path,
+) -> None:
+    """Killed at each durable point of LIFE in turn, a restart must find every decision
+    made durable before that point (and no damage but the original's), and the damaged
+    original must survive: still in place, or quarantined whole."""
+    groups = decisions()
+    first, second = encode(groups[3], whole=True), encode(groups[4], whole=True)
+    damaged = bytearray(MAGIC + first + encode(RECORDS, whole=True) + second)
+    damaged[len(MAGIC + first) + 20] ^= 0x08  # in the middle frame's payload
+    original = bytes(damaged)
+    base = [*groups[3], *groups[4]]
+    states = [base, [*base, *groups[0]], [*base, *groups[0], *groups[1]],
+              [*base, *groups[0], *groups[1], *groups[2]]]
+    run = tmp_path / "run"
+    run.mkdir()
+    status, points = live(run, original, None)
+    assert status == 0
+    assert points.count("append fdatasync") == 3  # the three commits
+    assert points.count("atomic rename") == 2  # the repair and the compaction
+    reached = 0  # how many of `states` are durable: never fewer after a later point
+    for k in range(1, len(points) + 1):
+        status, passed = live(run, original, k)
+        assert (status, passed) == (-signal.SIGKILL, points[:k]), k
+        repaired = (run / "journal").read_bytes() != original
+        journal, records, damages = Journal.open(run / "journal")
+        journal.close()
+        assert (damages != []) == (not repaired), k  # only the original is damaged
+        assert records in states, k
+        assert states.index(records) >= reached, k
+        reached = states.index(records)
+        # Whatever the point, the damaged original is kept whole somewhere.
+        copies = [p.read_bytes() for p in run.glob("journal.damaged-*")]
+        assert original in copies, k
+    assert reached == len(states) - 1

@@ -158,12 +158,14 @@ def _decode(data: bytes) -> tuple[list[Record], list[Damage], int, list[tuple[in
     size, end = len(data), len(data)
     if data[: len(MAGIC)] == MAGIC:
         offset = _valid_frames(data, len(MAGIC), starts, payloads)
-        bad, scan, problem = offset, offset, ""
+        bad, scan, problem = 0, 0, ""  # set at the first damaged frame, if any
     else:
         # Scanned from 0, not 8: what damaged the header may have shortened it too.
         offset, bad, scan, problem = 0, 0, 0, "bad or missing journal header"
     while problem or offset < size:
         if not problem:
+            # From the next byte, not from where its length says it ends: the length
+            # may be what is damaged, and point past valid frames.
             bad, scan, problem = offset, offset + 1, _problem(data, offset)
         following = _next_frame(data, scan)
         if following < 0:

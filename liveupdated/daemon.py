@@ -62,7 +62,8 @@ def replay(config: Config) -> tuple[Orchestrator, Journal, bool]:
     journal, records, damages = Journal.open(config.state_dir / "journal")
     for damage in damages:
         event = "journal_tail_cut" if damage.cut else "journal_record_skipped"
-        log.error(event, offset=damage.offset, bytes=damage.length, reason=damage.reason)
+        log.error(event, offset=damage.offset, bytes=damage.length, reason=damage.reason,
+                  copy=str(damage.quarantine or ""))
     core = Orchestrator(config.limits)
     skipped = 0
     for number, record in enumerate(records):

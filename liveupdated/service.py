@@ -89,6 +89,7 @@ class LiveUpdate:
         self.reboot_requested = asyncio.Event()
         self._changed: dict[str, None] = {}  # sessions to announce ("" = only STATUS=)
         self.storage_problem = ""  # why the journal cannot be written: degraded if set
+        self._compaction: asyncio.Future[None] | None = None
         self._last_progress = 0.0
         self._last_status = -STATUS_INTERVAL
         self._status_timer: asyncio.TimerHandle | None = None
@@ -123,6 +124,19 @@ class LiveUpdate:
         except OSError as exc:
             raise self._degrade(exc) from exc
         await self.notifier.stored()
+        if self._compaction is None and self.journal.needs_compaction():
+            self._compaction = asyncio.ensure_future(self._compact())
+
+    async def _compact(self) -> None:
+        """The journal rewritten as the live state once it has grown past its bound:
+        replay, on the blackout path, stays proportional to what is held."""
+        try:
+            await self.journal.compact(self.core.snapshot)
+            log.info("journal_compacted", bytes=self.journal.size)
+        except OSError as exc:
+            self._degrade(exc)
+        finally:
+            self._compaction = None
 
     def _degrade(self, exc: OSError) -> Storage:
         problem = describe_os_error(exc)

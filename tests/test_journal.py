@@ -2,15 +2,35 @@
 
 import asyncio
 import os
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from liveupdated.core.records import FdPreserved, Record, SessionCreated, SessionDropped
-from liveupdated.journal import MAGIC, MAX_RECORD_BYTES, Journal, decode, encode
+from liveupdated.core.records import (
+    FdPreserved,
+    FdReleased,
+    FreezeDelaySet,
+    PhaseChanged,
+    Record,
+    SessionCreated,
+    SessionDropped,
+    SessionReady,
+)
+from liveupdated.journal import (
+    MAGIC,
+    MAX_FRAME_READ_BYTES,
+    MAX_RECORD_BYTES,
+    Damage,
+    Journal,
+    decode,
+    encode,
+)
 
 RECORDS: list[Record] = [
     SessionCreated(session="vm", uid=1000, unit="vmm.service", client=":1.5"),
@@ -85,7 +105,11 @@ def test_a_flipped_bit_in_the_middle_skips_only_that_record(tmp_path: Path) -> N
     assert records == [RECORDS[0], *RECORDS[2:]]
     (damage,) = damages
     assert (damage.offset, damage.reason, damage.cut) == (second, "checksum mismatch", False)
-    assert path.read_bytes() == bytes(data)  # kept: the records after it are valid
+    # The damaged original is kept aside; the journal itself holds only valid frames now,
+    # so that appends never follow garbage.
+    assert damage.quarantine is not None
+    assert damage.quarantine.read_bytes() == bytes(data)
+    assert path.read_bytes() == MAGIC + encode(RECORDS[:1]) + encode(RECORDS[2:])
 
 
 def test_a_flipped_bit_in_the_last_record_cuts_it(tmp_path: Path) -> None:
@@ -101,14 +125,18 @@ def test_a_flipped_bit_in_the_last_record_cuts_it(tmp_path: Path) -> None:
     assert path.stat().st_size == last
 
 
-def test_a_bad_header_starts_an_empty_journal(tmp_path: Path) -> None:
+def test_a_bad_header_keeps_the_frames_after_it(tmp_path: Path) -> None:
+    """It used to start an empty journal, discarding every record: frames are found
+    after whatever stands in the header's place, and the original is quarantined."""
     path = tmp_path / "journal"
     path.write_bytes(b"garbage" + encode(RECORDS))
     journal, records, damages = Journal.open(path)
     journal.close()
-    assert records == []
-    assert [d.cut for d in damages] == [True]
-    assert path.read_bytes() == MAGIC
+    assert records == RECORDS
+    assert [(d.offset, d.length, d.cut) for d in damages] == [(0, 7, False)]
+    assert path.read_bytes() == MAGIC + encode(RECORDS)
+    assert damages[0].quarantine is not None
+    assert damages[0].quarantine.read_bytes() == b"garbage" + encode(RECORDS)
 
 
 def test_decode_rejects_an_implausible_length() -> None:
@@ -279,3 +307,336 @@ async def test_a_write_that_cannot_start_fails_the_flush_rather_than_hanging(
     finally:
         loop.set_default_executor(ThreadPoolExecutor())
     journal.close()
+
+
+# --- Damage anywhere: replay keeps every frame it did not touch -----------------------
+
+
+def decisions() -> list[list[Record]]:
+    """25 decisions as a daemon journals them: sessions created, fds preserved one at a
+    time or several in one decision (one frame), freeze delays, releases, phases."""
+    out: list[list[Record]] = []
+    for i in range(25):
+        vm = f"vm-{i // 5}"
+        match i % 5:
+            case 0:
+                out.append([SessionCreated(session=vm, uid=1000 + i, unit=f"vmm@{i}.service",
+                                           client=f":1.{i}")])
+            case 1:
+                out.append([FdPreserved(session=vm, token="ram", kind="memfd", requires=(),
+                                        size=(i + 1) << 30, name="guest-ram", seals=15)])
+            case 2:
+                out.append([FdPreserved(session=vm, token=f"dev{n}", kind="memfd",
+                                        requires=("ram",), size=4096 * n, name=f"dev{n}",
+                                        seals=0) for n in range(3)])
+            case 3:
+                out.append([FreezeDelaySet(session=vm, enabled=True), SessionReady(session=vm)])
+            case _:
+                out.append([FdReleased(session=vm, token="dev0", reason="unpreserved"),
+                            PhaseChanged(old="normal", new="normal", at_usec=i)])
+    return out
+
+
+class Image:
+    """A journal image of `decisions()`, a frame per decision, and where each frame is."""
+
+    def __init__(self) -> None:
+        self.groups = decisions()
+        frames = [encode(group, whole=True) for group in self.groups]
+        self.spans: list[tuple[int, int]] = []
+        offset = len(MAGIC)
+        for frame in frames:
+            assert struct.unpack_from("<I", frame)[0] + 8 == len(frame)  # one frame each
+            self.spans.append((offset, offset + len(frame)))
+            offset += len(frame)
+        self.data = MAGIC + b"".join(frames)
+
+    def units(self) -> list[tuple[int, int]]:
+        """The header's span, then each frame's."""
+        return [(0, len(MAGIC)), *self.spans]
+
+    def points(self) -> list[int]:
+        """Every frame boundary, and offsets inside the header and inside every frame:
+        in its length field, its crc, at its payload's first byte, middle and last."""
+        points = {0, 1, 4, 7, len(self.data)}
+        for start, end in self.spans:
+            payload = start + 8
+            points |= {start, start + 1, start + 3, start + 5, payload,
+                       (payload + end) // 2, end - 1}
+        return sorted(points)
+
+    def expected(self, damaged: bytes) -> tuple[list[Record], Damage | None]:
+        """The records of every frame `damaged` holds unchanged, and the one damaged
+        region replay must report: from the first changed unit (header or frame) to the
+        next unchanged frame, or cut at the end if there is none. A journal cut at a
+        frame boundary is whole; cut inside the header, even to nothing, it is not."""
+        records: list[Record] = []
+        first: int | None = None
+        until: int | None = None
+        for number, (start, end) in enumerate(self.units()):
+            if number > 0 and start >= len(damaged):
+                break  # cut off whole: not written yet, rather than damaged
+            intact = damaged[start:end] == self.data[start:end]
+            if intact and number > 0:
+                records += self.groups[number - 1]
+            if not intact and first is None:
+                first = start
+            if intact and first is not None and until is None:
+                until = start
+        if first is None:
+            return records, None
+        cut = until is None
+        end = len(damaged) if until is None else until
+        return records, Damage(first, end - first, "", cut=cut)
+
+
+def check_replay(tmp_path: Path, image: Image, damaged: bytes, case: str) -> None:
+    """Replay and reopen `damaged` as described in the module's promises: see the test
+    functions below."""
+    records, damage = image.expected(damaged)
+    got, damages, _ = decode(damaged)
+    assert got == records, case
+    if damage is None:
+        assert damages == [], case
+    else:
+        (found,) = damages
+        assert (found.offset, found.length, found.cut) == (
+            damage.offset, damage.length, damage.cut), case
+        assert found.reason, case
+    directory = tmp_path / case
+    directory.mkdir()
+    path = directory / "journal"
+    path.write_bytes(damaged)
+    journal, reopened, damages = Journal.open(path)
+    journal.commit_now([SessionDropped(session="after", reason="appended")])
+    journal.close()
+    assert reopened == records, case
+    kept = sorted(directory.glob("journal.damaged-*"))
+    if damage is None:
+        assert kept == [], case
+    else:
+        # The damaged original is kept, byte for byte, where the damage report says.
+        assert [d.quarantine for d in damages] == kept, case
+        assert kept[0].read_bytes() == damaged, case
+        assert kept[0].stat().st_mode & 0o777 == 0o600, case
+    # The repaired journal is clean, and what is appended to it is read back after it.
+    again, damages, _ = decode(path.read_bytes())
+    assert damages == [], case
+    assert again == [*records, SessionDropped(session="after", reason="appended")], case
+
+
+def test_a_cut_anywhere_keeps_every_whole_frame_and_quarantines_the_rest(
+    tmp_path: Path,
+) -> None:
+    image = Image()
+    for point in image.points():
+        check_replay(tmp_path, image, image.data[:point], f"cut-{point}")
+
+
+def test_a_flipped_bit_anywhere_loses_only_its_own_frame(tmp_path: Path) -> None:
+    image = Image()
+    for point in image.points()[:-1]:  # the last is the end of the file
+        for bit in (0, 7):
+            damaged = bytearray(image.data)
+            damaged[point] ^= 1 << bit
+            check_replay(tmp_path, image, bytes(damaged), f"flip-{point}-{bit}")
+
+
+def test_zeroes_anywhere_lose_only_the_frames_they_touch(tmp_path: Path) -> None:
+    image = Image()
+    for point in image.points()[:-1]:
+        damaged = bytearray(image.data)
+        damaged[point : point + 64] = bytes(len(damaged[point : point + 64]))
+        check_replay(tmp_path, image, bytes(damaged), f"zero-{point}")
+
+
+def test_a_flipped_header_bit_keeps_every_record(tmp_path: Path) -> None:
+    image = Image()
+    damaged = bytearray(image.data)
+    damaged[2] ^= 0x04
+    path = tmp_path / "journal"
+    path.write_bytes(bytes(damaged))
+    journal, records, damages = Journal.open(path)
+    journal.close()
+    assert records == [r for group in image.groups for r in group]
+    assert [(d.offset, d.length, d.cut) for d in damages] == [(0, len(MAGIC), False)]
+    assert path.read_bytes() == image.data  # repaired: the header is whole again
+
+
+def test_a_damaged_length_field_does_not_skip_the_next_frame() -> None:
+    """A length grown by exactly the next frame's size delimits on a valid frame: replay
+    must still resynchronise from the damaged frame's start, not from where its length
+    points, or the frame in between would be lost with it."""
+    image = Image()
+    (first, second), (_, third) = image.spans[3], image.spans[4]
+    damaged = bytearray(image.data)
+    struct.pack_into("<I", damaged, first, second - first - 8 + (third - second))
+    records, damages, _ = decode(bytes(damaged))
+    assert records == [r for n, group in enumerate(image.groups) if n != 3 for r in group]
+    assert [(d.offset, d.length, d.cut) for d in damages] == [(first, second - first, False)]
+
+
+def big_frame() -> tuple[list[Record], bytes]:
+    """A valid frame of 1.3 MB, as a version with a larger writer's bound could write."""
+    group: list[Record] = [
+        SessionCreated(session=f"s{i}", uid=i, unit="u" * 1000, client=":1.1")
+        for i in range(1300)
+    ]
+    payload = b"[" + b",".join(encode([r])[8:] for r in group) + b"]"
+    assert MAX_RECORD_BYTES < len(payload) < MAX_FRAME_READ_BYTES
+    return group, struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+
+
+def test_a_frame_over_the_writers_bound_is_read_not_cut(tmp_path: Path) -> None:
+    group, frame = big_frame()
+    path = tmp_path / "journal"
+    path.write_bytes(MAGIC + encode(RECORDS[:1]) + frame + encode(RECORDS[1:]))
+    journal, records, damages = Journal.open(path)
+    journal.close()
+    assert records == [RECORDS[0], *group, *RECORDS[1:]]
+    assert damages == []
+    assert os.listdir(tmp_path) == ["journal"]  # nothing to repair, nothing quarantined
+
+
+def test_a_record_over_the_writers_bound_is_refused_at_encode_time() -> None:
+    huge = SessionCreated(session="s", uid=0, unit="u" * MAX_RECORD_BYTES, client=":1.1")
+    with pytest.raises(ValueError, match="bound"):
+        encode([huge])
+    with pytest.raises(ValueError, match="bound"):
+        encode([RECORDS[0], huge], whole=True)  # too large whole, and alone too
+
+
+def test_an_undamaged_journal_is_opened_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    written(path, RECORDS)
+    inode = path.stat().st_ino
+    journal, _, _ = Journal.open(path)
+    journal.close()
+    assert path.stat().st_ino == inode  # not rewritten
+    assert os.listdir(tmp_path) == ["journal"]
+
+
+async def test_size_tracks_the_file_and_compaction_by_size_resets_it(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    journal, _, _ = Journal.open(path)
+    assert journal.size == len(MAGIC)
+    live: dict[str, Record] = {}  # the state: the last record of each session
+    for i in range(2000):
+        record = SessionCreated(session=f"s{i % 20}", uid=i, unit="vmm.service",
+                                client=":1.1")
+        live[record.session] = record
+        journal.enqueue([record])
+        if i % 100 == 99:  # a flush per 100 decisions: group commit, as on a busy host
+            await journal.flush()
+    assert journal.size == path.stat().st_size
+    limit = journal.size - 1
+    assert not journal.needs_compaction(journal.size)
+    assert journal.needs_compaction(limit)
+    assert await journal.compact_if_larger_than(limit, lambda: list(live.values()))
+    assert journal.size == path.stat().st_size == len(MAGIC + encode(live.values()))
+    assert not await journal.compact_if_larger_than(limit, lambda: [])  # not due now
+    await journal.commit(RECORDS[:1])
+    assert journal.size == path.stat().st_size
+    await journal.aclose()
+    _, records, damages = Journal.open(path)
+    assert records == [*live.values(), RECORDS[0]]
+    assert damages == []
+
+
+async def test_a_live_state_over_the_limit_is_not_compacted_after_every_flush(
+    tmp_path: Path,
+) -> None:
+    """Compaction is due again only once the journal doubled what the last one left, so
+    that its cost stays proportional to what was appended."""
+    journal, _, _ = Journal.open(tmp_path / "journal")
+    state = [SessionCreated(session=f"s{i}", uid=i, unit="u" * 100, client=":1.1")
+             for i in range(100)]
+    await journal.commit(state)
+    await journal.compact(lambda: state)
+    left = journal.size
+    limit = left // 4  # the live state alone passes it
+    assert not journal.needs_compaction(limit)
+    while journal.size <= 2 * left:
+        assert not journal.needs_compaction(limit)
+        await journal.commit(state[:1])
+    assert journal.needs_compaction(limit)
+    await journal.aclose()
+    assert not journal.needs_compaction(limit)  # closed: nothing more is written
+
+
+# --- A crash at any durable point loses nothing that was durable ------------------------
+
+# Opens (and so repairs) a damaged journal, commits, compacts, commits: every point a
+# daemon passes in the journal's life.
+LIFE = """
+import asyncio, sys
+from pathlib import Path
+from liveupdated.journal import Journal
+from tests.test_journal import decisions
+
+async def main() -> None:
+    groups = decisions()
+    journal, records, _ = Journal.open(Path(sys.argv[1]))
+    journal.commit_now(groups[0])
+    await journal.commit(groups[1])
+    await journal.compact(lambda: [*records, *groups[0], *groups[1]])
+    await journal.commit(groups[2])
+    await journal.aclose()
+
+asyncio.run(main())
+"""
+
+
+def live(tmp_path: Path, damaged: bytes, crash_at: int | None) -> tuple[int, list[str]]:
+    """Run LIFE on a journal holding `damaged`, in an empty `tmp_path`: its exit status
+    and the points it passed, in order."""
+    for leftover in tmp_path.iterdir():
+        leftover.unlink()
+    (tmp_path / "journal").write_bytes(damaged)
+    log = tmp_path.parent / f"{tmp_path.name}.points"
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "LIVEUPDATED_POINTS_LOG": str(log)}
+    env.pop("LIVEUPDATED_CRASH_AT_POINT", None)
+    if crash_at is not None:
+        env["LIVEUPDATED_CRASH_AT_POINT"] = str(crash_at)
+    done = subprocess.run([sys.executable, "-c", LIFE, str(tmp_path / "journal")], env=env,
+                          timeout=60, check=False)
+    return done.returncode, log.read_text().splitlines()
+
+
+def test_a_crash_at_any_point_keeps_what_was_durable_and_the_evidence(
+    tmp_path: Path,
+) -> None:
+    """Killed at each durable point of LIFE in turn, a restart must find every decision
+    made durable before that point (and no damage but the original's), and the damaged
+    original must survive: still in place, or quarantined whole."""
+    groups = decisions()
+    first, second = encode(groups[3], whole=True), encode(groups[4], whole=True)
+    damaged = bytearray(MAGIC + first + encode(RECORDS, whole=True) + second)
+    damaged[len(MAGIC + first) + 20] ^= 0x08  # in the middle frame's payload
+    original = bytes(damaged)
+    base = [*groups[3], *groups[4]]
+    states = [base, [*base, *groups[0]], [*base, *groups[0], *groups[1]],
+              [*base, *groups[0], *groups[1], *groups[2]]]
+    run = tmp_path / "run"
+    run.mkdir()
+    status, points = live(run, original, None)
+    assert status == 0
+    assert points.count("append fdatasync") == 3  # the three commits
+    assert points.count("atomic rename") == 2  # the repair and the compaction
+    reached = 0  # how many of `states` are durable: never fewer after a later point
+    for k in range(1, len(points) + 1):
+        status, passed = live(run, original, k)
+        assert (status, passed) == (-signal.SIGKILL, points[:k]), k
+        repaired = (run / "journal").read_bytes() != original
+        journal, records, damages = Journal.open(run / "journal")
+        journal.close()
+        assert (damages != []) == (not repaired), k  # only the original is damaged
+        assert records in states, k
+        assert states.index(records) >= reached, k
+        reached = states.index(records)
+        # Whatever the point, the damaged original is kept whole somewhere.
+        copies = [p.read_bytes() for p in run.glob("journal.damaged-*")]
+        assert original in copies, k
+    assert reached == len(states) - 1

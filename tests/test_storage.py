@@ -1,0 +1,130 @@
+"""A disk that refuses writes makes the daemon degraded, never makes it exit.
+
+The state dir lives on a small tmpfs that a filler file makes full: every change is
+then refused with Error.Storage naming the errno, while RetrieveFd, ListSessions and
+Cancel are still served and every held fd stays held; with room again the daemon comes
+back by itself and what it answered is durable.
+"""
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from liveupdated.client import Client, SessionClient
+from liveupdated.core.errors import Storage
+from liveupdated.core.names import session_path
+from liveupdated.privatebus import PrivateBus
+from liveupdated.sandbox import DaemonProcess, Notifications
+from tests.conftest import make_memfd
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Take every free byte of the disk; the file that did it."""
+    filler = disk / "filler"
+    with filler.open("wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\xff" * 65536)
+            f.flush()
+    return filler
+
+
+async def _retrieve(vmm: Client, name: str) -> bytes:
+    fd = await SessionClient(vmm, name, session_path(name)).retrieve_fd("ram")
+    try:
+        return os.pread(fd, 16, 0).rstrip(b"\0")
+    finally:
+        os.close(fd)
+
+
+async def test_a_full_disk_refuses_changes_serves_the_rest_and_recovers(
+    bus: PrivateBus, small_disk: Path, tmp_path: Path
+) -> None:
+    store = Notifications()
+    log = (tmp_path / "daemon.log").open("ab")
+    state = small_disk / "state"
+    daemon = DaemonProcess(bus.address, state, "--backend", "simulated", log=log,
+                           notifications=store).start()
+    fds = []
+    try:
+        async with await Client.connect(bus.address) as vmm:
+            session = await vmm.create_session("vm-a")
+            fds.append(make_memfd(4096, b"before"))
+            await session.preserve_fd("ram", fds[-1])
+            filler = _fill(small_disk)
+            fds.append(make_memfd(4096, b"during"))
+            with pytest.raises(Storage, match="ENOSPC"):
+                await session.preserve_fd("more", fds[-1])
+            for change in (vmm.create_session("vm-b"), vmm.prepare(), session.close()):
+                with pytest.raises(Storage, match="ENOSPC"):
+                    await change
+            assert await _retrieve(vmm, "vm-a") == b"before"
+            assert [s.name for s in await vmm.list_sessions()] == ["vm-a"]
+            assert daemon.process is not None and daemon.process.poll() is None
+            filler.unlink()
+            session_b = await vmm.create_session("vm-b")  # back by itself
+            fds.append(make_memfd(4096, b"after"))
+            await session_b.preserve_fd("ram", fds[-1])
+            daemon.kill()
+            DaemonProcess(bus.address, state, "--backend", "simulated", log=log,
+                          notifications=store).start()
+            assert await _retrieve(vmm, "vm-a") == b"before"
+            assert await _retrieve(vmm, "vm-b") == b"after"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        store.close()
+        log.close()
+
+
+async def test_cancel_is_served_on_a_full_disk(
+    bus: PrivateBus, small_disk: Path, tmp_path: Path
+) -> None:
+    """The operator can always back out of an update; a restart before the disk has
+    room again comes back frozen, never with anything lost."""
+    store = Notifications()
+    log = (tmp_path / "daemon.log").open("ab")
+    state = small_disk / "state"
+    daemon = DaemonProcess(bus.address, state, "--backend", "simulated", log=log,
+                           notifications=store).start()
+    fd = make_memfd(4096, b"guest")
+    try:
+        async with await Client.connect(bus.address) as vmm:
+            session = await vmm.create_session("vm")
+            await session.preserve_fd("ram", fd)
+            await vmm.prepare()
+            await vmm.freeze()
+            filler = _fill(small_disk)
+            with pytest.raises(Storage):
+                await vmm.reboot()
+            await vmm.cancel()
+            assert await vmm.state() == "normal"
+            assert await _retrieve(vmm, "vm") == b"guest"
+            daemon.kill()
+            DaemonProcess(bus.address, state, "--backend", "simulated", log=log,
+                          notifications=store).start()
+            assert await vmm.state() == "frozen"  # the Cancel could not be recorded
+            filler.unlink()
+            await vmm.cancel()
+            assert await _retrieve(vmm, "vm") == b"guest"
+    finally:
+        os.close(fd)
+        store.close()
+        log.close()

@@ -1,7 +1,9 @@
 """The daemon's configuration: command line (DESIGN.md §4) into one checked, frozen value."""
 
 import argparse
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,13 +75,76 @@ def _fits(hint: Any, value: Any) -> bool:
     return isinstance(value, kinds) and not isinstance(value, bool)
 
 
+SYSTEM_STATE_DIR = Path("/var/lib/liveupdated")
+
+# One address of a `;`-separated list: `transport:key=value,...` (D-Bus spec, "Server
+# Addresses"). Whether the transport and keys make sense is for the connection to say.
+_ADDRESS = re.compile(r"[a-z][a-z0-9-]*:([^=,;]+=[^,;]*(,[^=,;]+=[^,;]*)*)?")
+
+
+def default_state_dir(bus: str) -> Path | None:
+    """The state dir of `--bus system` or `--bus session`; None for an address, which
+    must be given its own: a daemon on a private bus never shares the installed
+    service's journal."""
+    if bus == "system":
+        return SYSTEM_STATE_DIR
+    if bus == "session":
+        state_home = os.environ.get("XDG_STATE_HOME", "")
+        if not os.path.isabs(state_home):  # unset or relative: ignored, as the spec says
+            state_home = os.path.join(os.path.expanduser("~"), ".local", "state")
+        return Path(state_home) / "liveupdated"
+    return None
+
+
+def _bus(text: str) -> str:
+    addresses = [part for part in text.split(";") if part]
+    if text in ("system", "session") or (
+        addresses and all(_ADDRESS.fullmatch(part) for part in addresses)
+    ):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither system, session nor a D-Bus address such as "
+        "unix:path=/run/dbus/system_bus_socket"
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """One line, not the whole usage: the journal of a unit shows it as the reason."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(
+    """The command line into a Config; a usage error is one line and exit status 2."""
+    p = _Parser(
         prog="liveupdated",
         description="Carries VMM file descriptors across a kernel live update.",
     )
-    p.add_argument("--bus", default="system", help="system, session or a D-Bus address")
-    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/liveupdated"))
+    p.add_argument("--bus", type=_bus, default="system",
+                   help="system, session or a D-Bus address (an address needs --state-dir)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="journal and lock (default: /var/lib/liveupdated for the system "
+                        "bus, $XDG_STATE_HOME/liveupdated for the session bus)")
     p.add_argument("--handover-dir", type=Path, default=None,
                    help="the simulated backend's handover area (default STATE_DIR/handover)")
     p.add_argument("--backend", choices=["simulated", "kernel", "auto"], default="auto")
@@ -87,16 +152,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="after Reboot(): 'exit', 'kexec' (the syscall, no shutdown), or a "
                         "command such as 'systemctl kexec' (default: exit unless run by "
                         "systemd, then systemctl reboot or kexec by backend)")
-    p.add_argument("--freeze-timeout", type=float, default=10.0,
+    p.add_argument("--freeze-timeout", type=_seconds, default=10.0,
                    help="seconds Freeze waits for sessions that asked for DelayFreeze")
-    p.add_argument("--max-sessions", type=int, default=LIMIT_DEFAULTS.max_sessions)
-    p.add_argument("--max-fds-per-session", type=int,
+    p.add_argument("--max-sessions", type=_at_least_one, default=LIMIT_DEFAULTS.max_sessions)
+    p.add_argument("--max-fds-per-session", type=_at_least_one,
                    default=LIMIT_DEFAULTS.max_fds_per_session)
-    p.add_argument("--max-sessions-per-uid", type=int,
+    p.add_argument("--max-sessions-per-uid", type=_at_least_one,
                    default=LIMIT_DEFAULTS.max_sessions_per_uid)
-    p.add_argument("--max-preserved-bytes", type=int,
+    p.add_argument("--max-preserved-bytes", type=_at_least_one,
                    default=LIMIT_DEFAULTS.max_preserved_bytes)
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
+    if args.state_dir is None:
+        args.state_dir = default_state_dir(args.bus)
+        if args.state_dir is None:
+            p.error(f"--bus {args.bus} needs --state-dir: only the system and session "
+                    "buses have a default state dir")
     return Config(**{k: v for k, v in vars(args).items()})

@@ -347,18 +347,33 @@ async def _add_match(bus: FdOwningBus, rule: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the daemon; whatever stops it is one line and an exit status from statedir."""
+    from liveupdated.statedir import StateDirError, holds_listen_fds, open_state, startup_failure
+
     gc.disable()  # start-up allocates thousands of records and fds that all stay alive
     config = parse_args(argv)
     logs.configure(config.log_level)
     raise_fd_limit()
-    daemon = Daemon(config)
+    holds_fds = holds_listen_fds()  # read before recovery takes them
     try:
-        code = asyncio.run(daemon.run())
-    except LiveUpdateError as exc:
-        log.error("startup_failed", error=exc.name, message=str(exc))
-        code = 1
-    finally:
-        daemon.notifier.close()
+        state = open_state(config)  # the lock is held as long as `state` lives
+        if not state.writable:
+            log.error("state_dir_not_writable", problem=state.problem)
+        daemon = Daemon(config)
+        try:
+            code = asyncio.run(daemon.run())
+        finally:
+            daemon.notifier.close()
+    except Exception as exc:  # one line, never a traceback
+        failure = (
+            StateDirError(1, f"{exc.name}: {exc}") if isinstance(exc, LiveUpdateError)
+            else startup_failure(exc, config, holds_fds)
+        )
+        if sys.stderr.isatty():  # a person ran it: the plain line instead of JSON
+            print(f"liveupdated: {failure.message}", file=sys.stderr)
+        else:
+            log.error("startup_failed", message=failure.message, exit_status=failure.exit_status)
+        code = failure.exit_status
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     sys.exit(code)

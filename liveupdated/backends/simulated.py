@@ -7,10 +7,16 @@ memory they stand for is: an orderly reboot or kexec writes them out (systemd-sh
 syncs), and a crash, which would have lost the VMs' memory anyway, leaves files whose
 checksums fail, so that nothing damaged is ever handed out. The next start finds the
 record and is, for liveupdated, a new boot.
+
+Every file is created O_EXCL|O_NOFOLLOW, 0600, so that nothing planted in the area is
+followed or reused. A write the disk refuses (full, read-only, I/O error) fails Reboot
+with Storage and removes whatever that attempt wrote: a retry or a Cancel starts clean.
 """
 
+import contextlib
 import os
 import shutil
+import stat
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -22,16 +28,19 @@ import structlog
 
 from liveupdated.backends import Handover, Key
 from liveupdated.core.codec import from_json, to_json
-from liveupdated.core.errors import Corrupted, NoSuchToken
+from liveupdated.core.errors import Corrupted, NoSuchToken, Storage
 from liveupdated.core.names import escape_path_label
 from liveupdated.core.orchestrator import FdEntry
 from liveupdated.fds import memfd
-from liveupdated.journal import fsync_directory, write_atomically
+from liveupdated.journal import fsync_directory
+from liveupdated.statedir import STORAGE_ERRNOS, describe
 
 log = structlog.get_logger("liveupdated")
 
 RECORD_NAME = "kexec-record.json"
+RECORD_TEMP = RECORD_NAME + ".new"
 DATA_DIR = "data"
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,9 +101,13 @@ class SimulatedBackend:
             return self._record
         path = self.area / RECORD_NAME
         try:
-            raw = path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as exc:  # ELOOP: a symlink, planted
+            raise Corrupted(f"kexec record {path} cannot be read: {describe(exc)}") from None
+        with open(fd, "rb") as f:
+            raw = f.read()
         body, _, checksum = raw.rpartition(b"\n")
         try:
             if int(checksum) != zlib.crc32(body):
@@ -114,10 +127,34 @@ class SimulatedBackend:
         boot_id: str,
         progress: Callable[[int], None],
     ) -> int:
+        """Copy the fds out and write the record; on a refused write, remove it all."""
         started = time.monotonic()
-        self.discard_handover()
         data_dir = self.area / DATA_DIR
-        data_dir.mkdir(parents=True)
+        try:
+            self.discard_handover()
+            os.mkdir(data_dir, 0o700)
+            total, carried = self._copy_all(data_dir, fds, entries, progress)
+            data_done = time.monotonic()
+            body = to_json(KexecRecord(boot_id=boot_id, fds=carried))
+            self._write_record(body + b"\n" + str(zlib.crc32(body)).encode())
+        except BaseException as exc:
+            self._remove_attempt()
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+                raise Storage(f"handover area {self.area}: {describe(exc)}") from exc
+            raise
+        # The record's fsync waits behind the device's writeback of the copies: apart.
+        log.info("simulated_handover_written", fds=len(carried), bytes=total,
+                 copy_s=round(data_done - started, 6),
+                 record_s=round(time.monotonic() - data_done, 6))
+        return total
+
+    def _copy_all(
+        self,
+        data_dir: Path,
+        fds: Mapping[Key, int],
+        entries: Mapping[Key, FdEntry],
+        progress: Callable[[int], None],
+    ) -> tuple[int, list[CarriedFd]]:
         # Facts first, one fd at a time: finding extents moves the file position, which
         # two keys holding one open file would share. The pieces are then copied in
         # parallel with pread/pwrite, which never move it.
@@ -129,11 +166,15 @@ class SimulatedBackend:
         total = 0
         with ThreadPoolExecutor(max_workers=COPY_WORKERS) as workers:
             copies = workers.map(lambda job: self._copy_out(data_dir, *job), jobs)
-            for (source, _), copied in zip(jobs, copies, strict=True):
-                for length, crc in copied:
-                    crcs[source.key].append(crc)
-                    total += length
-                progress(total)
+            try:
+                for (source, _), copied in zip(jobs, copies, strict=True):
+                    for length, crc in copied:
+                        crcs[source.key].append(crc)
+                        total += length
+                    progress(total)
+            except BaseException:
+                workers.shutdown(cancel_futures=True)  # a full disk: the rest fail too
+                raise
         carried = [
             CarriedFd(
                 session=source.key[0],
@@ -148,18 +189,37 @@ class SimulatedBackend:
             )
             for source in sources
         ]
-        data_done = time.monotonic()
-        body = to_json(KexecRecord(boot_id=boot_id, fds=carried))
-        write_atomically(self.area / RECORD_NAME, body + b"\n" + str(zlib.crc32(body)).encode())
-        # The record's fsync waits behind the device's writeback of the copies: apart.
-        log.info("simulated_handover_written", fds=len(sources), bytes=total,
-                 copy_s=round(data_done - started, 6),
-                 record_s=round(time.monotonic() - data_done, 6))
-        return total
+        return total, carried
+
+    def _write_record(self, data: bytes) -> None:
+        """The commit point: a new file (O_EXCL) written, fsync'd, renamed over the
+        record, and the directory fsync'd."""
+        temp = self.area / RECORD_TEMP
+        fd = os.open(temp, _CREATE, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, self.area / RECORD_NAME)
+        fsync_directory(self.area)
+
+    def _remove_attempt(self) -> None:
+        """After a failed write_handover: none of its files may stay (best effort: the
+        disk that failed the write may fail these too)."""
+        for name in (RECORD_TEMP, RECORD_NAME):
+            with contextlib.suppress(OSError):
+                os.unlink(self.area / name)
+        _remove_tree(self.area / DATA_DIR)
+        with contextlib.suppress(OSError):
+            fsync_directory(self.area)
+        self._record = None
 
     def _create(self, data_dir: Path, source: _Source) -> None:
         path = data_dir / self._data_file(source.key)
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        out = os.open(path, _CREATE, 0o600)
         try:
             os.ftruncate(out, source.size)
         finally:
@@ -169,19 +229,23 @@ class SimulatedBackend:
         self, data_dir: Path, source: _Source, run: list[tuple[int, int]]
     ) -> list[tuple[int, int]]:
         """Copy a run of pieces of one fd; (bytes, crc32) of each."""
-        out = os.open(data_dir / self._data_file(source.key), os.O_WRONLY | os.O_CLOEXEC)
+        out = os.open(data_dir / self._data_file(source.key),
+                      os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             return [memfd.copy_extents(source.fd, out, [piece]) for piece in run]
         finally:
             os.close(out)
 
     def discard_handover(self) -> None:
-        record = self.area / RECORD_NAME
-        if record.exists():
-            record.unlink()
+        self.area.mkdir(mode=0o700, parents=True, exist_ok=True)
+        removed = False
+        for name in (RECORD_NAME, RECORD_TEMP):  # a symlink is removed, not followed
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.area / name)
+                removed = True
+        if removed:
             fsync_directory(self.area)
-        shutil.rmtree(self.area / DATA_DIR, ignore_errors=True)
-        self.area.mkdir(parents=True, exist_ok=True)
+        _remove_tree(self.area / DATA_DIR)
         self._record = None
 
     def retrieve_fd(self, key: Key, entry: FdEntry) -> int:
@@ -193,9 +257,12 @@ class SimulatedBackend:
             raise NoSuchToken(f"{key[0]}/{key[1]} is not in the handover of the previous boot")
         path = self.area / DATA_DIR / carried.file
         try:
-            src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
             raise Corrupted(f"handover data of {key[0]}/{key[1]} is missing ({path})") from None
+        except OSError as exc:  # ELOOP: a symlink, planted
+            raise Corrupted(f"handover data of {key[0]}/{key[1]} at {path}: "
+                            f"{describe(exc)}") from None
         try:
             if os.fstat(src).st_size != carried.size:
                 raise Corrupted(
@@ -224,6 +291,19 @@ class SimulatedBackend:
     def finish(self) -> None:
         self.discard_handover()
 
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a directory tree, or whatever else (a symlink, a file) is at `path`."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _source(key: Key, fd: int) -> _Source:

@@ -7,6 +7,7 @@ loses the bus, so that systemd restarts it with its fd store.
 
 import asyncio
 import contextlib
+import errno
 import gc
 import os
 import resource
@@ -35,7 +36,8 @@ from liveupdated.core.names import MANAGER_PATH, is_name
 from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import Record
 from liveupdated.journal import Journal
-from liveupdated.service import Listeners, LiveUpdate
+from liveupdated.service import Listeners, LiveUpdate, describe_os_error
+from liveupdated.statedir import STORAGE_ERRNOS, holds_listen_fds
 from liveupdated.systemd import Notifier, boot_id, take_listen_fds
 from liveupdated.vault import Vault
 
@@ -56,10 +58,12 @@ def make_backend(config: Config) -> Backend:
     return SimulatedBackend(config.handover_area)
 
 
-def replay(config: Config) -> tuple[Orchestrator, Journal, bool]:
+def replay(
+    config: Config, refused: OSError | None = None
+) -> tuple[Orchestrator, Journal, bool]:
     """The core rebuilt from the journal, and whether the journal was damaged: then the
     fd store may hold fds that no surviving record explains."""
-    journal, records, damages = Journal.open(config.state_dir / "journal")
+    journal, records, damages = Journal.open(config.state_dir / "journal", refused)
     for damage in damages:
         event = "journal_tail_cut" if damage.cut else "journal_record_skipped"
         log.error(event, offset=damage.offset, bytes=damage.length, reason=damage.reason,
@@ -135,7 +139,9 @@ def recover_handover(core: Orchestrator, backend: Backend) -> list[Record]:
     FROZEN, whose handover is discarded so that Cancel or another Reboot works."""
     handover = backend.find_handover()
     if core.phase is Phase.FROZEN:
-        if handover is not None and core.is_new_boot(handover.boot_id, boot_id()):
+        if handover is not None and core.is_new_boot(
+            handover.boot_id, boot_id(), readable=handover.boot_id != "unknown"
+        ):
             if handover.damage:
                 log.error("handover_damaged", error=handover.damage,
                           hint="every RetrieveFd will fail with Corrupted; Finish releases it")
@@ -150,29 +156,62 @@ def recover_handover(core: Orchestrator, backend: Backend) -> list[Record]:
             records = core.reboot_failed("the daemon restarted before the kexec")
         if handover is not None:
             log.warning("unfinished_handover_discarded", phase=core.phase.value)
-            backend.discard_handover()
+            _discard(backend)
         return records
     if handover is not None and core.phase is not Phase.UPDATED:
         log.warning("stale_handover_discarded", phase=core.phase.value)
-        backend.discard_handover()
+        _discard(backend)
     return []
 
 
+def _discard(backend: Backend) -> None:
+    """A handover no one will take; left in place if the disk refuses (the next start
+    with a writable disk discards it)."""
+    try:
+        backend.discard_handover()
+    except OSError as exc:
+        log.error("handover_discard_failed", error=str(exc))
+
+
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, storage_problem: str = "") -> None:
         self.config = config
         self.notifier = Notifier()
+        self.storage_problem = storage_problem  # the disk refused a write at start-up
 
     def recover(self) -> LiveUpdate:
-        """Journal, handover and fd store into one consistent state, made durable."""
-        core, journal, damaged = replay(self.config)
+        """Journal, handover and fd store into one consistent state, made durable. On a
+        disk that refuses writes (with fds held) it is only read, and the service starts
+        degraded: what recovery decided is written by its first successful compaction."""
+        refused = OSError(errno.EROFS, self.storage_problem) if self.storage_problem else None
+        holds_fds = holds_listen_fds()
+        try:
+            core, journal, damaged = replay(self.config, refused)
+        except OSError as exc:  # the disk refused to create or repair the journal
+            if not (holds_fds and exc.errno in STORAGE_ERRNOS):
+                raise
+            refused = exc
+            core, journal, damaged = replay(self.config, refused)
         vault = Vault(self.notifier)
         backend = make_backend(self.config)
-        handover = recover_handover(core, backend)
-        journal.commit_now(handover + reclaim_fds(core, vault, damaged))
-        return LiveUpdate(
+        recovered = recover_handover(core, backend) + reclaim_fds(core, vault, damaged)
+        service = LiveUpdate(
             core, journal, vault, backend, self.notifier, self.config.freeze_timeout
         )
+        if refused is None:
+            try:
+                journal.commit_now(recovered)
+            except OSError as exc:
+                if not (holds_fds and exc.errno in STORAGE_ERRNOS):
+                    raise
+                refused = exc
+                journal.refuse(exc)
+        if refused is not None:
+            service.storage_problem = describe_os_error(refused)
+            log.critical("storage_failed", error=service.storage_problem,
+                         hint="running degraded: changes are refused until the state dir "
+                              "can be written; RetrieveFd and Cancel work")
+        return service
 
     async def run(self) -> int:
         service = self.recover()
@@ -359,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         state = open_state(config)  # the lock is held as long as `state` lives
         if not state.writable:
             log.error("state_dir_not_writable", problem=state.problem)
-        daemon = Daemon(config)
+        daemon = Daemon(config, "" if state.writable else state.problem)
         try:
             code = asyncio.run(daemon.run())
         finally:

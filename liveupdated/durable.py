@@ -100,6 +100,9 @@ def write_new_file(path: Path, data: bytes, mode: int = 0o600) -> None:
         _write_all(fd, data)
         point("new file fsync")
         os.fsync(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)  # no partial copy left behind on a full disk
+        raise
     finally:
         os.close(fd)
     fsync_directory(path.parent)
@@ -118,6 +121,9 @@ def write_atomically(path: Path, data: bytes) -> None:
         _write_all(fd, data)
         point("atomic fsync")
         os.fsync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+        raise
     finally:
         os.close(fd)
     point("atomic rename")

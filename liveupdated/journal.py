@@ -247,15 +247,25 @@ class Journal:
         self.commits = 0
         self.fsyncs = 0
         # Bytes in the file: what replay would read. Kept by the one writer at a time.
-        self.size = os.fstat(fd).st_size
+        self.size = os.fstat(fd).st_size if fd >= 0 else 0
         self._compacted_size = 0  # what the last compaction left: the live state's size
 
 
     @classmethod
-    def open(cls, path: Path) -> tuple["Journal", list[Record], list[Damage]]:
+    def open(
+        cls, path: Path, refused: OSError | None = None
+    ) -> tuple["Journal", list[Record], list[Damage]]:
         """Open (or create) the journal and replay it. A damaged journal is first copied
         to a quarantine file (named in each Damage), then rewritten with only its valid
-        frames, so that appends never land after garbage."""
+        frames, so that appends never land after garbage. With `refused` (the disk
+        refuses writes) it is only read: every write fails with `refused` until a
+        compaction (`rewrite`) succeeds."""
+        if refused is not None:
+            data = path.read_bytes() if path.exists() else MAGIC
+            records, damages, _, _ = _decode(data)
+            journal = cls(path, -1)
+            journal._error = refused
+            return journal, records, damages
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             write_atomically(path, MAGIC)
@@ -267,6 +277,11 @@ class Journal:
             damages = [replace(damage, quarantine=quarantine) for damage in damages]
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         return cls(path, fd), records, damages
+
+    def refuse(self, error: OSError) -> None:
+        """The disk refused a write outside the group commit (start-up): every write
+        fails with `error` until a compaction (`rewrite`) succeeds."""
+        self._error = error
 
     def close(self) -> None:
         if self._fd >= 0:

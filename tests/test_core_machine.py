@@ -24,10 +24,12 @@ from liveupdated.core.records import Record
 from tests.conftest import closes_cycle
 
 LIMITS = Limits(max_sessions=5, max_fds_per_session=3, max_sessions_per_uid=2,
-                max_preserved_bytes=20000)
+                max_preserved_bytes=20000, max_fds_per_uid=4, max_bytes_per_uid=12000)
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 UIDS = {"root": 0, "alice": 1000, "alice-too": 1000, "bob": 1001}
-SESSIONS = ["vm-a", "vm-b", "vm-c", "vm-d", "vm-e", "vm-f"]
+# free names (an admin's), names with a non-admin's uid prefix, and with another's
+SESSIONS = ["vm-a", "vm-b", "1000-vm-a", "1000-vm-b", "1000-vm-c", "1001-vm-a", "1001-vm-b",
+            "0-vm"]
 TOKENS = ["a", "b", "c", "d", "e"]
 
 any_text = st.text(max_size=70)
@@ -97,6 +99,14 @@ class CoreMachine(RuleBasedStateMachine):
         self.records += records
         return True
 
+    def is_admin(self, actor: str) -> bool:
+        return UIDS[actor] == 0
+
+    def uid_usage(self, uid: int) -> tuple[int, int]:
+        """(fds, bytes) the model's sessions of `uid` hold."""
+        fds = [fd for s in self.sessions.values() if s.uid == uid for fd in s.fds.values()]
+        return len(fds), sum(fd.size for fd in fds)
+
     def session_errors(self, actor: str, name: str, phases: set[str]) -> set[str]:
         session = self.sessions.get(name)
         if session is None:
@@ -123,6 +133,8 @@ class CoreMachine(RuleBasedStateMachine):
         errors = set()
         if not NAME_RE.fullmatch(name):
             errors.add("InvalidArgument")
+        if not self.is_admin(actor) and not name.startswith(f"{UIDS[actor]}-"):
+            errors.add("InvalidArgument")  # a non-admin's names start with its uid
         if self.phase != "normal":
             errors.add("WrongState")
         if name in self.sessions:
@@ -156,8 +168,15 @@ class CoreMachine(RuleBasedStateMachine):
             if any(token in session.fds for token in tokens):
                 errors.add("TokenExists")
             total = sum(fd.size for s in self.sessions.values() for fd in s.fds.values())
+            adding = sum(size for _, _, size in fds)
             if len(session.fds) + len(fds) > LIMITS.max_fds_per_session or (
-                total + sum(size for _, _, size in fds) > LIMITS.max_preserved_bytes
+                total + adding > LIMITS.max_preserved_bytes
+            ):
+                errors.add("QuotaExceeded")
+            held_fds, held_bytes = self.uid_usage(UIDS[actor])
+            if not self.is_admin(actor) and (
+                held_fds + len(fds) > LIMITS.max_fds_per_uid
+                or held_bytes + adding > LIMITS.bytes_per_uid
             ):
                 errors.add("QuotaExceeded")
             graph = {t: f.requires for t, f in session.fds.items()}
@@ -259,6 +278,21 @@ class CoreMachine(RuleBasedStateMachine):
 
     # ---- the host's update --------------------------------------------------------------
 
+    def run_host_command(self, command: str, caller: Caller) -> list[Record]:
+        """The command as the service drives it: it holds in_flight until done()."""
+        core = self.core
+        if command == "freeze":
+            attempt = core.begin_freeze(caller)
+            try:
+                sizes = {(s.name, t): e.size
+                         for s in core.sessions.values() for t, e in s.fds.items()}
+                return core.freeze(caller, sizes, attempt)
+            finally:
+                core.done("Freeze", attempt)
+        records: list[Record] = getattr(core, command)(caller)
+        core.done(command.capitalize())
+        return records
+
     def host_command(self, actor: str, command: str, allowed: set[str]) -> bool:
         errors = set()
         if UIDS[actor] != 0:
@@ -268,7 +302,8 @@ class CoreMachine(RuleBasedStateMachine):
         if command == "freeze" and self.phase == "prepared" and self.missing():
             errors.add("DependencyMissing")
         before = self.core.snapshot()
-        ok = self.attempt(errors, lambda: getattr(self.core, command)(self.caller(actor)))
+        ok = self.attempt(errors, lambda: self.run_host_command(command, self.caller(actor)))
+        assert self.core.in_flight == "", f"{command} left {self.core.in_flight} in flight"
         if ok and command == "prepare":
             self.before_prepare = before
         return ok
@@ -296,14 +331,33 @@ class CoreMachine(RuleBasedStateMachine):
                 s.ready = False
             assert self.core.snapshot() == self.before_prepare, "Cancel did not undo the update"
 
-    @rule()
-    def reboot(self) -> None:
-        """The new kernel found the handover (the daemon's start after Reboot)."""
-        if self.attempt(set() if self.phase == "frozen" else {"WrongState"},
-                        lambda: self.core.rebooted("next-boot")):
+    @rule(actor=actors, fails=st.booleans())
+    def reboot(self, actor: str, fails: bool) -> None:
+        """Reboot (journaled: RebootStarted), then either the handover cannot be written
+        (a plain FROZEN again) or the new kernel's daemon replays the journal and finds
+        the handover."""
+        errors = set() if self.phase == "frozen" else {"WrongState"}
+        if UIDS[actor] != 0:
+            errors.add("AccessDenied")
+        if not self.attempt(errors, lambda: self.core.begin_reboot(self.caller(actor), "boot")):
+            return
+        assert self.core.reboot is not None and self.core.in_flight == "Reboot"
+        if fails:
+            self.records += self.core.reboot_failed("the disk is full")
+            assert self.core.reboot is None and self.core.in_flight == ""
+            return
+        self.core = replay(self.records, lambda: next(self.clock))  # the new kernel's start
+        assert self.core.is_new_boot("boot", "next-boot")
+        if self.attempt(set(), lambda: self.core.rebooted("next-boot")):
             self.phase = "updated"
             for s in self.sessions.values():
                 s.ready = False
+
+    @rule()
+    def rebooted_without_a_reboot(self) -> None:
+        """A handover found in any other phase than frozen is refused."""
+        if self.phase != "frozen":
+            self.attempt({"WrongState"}, lambda: self.core.rebooted("next-boot"))
 
     @rule(actor=actors)
     def finish(self, actor: str) -> None:
@@ -349,6 +403,8 @@ class CoreMachine(RuleBasedStateMachine):
             assert owned <= LIMITS.max_sessions_per_uid
         assert all(len(s.fds) <= LIMITS.max_fds_per_session for s in core.sessions.values())
         assert core.total_preserved_bytes() <= LIMITS.max_preserved_bytes
+        for uid in set(UIDS.values()):  # what the per-uid limits are checked against
+            assert core.uid_usage(uid) == self.uid_usage(uid), uid
 
     @invariant()
     def no_dependency_cycles(self) -> None:

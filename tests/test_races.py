@@ -223,7 +223,7 @@ async def test_an_interrupted_freeze_cannot_decide_for_the_next_one(
         second = asyncio.ensure_future(vmm.freeze())
         await asyncio.sleep(0)
         with pytest.raises(WrongState, match="Freeze is under way"):
-            await vmm.prepare()
+            await vmm.freeze()  # one Freeze waits at a time
         await session.ready_for_freeze()
         await second
         assert await vmm.state() == "frozen"

@@ -40,8 +40,8 @@ async def test_freeze_waits_for_every_session_that_asked(host: Host) -> None:
     ):
         a = await vmm.create_session("vm-a")
         await a.delay_freeze(True)
-        await nobody.call("create_session", name="vm-b")
-        await nobody.call("delay_freeze", session="vm-b", enable=True)
+        await nobody.call("create_session", name="65534-vm-b")
+        await nobody.call("delay_freeze", session="65534-vm-b", enable=True)
         await vmm.create_session("vm-plain")
         undecided = await vmm.create_session("vm-undecided")
         await undecided.delay_freeze(True)
@@ -53,7 +53,7 @@ async def test_freeze_waits_for_every_session_that_asked(host: Host) -> None:
         assert await root.state() == "prepared"
         assert (await states(root))["vm-a"] == "ready"
         assert not freeze.done()
-        await nobody.call("ready_for_freeze", session="vm-b")
+        await nobody.call("ready_for_freeze", session="65534-vm-b")
         async with asyncio.timeout(30):
             await freeze
         assert await root.state() == "frozen"
@@ -68,8 +68,8 @@ async def test_freeze_times_out_naming_the_laggards_and_stays_prepared(host: Hos
         await ready.delay_freeze(True)
         late = await root.create_session("vm-late-1")
         await late.delay_freeze(True)
-        await nobody.call("create_session", name="vm-late-2")
-        await nobody.call("delay_freeze", session="vm-late-2", enable=True)
+        await nobody.call("create_session", name="65534-vm-late-2")
+        await nobody.call("delay_freeze", session="65534-vm-late-2", enable=True)
         await root.create_session("vm-plain")
         await root.prepare()
         await ready.ready_for_freeze()
@@ -80,7 +80,7 @@ async def test_freeze_times_out_naming_the_laggards_and_stays_prepared(host: Hos
             await root.freeze()
         waited = loop.time() - started
         message = str(failure.value)
-        assert "vm-late-1" in message and "vm-late-2" in message
+        assert "vm-late-1" in message and "65534-vm-late-2" in message
         assert "vm-ready" not in message and "vm-plain" not in message
         assert timeout <= waited < timeout + 5, f"Freeze gave up after {waited:.2f}s"
         assert await root.state() == "prepared"
@@ -88,7 +88,7 @@ async def test_freeze_times_out_naming_the_laggards_and_stays_prepared(host: Hos
         assert (await states(root))["vm-ready"] == "ready"
 
         await late.ready_for_freeze()
-        await nobody.call("ready_for_freeze", session="vm-late-2")
+        await nobody.call("ready_for_freeze", session="65534-vm-late-2")
         await root.freeze()
         assert await root.state() == "frozen"
 

@@ -66,9 +66,11 @@ async def test_cancel_returns_exactly_to_normal(host: Host, cancel_from: str) ->
         await vm.preserve_fd("kvm", kvm, ["ram"])
         os.close(kvm)
         await vm.delay_freeze(True)
-        await nobody.call("create_session", name="vm-nobody")
-        await nobody.call("preserve_fd", session="vm-nobody", token="disk", data=b"disk".hex())
-        theirs = SessionClient(root, "vm-nobody", "/org/liveupdate1/session/vm_2dnobody")
+        await nobody.call("create_session", name="65534-vm-nobody")
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="disk",
+                          data=b"disk".hex())
+        theirs = SessionClient(root, "65534-vm-nobody",
+                               "/org/liveupdate1/session/65534_2dvm_2dnobody")
         sessions = [vm, theirs]
         before = await observable_state(host, root, nobody, sessions)
 
@@ -109,8 +111,8 @@ async def test_a_cancelled_update_then_a_full_one_carries_everything(host: Host)
         old = make_memfd(10, b"old")
         await vm.preserve_fd("old", old)
         os.close(old)
-        await nobody.call("create_session", name="vm-nobody")
-        await nobody.call("preserve_fd", session="vm-nobody", token="disk", data=b"v1".hex())
+        await nobody.call("create_session", name="65534-vm-nobody")
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="disk", data=b"v1".hex())
 
         await root.prepare()
         await root.freeze()
@@ -122,8 +124,8 @@ async def test_a_cancelled_update_then_a_full_one_carries_everything(host: Host)
         await vm.unpreserve_fd("old")
         new = make_memfd(4096, b"new fd")
         await vm.preserve_fd("new", new, ["ram"])
-        await nobody.call("unpreserve_fd", session="vm-nobody", token="disk")
-        await nobody.call("preserve_fd", session="vm-nobody", token="disk", data=b"v2".hex(),
+        await nobody.call("unpreserve_fd", session="65534-vm-nobody", token="disk")
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="disk", data=b"v2".hex(),
                           size=12288)
         want = {"ram": digest(ram), "new": digest(new)}
         os.close(ram)
@@ -141,8 +143,8 @@ async def test_a_cancelled_update_then_a_full_one_carries_everything(host: Host)
             fd = await vm.retrieve_fd(token)
             assert digest(fd) == expected, token
             os.close(fd)
-        await nobody.call("retrieve_session", name="vm-nobody")
-        assert await nobody.call("retrieve_fd", session="vm-nobody", token="disk") == (
+        await nobody.call("retrieve_session", name="65534-vm-nobody")
+        assert await nobody.call("retrieve_fd", session="65534-vm-nobody", token="disk") == (
             content_digest(b"v2", 12288)
         )
         await root.finish()

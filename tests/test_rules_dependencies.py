@@ -44,8 +44,8 @@ async def test_freeze_names_every_missing_token_and_stays_prepared(host: Host) -
         await preserve(a, "ram")
         await preserve(a, "kvm", ["ram", "vfio"])
         await preserve(a, "net", ["tap"])
-        await nobody.call("create_session", name="vm-b")
-        await nobody.call("preserve_fd", session="vm-b", token="disk", data="00",
+        await nobody.call("create_session", name="65534-vm-b")
+        await nobody.call("preserve_fd", session="65534-vm-b", token="disk", data="00",
                           requires=["ram"])
         ok = await root.create_session("vm-ok")
         await preserve(ok, "ram")
@@ -56,7 +56,7 @@ async def test_freeze_names_every_missing_token_and_stays_prepared(host: Host) -
         with pytest.raises(DependencyMissing) as failure:
             await root.freeze()
         message = str(failure.value)
-        for missing in ("vm-a/vfio", "vm-a/tap", "vm-b/ram"):
+        for missing in ("vm-a/vfio", "vm-a/tap", "65534-vm-b/ram"):
             assert missing in message, f"{missing} not named in: {message}"
         assert "vm-ok" not in message
         assert "vm-a/ram" not in message
@@ -64,13 +64,13 @@ async def test_freeze_names_every_missing_token_and_stays_prepared(host: Host) -
         assert host.handover_files() == []
         assert await host.open_fds(root) == fd_count
         states = {s.name: s.state for s in await root.list_sessions()}
-        assert states == {"vm-a": "prepared", "vm-b": "prepared", "vm-ok": "prepared"}
+        assert states == {"vm-a": "prepared", "65534-vm-b": "prepared", "vm-ok": "prepared"}
 
         # Nothing irreversible happened: cancel, fix, and the update goes through.
         await root.cancel()
         await preserve(a, "vfio")
         await preserve(a, "tap")
-        await nobody.call("preserve_fd", session="vm-b", token="ram", data="00")
+        await nobody.call("preserve_fd", session="65534-vm-b", token="ram", data="00")
         await root.prepare()
         await root.freeze()
         assert await root.state() == "frozen"

@@ -44,8 +44,8 @@ async def test_session_finish_releases_that_sessions_unretrieved_fds(host: Host)
             if token == "ram":
                 want_ram = digest(fd)
             os.close(fd)
-        await nobody.call("create_session", name="vm-b")
-        await nobody.call("preserve_fd", session="vm-b", token="ram", data=b"b".hex())
+        await nobody.call("create_session", name="65534-vm-b")
+        await nobody.call("preserve_fd", session="65534-vm-b", token="ram", data=b"b".hex())
         await root.prepare()
         await root.freeze()
         await host.reboot(root)
@@ -62,7 +62,7 @@ async def test_session_finish_releases_that_sessions_unretrieved_fds(host: Host)
             with pytest.raises(WrongState, match="finished"):
                 await vm.retrieve_fd(token)
         assert {s.name: s.state for s in await root.list_sessions()} == {
-            "vm-a": "finished", "vm-b": "incoming"
+            "vm-a": "finished", "65534-vm-b": "incoming"
         }
         # Released for real: the handover data of disk and nvram is gone, nothing leaked.
         freed = area - allocated_bytes(host.handover_dir)
@@ -74,24 +74,24 @@ async def test_session_finish_releases_that_sessions_unretrieved_fds(host: Host)
         assert digest(ram) == want_ram, "Session.Finish changed an fd its VMM had retrieved"
         os.close(ram)
         # Every other session is untouched.
-        await nobody.call("retrieve_session", name="vm-b")
-        assert await nobody.call("retrieve_fd", session="vm-b", token="ram") == (
+        await nobody.call("retrieve_session", name="65534-vm-b")
+        assert await nobody.call("retrieve_fd", session="65534-vm-b", token="ram") == (
             content_digest(b"b", 1)
         )
         await root.finish()
 
 
 async def _three_sessions_through_the_reboot(host: Host) -> None:
-    """vm-a (root: ram, disk requires ram), vm-b (nobody: ram, fw), vm-c (root: ram)."""
+    """vm-a (root: ram, disk requires ram), 65534-vm-b (nobody: ram, fw), vm-c (root: ram)."""
     async with await host.connect() as root, OtherUid(host.address, NOBODY) as nobody:
         a = await root.create_session("vm-a")
         for seed, token in enumerate(["ram", "disk"]):
             fd = dense_memfd(32 * 1024, seed)
             await a.preserve_fd(token, fd, ["ram"] if token == "disk" else [])
             os.close(fd)
-        await nobody.call("create_session", name="vm-b")
-        await nobody.call("preserve_fd", session="vm-b", token="ram", data=b"bee".hex())
-        await nobody.call("preserve_fd", session="vm-b", token="fw", data=b"fw".hex())
+        await nobody.call("create_session", name="65534-vm-b")
+        await nobody.call("preserve_fd", session="65534-vm-b", token="ram", data=b"bee".hex())
+        await nobody.call("preserve_fd", session="65534-vm-b", token="fw", data=b"fw".hex())
         c = await root.create_session("vm-c")
         fd = dense_memfd(32 * 1024, 9)
         await c.preserve_fd("ram", fd)
@@ -110,9 +110,9 @@ async def test_finish_leaves_nothing_behind(host: Host) -> None:
         a = await root.retrieve_session("vm-a")
         kept = await a.retrieve_fd("ram")  # a VMM keeps its memory after Finish
         want = digest(kept)
-        await nobody.call("retrieve_session", name="vm-b")
-        await nobody.call("retrieve_fd", session="vm-b", token="ram")
-        await nobody.call("finish_session", session="vm-b")
+        await nobody.call("retrieve_session", name="65534-vm-b")
+        await nobody.call("retrieve_fd", session="65534-vm-b", token="ram")
+        await nobody.call("finish_session", session="65534-vm-b")
         before_finish = host.journal_records()
 
         await root.finish()

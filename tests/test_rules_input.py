@@ -50,8 +50,8 @@ async def bystanders(root: Client, nobody: OtherUid) -> None:
     fd = make_memfd(4096, b"bystander")
     await vm.preserve_fd("ram", fd)
     os.close(fd)
-    await nobody.call("create_session", name="nobody-vm")
-    await nobody.call("preserve_fd", session="nobody-vm", token="ram", data=b"n".hex())
+    await nobody.call("create_session", name="65534-nobody-vm")
+    await nobody.call("preserve_fd", session="65534-nobody-vm", token="ram", data=b"n".hex())
 
 
 async def test_names_and_tokens_are_validated(host: Host) -> None:
@@ -145,7 +145,7 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 async def _prepare_reboot(host: Host, root: Client, nobody: OtherUid) -> dict[str, Any]:
-    """vm-a (ram, disk) of root and vm-b of nobody, frozen; their expected digests."""
+    """vm-a (ram, disk) of root and 65534-vm-b of nobody, frozen; their expected digests."""
     vm = await root.create_session("vm-a")
     want = {}
     for token, content in (("ram", b"ram of vm-a"), ("disk", b"disk of vm-a")):
@@ -153,8 +153,8 @@ async def _prepare_reboot(host: Host, root: Client, nobody: OtherUid) -> dict[st
         await vm.preserve_fd(token, fd)
         want[token] = digest(fd)
         os.close(fd)
-    await nobody.call("create_session", name="vm-b")
-    await nobody.call("preserve_fd", session="vm-b", token="ram", data=b"vm-b".hex())
+    await nobody.call("create_session", name="65534-vm-b")
+    await nobody.call("preserve_fd", session="65534-vm-b", token="ram", data=b"vm-b".hex())
     await root.prepare()
     await root.freeze()
     return want
@@ -187,8 +187,8 @@ async def test_a_damaged_kexec_record_gives_corrupted_and_hands_nothing_out(
             vm = await root.retrieve_session("vm-a")
             os.close(await vm.retrieve_fd("ram"))
         with pytest.raises(Corrupted):
-            await nobody.call("retrieve_session", name="vm-b")
-            await nobody.call("retrieve_fd", session="vm-b", token="ram")
+            await nobody.call("retrieve_session", name="65534-vm-b")
+            await nobody.call("retrieve_fd", session="65534-vm-b", token="ram")
         # The host can still be brought back to normal, with nothing left over.
         await (root.finish() if await root.state() == "updated" else root.cancel())
         assert await root.state() == "normal"
@@ -229,8 +229,8 @@ async def test_damaged_handover_data_gives_corrupted_for_that_fd_only(host: Host
         fd = await (await root.retrieve_session("vm-c")).retrieve_fd("ram")
         assert digest(fd) == intact
         os.close(fd)
-        await nobody.call("retrieve_session", name="vm-b")
-        assert await nobody.call("retrieve_fd", session="vm-b", token="ram") == (
+        await nobody.call("retrieve_session", name="65534-vm-b")
+        assert await nobody.call("retrieve_fd", session="65534-vm-b", token="ram") == (
             content_digest(b"vm-b", 4)
         )
         await root.finish()
@@ -247,8 +247,8 @@ async def test_a_damaged_journal_record_is_never_used_and_spares_every_other_ses
         fd = make_memfd(4096, b"first ram")
         await first.preserve_fd("ram", fd)
         os.close(fd)
-        await nobody.call("create_session", name="vm-later")
-        await nobody.call("preserve_fd", session="vm-later", token="ram", data=b"later".hex())
+        await nobody.call("create_session", name="65534-vm-later")
+        await nobody.call("preserve_fd", session="65534-vm-later", token="ram", data=b"later".hex())
         fd = make_memfd(4096, b"first disk")
         await first.preserve_fd("disk", fd)
         os.close(fd)
@@ -262,7 +262,7 @@ async def test_a_damaged_journal_record_is_never_used_and_spares_every_other_ses
         await host.start(*host.args)
 
         # Every record after the damaged one is intact, and so are their sessions.
-        assert await nobody.call("retrieve_fd", session="vm-later", token="ram") == (
+        assert await nobody.call("retrieve_fd", session="65534-vm-later", token="ram") == (
             content_digest(b"later", 5)
         )
         fd = await first.retrieve_fd("disk")

@@ -42,11 +42,11 @@ async def test_session_is_dropped_with_its_fds_when_its_owner_leaves_before_prep
         await stays.preserve_fd("ram", fd)
         os.close(fd)
         async with OtherUid(host.address, NOBODY) as nobody:
-            await nobody.call("create_session", name="vm-nobody")
-            await nobody.call("preserve_fd", session="vm-nobody", token="ram", data=RAM.hex())
-            await nobody.call("preserve_fd", session="vm-nobody", token="disk",
+            await nobody.call("create_session", name="65534-vm-nobody")
+            await nobody.call("preserve_fd", session="65534-vm-nobody", token="ram", data=RAM.hex())
+            await nobody.call("preserve_fd", session="65534-vm-nobody", token="disk",
                               data=b"d".hex(), requires=["ram"])
-            await nobody.call("create_session", name="vm-nobody-2")
+            await nobody.call("create_session", name="65534-vm-nobody-2")
             other = await short_lived.create_session("vm-root-gone")
             fd = make_memfd(4096, b"gone")
             await other.preserve_fd("ram", fd)
@@ -66,15 +66,15 @@ async def test_session_is_dropped_with_its_fds_when_its_owner_leaves_before_prep
         records = host.journal_records()
         dropped = {r.session for r in records if isinstance(r, SessionDropped)}
         released = {(r.session, r.token) for r in records if isinstance(r, FdReleased)}
-        assert dropped == {"vm-nobody", "vm-nobody-2", "vm-root-gone"}
-        assert released == {("vm-nobody", "ram"), ("vm-nobody", "disk"),
+        assert dropped == {"65534-vm-nobody", "65534-vm-nobody-2", "vm-root-gone"}
+        assert released == {("65534-vm-nobody", "ram"), ("65534-vm-nobody", "disk"),
                             ("vm-root-gone", "ram")}
         assert [f.token for f in await stays.list_fds()] == ["ram"]
         got = await stays.retrieve_fd("ram")
         assert os.pread(got, 5, 0) == b"stays"
         os.close(got)
         # The name is free again, for anyone.
-        again = await root.create_session("vm-nobody")
+        again = await root.create_session("65534-vm-nobody")
         fd = make_memfd(10, b"again")
         await again.preserve_fd("ram", fd)
         os.close(fd)
@@ -109,8 +109,8 @@ async def test_session_outlives_its_client_from_prepare_on(host: Host, leaves_in
     await host.start()
     async with await host.connect() as root:
         async with OtherUid(host.address, NOBODY) as nobody:
-            await nobody.call("create_session", name="vm")
-            await nobody.call("preserve_fd", session="vm", token="ram", data=RAM.hex(),
+            await nobody.call("create_session", name="65534-vm")
+            await nobody.call("preserve_fd", session="65534-vm", token="ram", data=RAM.hex(),
                               size=65536)
             await root.prepare()
             if leaves_in == "frozen":
@@ -119,15 +119,15 @@ async def test_session_outlives_its_client_from_prepare_on(host: Host, leaves_in
             await nobody.leave()
         await gone_from_bus(root, name)
         assert [(s.name, s.state, s.fd_count) for s in await root.list_sessions()] == [
-            ("vm", leaves_in, 1)
+            ("65534-vm", leaves_in, 1)
         ]
         if leaves_in == "prepared":
             await root.freeze()
         await host.reboot(root)
 
     async with OtherUid(host.address, NOBODY) as nobody:
-        await nobody.call("retrieve_session", name="vm")
-        assert await nobody.call("retrieve_fd", session="vm", token="ram") == content_digest(
+        await nobody.call("retrieve_session", name="65534-vm")
+        assert await nobody.call("retrieve_fd", session="65534-vm", token="ram") == content_digest(
             RAM, 65536
         )
 
@@ -138,8 +138,8 @@ async def test_restart_keeps_pre_prepare_sessions_whose_owner_is_still_connected
 ) -> None:
     await host.start()
     async with await host.connect() as root, OtherUid(host.address, NOBODY) as nobody:
-        await nobody.call("create_session", name="vm-alive")
-        await nobody.call("preserve_fd", session="vm-alive", token="ram", data=RAM.hex())
+        await nobody.call("create_session", name="65534-vm-alive")
+        await nobody.call("preserve_fd", session="65534-vm-alive", token="ram", data=RAM.hex())
         async with await host.connect() as departing:
             session = await departing.create_session("vm-departed")
             fd = make_memfd(4096, b"departed")
@@ -151,12 +151,12 @@ async def test_restart_keeps_pre_prepare_sessions_whose_owner_is_still_connected
         await gone_from_bus(root, departed_name)
         await host.start(*host.args)
 
-        assert await session_names(root) == ["vm-alive"]
-        assert await nobody.call("retrieve_fd", session="vm-alive", token="ram") == (
+        assert await session_names(root) == ["65534-vm-alive"]
+        assert await nobody.call("retrieve_fd", session="65534-vm-alive", token="ram") == (
             content_digest(RAM, len(RAM))
         )
         assert host.notifications.wait_for(
-            lambda n: set(n.store) == {"vm-alive/ram"}, timeout=10
+            lambda n: set(n.store) == {"65534-vm-alive/ram"}, timeout=10
         ), f"fd store holds {host.stored_fd_names()}"
         holding = await host.open_fds(root)
 
@@ -166,7 +166,7 @@ async def test_restart_keeps_pre_prepare_sessions_whose_owner_is_still_connected
         async def dropped() -> bool:
             return await session_names(root) == []
 
-        await eventually(dropped, "vm-alive to be dropped when its owner leaves")
+        await eventually(dropped, "65534-vm-alive to be dropped when its owner leaves")
         assert await host.open_fds(root) == holding - 1
         assert host.notifications.wait_for(lambda n: not n.store, timeout=10)
 
@@ -175,17 +175,17 @@ async def test_restart_in_prepared_keeps_sessions_whose_owner_left(host: Host) -
     await host.start()
     async with await host.connect() as root:
         async with OtherUid(host.address, NOBODY) as nobody:
-            await nobody.call("create_session", name="vm")
-            await nobody.call("preserve_fd", session="vm", token="ram", data=RAM.hex())
+            await nobody.call("create_session", name="65534-vm")
+            await nobody.call("preserve_fd", session="65534-vm", token="ram", data=RAM.hex())
             await root.prepare()
             await host.stop()
             name = nobody.unique_name
         await gone_from_bus(root, name)
         await host.start(*host.args)
-        assert [(s.name, s.state) for s in await root.list_sessions()] == [("vm", "prepared")]
+        assert [(s.name, s.state) for s in await root.list_sessions()] == [("65534-vm", "prepared")]
         await root.freeze()
         await host.reboot(root)
     async with OtherUid(host.address, NOBODY) as nobody:
-        assert await nobody.call("retrieve_fd", session="vm", token="ram") == content_digest(
+        assert await nobody.call("retrieve_fd", session="65534-vm", token="ram") == content_digest(
             RAM, len(RAM)
         )

@@ -79,15 +79,15 @@ async def test_max_sessions_is_configurable(host: Host) -> None:
     async with await host.connect() as root, OtherUid(host.address, NOBODY) as nobody:
         first = await root.create_session("vm-1")
         await root.create_session("vm-2")
-        await nobody.call("create_session", name="vm-3")
+        await nobody.call("create_session", name="65534-vm-3")
         with pytest.raises(QuotaExceeded, match="maximum of 3 sessions"):
             await root.create_session("vm-4")
         with pytest.raises(QuotaExceeded, match="3"):
-            await nobody.call("create_session", name="vm-5")
-        assert await session_names(root) == ["vm-1", "vm-2", "vm-3"]
+            await nobody.call("create_session", name="65534-vm-5")
+        assert await session_names(root) == ["65534-vm-3", "vm-1", "vm-2"]
         await first.close()
-        await nobody.call("create_session", name="vm-5")
-        assert await session_names(root) == ["vm-2", "vm-3", "vm-5"]
+        await nobody.call("create_session", name="65534-vm-5")
+        assert await session_names(root) == ["65534-vm-3", "65534-vm-5", "vm-2"]
 
 
 async def test_max_fds_per_session_is_configurable(host: Host) -> None:
@@ -101,11 +101,11 @@ async def test_max_fds_per_session_is_configurable(host: Host) -> None:
             await preserve(vm, "c")
         assert await host.open_fds(root) == fds
         assert [f.token for f in await vm.list_fds()] == ["a", "b"]
-        await nobody.call("create_session", name="vm-nobody")
-        await nobody.call("preserve_fd", session="vm-nobody", token="a", data="00")
-        await nobody.call("preserve_fd", session="vm-nobody", token="b", data="00")
+        await nobody.call("create_session", name="65534-vm-nobody")
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="a", data="00")
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="b", data="00")
         with pytest.raises(QuotaExceeded, match="2"):
-            await nobody.call("preserve_fd", session="vm-nobody", token="c", data="00")
+            await nobody.call("preserve_fd", session="65534-vm-nobody", token="c", data="00")
         await vm.unpreserve_fd("b")
         await preserve(vm, "c")
         assert [f.token for f in await vm.list_fds()] == ["a", "c"]
@@ -118,40 +118,52 @@ async def test_max_sessions_per_uid_is_configurable(host: Host) -> None:
         OtherUid(host.address, NOBODY) as nobody,
         OtherUid(host.address, OTHER_UID) as other,
     ):
-        await nobody.call("create_session", name="nobody-1")
-        await nobody.call("create_session", name="nobody-2")
+        await nobody.call("create_session", name="65534-nobody-1")
+        await nobody.call("create_session", name="65534-nobody-2")
         with pytest.raises(QuotaExceeded, match=f"uid {NOBODY}.*maximum of 2 sessions"):
-            await nobody.call("create_session", name="nobody-3")
-        await other.call("create_session", name="other-1")
-        await other.call("create_session", name="other-2")
+            await nobody.call("create_session", name="65534-nobody-3")
+        await other.call("create_session", name=f"{OTHER_UID}-other-1")
+        await other.call("create_session", name=f"{OTHER_UID}-other-2")
         with pytest.raises(QuotaExceeded, match="maximum of 2 sessions"):
-            await other.call("create_session", name="other-3")
+            await other.call("create_session", name=f"{OTHER_UID}-other-3")
         await root.create_session("root-1")
-        assert await session_names(root) == [
-            "nobody-1", "nobody-2", "other-1", "other-2", "root-1"
-        ]
-        await nobody.call("close", session="nobody-1")
-        await nobody.call("create_session", name="nobody-3")
+        assert await session_names(root) == sorted([
+            "65534-nobody-1", "65534-nobody-2", f"{OTHER_UID}-other-1",
+            f"{OTHER_UID}-other-2", "root-1",
+        ])
+        await nobody.call("close", session="65534-nobody-1")
+        await nobody.call("create_session", name="65534-nobody-3")
 
 
 async def test_max_preserved_bytes_is_configurable(host: Host) -> None:
+    """The host's limit binds everyone; a uid's own limit (by default a quarter of the
+    host's: 25000 here) binds every uid but root, and a tenant's QuotaExceeded tells it
+    of its own usage and limit only."""
     await host.start("--max-preserved-bytes", "100000")
     async with await host.connect() as root, OtherUid(host.address, NOBODY) as nobody:
         vm = await root.create_session("vm")
-        await preserve(vm, "big", 60000)
-        await nobody.call("create_session", name="vm-nobody")
-        await nobody.call("preserve_fd", session="vm-nobody", token="rest", data="00",
-                          size=40000)
+        await preserve(vm, "big", 80000)
+        await nobody.call("create_session", name="65534-vm-nobody")
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="rest", data="00",
+                          size=20000)
         fds = await host.open_fds(root)
         with pytest.raises(QuotaExceeded, match="limit of 100000 bytes"):
             await preserve(vm, "one-byte", 1)
-        with pytest.raises(QuotaExceeded, match="100000"):
-            await nobody.call("preserve_fd", session="vm-nobody", token="more", data="00")
+        with pytest.raises(QuotaExceeded, match="no room for 1 more") as refused:
+            await nobody.call("preserve_fd", session="65534-vm-nobody", token="more", data="00")
+        assert "100000" not in str(refused.value) and "80000" not in str(refused.value)
         await preserve(vm, "empty", 0)
         assert await host.open_fds(root) == fds + 1
-        assert (await vm.properties())["PreservedBytes"] == 60000
+        assert (await vm.properties())["PreservedBytes"] == 80000
         await vm.unpreserve_fd("big")
-        await preserve(vm, "fits", 60000)
+        with pytest.raises(QuotaExceeded, match=f"uid {NOBODY} holds 20000 bytes; 5001 more "
+                           "would pass its limit of 25000 bytes"):
+            await nobody.call("preserve_fd", session="65534-vm-nobody", token="more",
+                              data="00", size=5001)
+        assert await host.open_fds(root) == fds + 1 - 1
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="more", data="00",
+                          size=5000)
+        await preserve(vm, "fits", 75000)
 
 
 async def test_the_preserved_bytes_limit_holds_for_what_freeze_would_carry(host: Host) -> None:

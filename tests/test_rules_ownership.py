@@ -35,11 +35,11 @@ async def test_owner_uid_and_unit_are_recorded_in_the_journal(host: Host) -> Non
         if cgroup is None:
             pytest.skip("no cgroup can be created here to stand in for a systemd unit")
         async with OtherUid(host.address, NOBODY, cgroup=cgroup) as nobody:
-            await nobody.call("create_session", name="vm-nobody")
-            props = await nobody.call("session_properties", session="vm-nobody")
+            await nobody.call("create_session", name="65534-vm-nobody")
+            props = await nobody.call("session_properties", session="65534-vm-nobody")
             created = [
                 r for r in host.journal_records()
-                if isinstance(r, SessionCreated) and r.session == "vm-nobody"
+                if isinstance(r, SessionCreated) and r.session == "65534-vm-nobody"
             ]
     assert [(r.uid, r.unit) for r in created] == [(NOBODY, cgroup.name)]
     assert (props["Owner"], props["Unit"]) == (NOBODY, cgroup.name)
@@ -53,10 +53,10 @@ async def test_list_sessions_shows_root_all_and_others_their_own(host: Host) -> 
         OtherUid(host.address, OTHER_UID) as third,
     ):
         await root.create_session("vm-root")
-        await nobody.call("create_session", name="vm-nobody")
+        await nobody.call("create_session", name="65534-vm-nobody")
         rows = {s.name: s.owner for s in await root.list_sessions()}
-        assert rows == {"vm-root": 0, "vm-nobody": NOBODY}
-        assert [row[0] for row in await nobody.call("list_sessions")] == ["vm-nobody"]
+        assert rows == {"vm-root": 0, "65534-vm-nobody": NOBODY}
+        assert [row[0] for row in await nobody.call("list_sessions")] == ["65534-vm-nobody"]
         assert [row[2] for row in await nobody.call("list_sessions")] == [NOBODY]
         assert await third.call("list_sessions") == []
 
@@ -87,22 +87,22 @@ async def test_another_uid_is_denied_every_session_call(host: Host) -> None:
         mine = await root.create_session("vm-root")
         fd = make_memfd(4096, b"root ram")
         await mine.preserve_fd("ram", fd)
-        await nobody.call("create_session", name="vm-nobody")
-        await nobody.call("preserve_fd", session="vm-nobody", token="ram", data=RAM.hex())
-        before = (await mine.list_fds(), await nobody.call("list_fds", session="vm-nobody"))
+        await nobody.call("create_session", name="65534-vm-nobody")
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="ram", data=RAM.hex())
+        before = (await mine.list_fds(), await nobody.call("list_fds", session="65534-vm-nobody"))
 
         await _assert_denied_everything(nobody, "vm-root", "ram")
-        await _assert_denied_everything(third, "vm-nobody", "ram")
+        await _assert_denied_everything(third, "65534-vm-nobody", "ram")
         await root.prepare()
         with pytest.raises(AccessDenied, match="vm-root"):
             await nobody.call("ready_for_freeze", session="vm-root")
-        with pytest.raises(AccessDenied, match="vm-nobody"):
-            await third.call("ready_for_freeze", session="vm-nobody")
+        with pytest.raises(AccessDenied, match="65534-vm-nobody"):
+            await third.call("ready_for_freeze", session="65534-vm-nobody")
         await root.cancel()
 
-        after = (await mine.list_fds(), await nobody.call("list_fds", session="vm-nobody"))
+        after = (await mine.list_fds(), await nobody.call("list_fds", session="65534-vm-nobody"))
         assert after == before
-        assert sorted(await session_names(root)) == ["vm-nobody", "vm-root"]
+        assert sorted(await session_names(root)) == ["65534-vm-nobody", "vm-root"]
         got = await mine.retrieve_fd("ram")
         assert os.fstat(got).st_ino == os.fstat(fd).st_ino
         os.close(got)
@@ -112,9 +112,9 @@ async def test_another_uid_is_denied_every_session_call(host: Host) -> None:
 async def test_root_may_use_any_uids_session(host: Host) -> None:
     await host.start()
     async with await host.connect() as root, OtherUid(host.address, NOBODY) as nobody:
-        path = await nobody.call("create_session", name="vm-nobody")
-        await nobody.call("preserve_fd", session="vm-nobody", token="ram", data=RAM.hex())
-        session = SessionClient(root, "vm-nobody", path)
+        path = await nobody.call("create_session", name="65534-vm-nobody")
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="ram", data=RAM.hex())
+        session = SessionClient(root, "65534-vm-nobody", path)
         fd = await session.retrieve_fd("ram")
         assert digest(fd) == content_digest(RAM, len(RAM))
         os.close(fd)
@@ -139,8 +139,8 @@ async def test_host_commands_are_the_admins(host: Host) -> None:
     """Before the reboot; test_ownership_holds_after_the_reboot checks UPDATED."""
     await host.start()
     async with await host.connect() as root, OtherUid(host.address, NOBODY) as user:
-        await user.call("create_session", name="vm")
-        await user.call("preserve_fd", session="vm", token="ram", data=RAM.hex())
+        await user.call("create_session", name="65534-vm")
+        await user.call("preserve_fd", session="65534-vm", token="ram", data=RAM.hex())
         await _host_commands_are_denied(user, root)
         await root.prepare()
         await _host_commands_are_denied(user, root)
@@ -152,10 +152,10 @@ async def test_host_commands_are_the_admins(host: Host) -> None:
 async def test_ownership_holds_after_the_reboot(host: Host) -> None:
     await host.start()
     async with await host.connect() as root, OtherUid(host.address, NOBODY) as nobody:
-        await nobody.call("create_session", name="vm-nobody")
-        await nobody.call("preserve_fd", session="vm-nobody", token="ram", data=RAM.hex(),
+        await nobody.call("create_session", name="65534-vm-nobody")
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="ram", data=RAM.hex(),
                           size=8192)
-        await nobody.call("preserve_fd", session="vm-nobody", token="disk",
+        await nobody.call("preserve_fd", session="65534-vm-nobody", token="disk",
                           data=b"disk".hex())
         await root.prepare()
         await root.freeze()
@@ -167,26 +167,26 @@ async def test_ownership_holds_after_the_reboot(host: Host) -> None:
         OtherUid(host.address, OTHER_UID) as third,
     ):
         assert await third.call("list_sessions") == []
-        with pytest.raises(AccessDenied, match="vm-nobody"):
-            await third.call("retrieve_session", name="vm-nobody")
-        with pytest.raises(AccessDenied, match="vm-nobody"):
-            await third.call("retrieve_fd", session="vm-nobody", token="ram")
-        with pytest.raises(AccessDenied, match="vm-nobody"):
-            await third.call("finish_session", session="vm-nobody")
-        with pytest.raises(AccessDenied, match="vm-nobody"):
-            await third.call("list_fds", session="vm-nobody")
+        with pytest.raises(AccessDenied, match="65534-vm-nobody"):
+            await third.call("retrieve_session", name="65534-vm-nobody")
+        with pytest.raises(AccessDenied, match="65534-vm-nobody"):
+            await third.call("retrieve_fd", session="65534-vm-nobody", token="ram")
+        with pytest.raises(AccessDenied, match="65534-vm-nobody"):
+            await third.call("finish_session", session="65534-vm-nobody")
+        with pytest.raises(AccessDenied, match="65534-vm-nobody"):
+            await third.call("list_fds", session="65534-vm-nobody")
 
         assert [r[:3] for r in await nobody.call("list_sessions")] == [
-            ["vm-nobody", "/org/liveupdate1/session/vm_2dnobody", NOBODY]
+            ["65534-vm-nobody", "/org/liveupdate1/session/65534_2dvm_2dnobody", NOBODY]
         ]
-        await nobody.call("retrieve_session", name="vm-nobody")
-        got = await nobody.call("retrieve_fd", session="vm-nobody", token="ram")
+        await nobody.call("retrieve_session", name="65534-vm-nobody")
+        got = await nobody.call("retrieve_fd", session="65534-vm-nobody", token="ram")
         assert got == content_digest(RAM, 8192)
-        root_session = await root.retrieve_session("vm-nobody")
+        root_session = await root.retrieve_session("65534-vm-nobody")
         fd = await root_session.retrieve_fd("disk")
         assert digest(fd) == content_digest(b"disk", 4)
         os.close(fd)
-        await nobody.call("finish_session", session="vm-nobody")
+        await nobody.call("finish_session", session="65534-vm-nobody")
         await _host_commands_are_denied(nobody, root)
         await root.finish()
         assert await root.state() == "normal"

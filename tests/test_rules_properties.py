@@ -31,6 +31,7 @@ MAX_SESSIONS = 4
 MAX_FDS = 3
 MAX_PER_UID = 2
 MAX_BYTES = 20000
+PER_UID_BYTES = MAX_BYTES // 4  # the daemon's default per-uid byte limit: a quarter
 DAEMON_ARGS = (
     "--freeze-timeout", "0.05", "--max-sessions", str(MAX_SESSIONS),
     "--max-fds-per-session", str(MAX_FDS), "--max-sessions-per-uid", str(MAX_PER_UID),
@@ -44,7 +45,9 @@ NO_SESSION = frozenset({
 })
 UIDS = {"root": 0, "nobody": NOBODY}
 
-SESSION_NAMES = ["vm-a", "vm-b", "vm-c", "vm-d", "vm-e"]
+# A non-admin's session names start with its uid ("65534-vm-b"); root names freely, so
+# names of both kinds, for either actor, are tried (nobody's "vm-c" must be refused).
+SESSION_NAMES = ["vm-a", "65534-vm-b", "65534-vm-c", "vm-c", "65534-vm-d", "vm-e"]
 TOKENS = ["a", "b", "c", "d", "e"]
 any_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=70)
 names = st.one_of(st.sampled_from(SESSION_NAMES), st.sampled_from(SESSION_NAMES), any_text)
@@ -133,7 +136,7 @@ def cycle_attempt(draw: st.DrawFn) -> list[Step]:
             Step(actor, "preserve", name=name, token=y, requires=(x,))]
 
 
-PROLOGUE = [Step("root", "create", name="vm-a"), Step("nobody", "create", name="vm-b")]
+PROLOGUE = [Step("root", "create", name="vm-a"), Step("nobody", "create", name="65534-vm-b")]
 programs = st.tuples(
     setup,
     st.lists(
@@ -168,8 +171,12 @@ class Model:
     phase: str = "normal"
     sessions: dict[str, ModelSession] = field(default_factory=dict)
 
-    def total_bytes(self) -> int:
-        return sum(size for s in self.sessions.values() for _, size in s.fds.values())
+    def total_bytes(self, owner: str | None = None) -> int:
+        """Bytes held by every session, or by the sessions of `owner`."""
+        return sum(
+            size for s in self.sessions.values() if owner in (None, s.owner)
+            for _, size in s.fds.values()
+        )
 
     def fd_count(self) -> int:
         return sum(len(s.fds) for s in self.sessions.values())
@@ -195,22 +202,29 @@ class Model:
             errors.add("WrongState")
         return errors, s
 
+    def create_errors(self, step: Step) -> set[str]:
+        errors: set[str] = set()
+        if not NAME_RE.fullmatch(step.name):
+            errors.add("InvalidArgument")
+        if step.actor != "root" and not step.name.startswith(f"{UIDS[step.actor]}-"):
+            errors.add("InvalidArgument")  # a non-admin's names start with its uid
+        if self.phase != "normal":
+            errors.add("WrongState")
+        if step.name in self.sessions:
+            errors.add("SessionExists")
+        owned = sum(1 for s in self.sessions.values() if s.owner == step.actor)
+        if len(self.sessions) >= MAX_SESSIONS or (
+            step.actor != "root" and owned >= MAX_PER_UID
+        ):
+            errors.add("QuotaExceeded")
+        return errors
+
     def expected_errors(self, step: Step) -> set[str]:
         """Every error the rules allow for `step` now; empty: it must succeed."""
         errors: set[str] = set()
         match step.op:
             case "create":
-                if not NAME_RE.fullmatch(step.name):
-                    errors.add("InvalidArgument")
-                if self.phase != "normal":
-                    errors.add("WrongState")
-                if step.name in self.sessions:
-                    errors.add("SessionExists")
-                owned = sum(1 for s in self.sessions.values() if s.owner == step.actor)
-                if len(self.sessions) >= MAX_SESSIONS or (
-                    step.actor != "root" and owned >= MAX_PER_UID
-                ):
-                    errors.add("QuotaExceeded")
+                errors |= self.create_errors(step)
             case "preserve":
                 names = [step.token, *step.requires]
                 if not all(NAME_RE.fullmatch(n) for n in names) or len(
@@ -224,6 +238,10 @@ class Model:
                         errors.add("TokenExists")
                     if len(s.fds) >= MAX_FDS or self.total_bytes() + step.size > MAX_BYTES:
                         errors.add("QuotaExceeded")
+                    if step.actor != "root" and (
+                        self.total_bytes(step.actor) + step.size > PER_UID_BYTES
+                    ):
+                        errors.add("QuotaExceeded")  # nobody's own budget
                     if closes_cycle(s.requires_of, step.token, step.requires):
                         errors.add("InvalidArgument")
             case "unpreserve" | "retrieve":
@@ -387,7 +405,13 @@ async def world(bus: PrivateBus, tmp_path: Path) -> AsyncIterator[World]:
 def check_message(step: Step, error: str, message: str, model: Model) -> None:
     """Errors are named and say what was wrong."""
     assert message, f"{error} without a message for {step}"
-    if error == "QuotaExceeded":
+    if error == "QuotaExceeded" and step.op == "preserve" and step.actor != "root":
+        # a tenant hears of its own usage and limit only, never of the host's bytes
+        assert re.search(rf"\bmaximum of {MAX_FDS} fds|uid {NOBODY} holds \d+ bytes; "
+                         rf"{step.size} more would pass its limit of {PER_UID_BYTES} bytes|"
+                         rf"host has no room for {step.size} more", message), message
+        assert str(MAX_BYTES) not in message
+    elif error == "QuotaExceeded":
         assert re.search(rf"\b({MAX_SESSIONS}|{MAX_FDS}|{MAX_PER_UID}|{MAX_BYTES})\b", message)
     if error == "AccessDenied" and step.op not in ("prepare", "freeze", "cancel"):
         assert step.name in message
@@ -457,19 +481,26 @@ SCENARIOS = [
                 _s("nobody", "retrieve", "vm-a", "a"), _s("root", "retrieve", "vm-a", "a"),
                 _s("root", "prepare"), _s("root", "freeze"), _s("root", "cancel")],
     # A missing requirement in nobody's session fails Freeze, naming it.
-    [*PROLOGUE, _s("nobody", "preserve", "vm-b", "x", "y", size=4096), _s("root", "prepare"),
-                _s("root", "freeze"), _s("nobody", "preserve", "vm-b", "y"),
-                _s("root", "cancel"), _s("nobody", "preserve", "vm-b", "y"),
-                _s("nobody", "retrieve", "vm-b", "x"), _s("root", "prepare"),
-                _s("nobody", "ready", "vm-b"), _s("root", "freeze")],
-    # Session limits (per uid, total) and the preserved-bytes limit.
-    [*PROLOGUE, _s("nobody", "create", "vm-c"), _s("nobody", "create", "vm-d"),
-                _s("root", "create", "vm-d"), _s("root", "create", "vm-e"),
+    [*PROLOGUE, _s("nobody", "preserve", "65534-vm-b", "x", "y", size=4096),
+                _s("root", "prepare"), _s("root", "freeze"),
+                _s("nobody", "preserve", "65534-vm-b", "y"), _s("root", "cancel"),
+                _s("nobody", "preserve", "65534-vm-b", "y"),
+                _s("nobody", "retrieve", "65534-vm-b", "x"), _s("root", "prepare"),
+                _s("nobody", "ready", "65534-vm-b"), _s("root", "freeze")],
+    # Session names (nobody's start with its uid, root's are free), session limits (per
+    # uid, total), the host's preserved-bytes limit and nobody's own byte limit.
+    [*PROLOGUE, _s("nobody", "create", "vm-c"), _s("nobody", "create", "65534-vm-c"),
+                _s("nobody", "create", "65534-vm-d"), _s("root", "create", "65534-vm-d"),
+                _s("root", "create", "vm-e"),
                 _s("root", "preserve", "vm-a", "a", size=9000),
-                _s("nobody", "preserve", "vm-b", "a", size=9000),
-                _s("root", "preserve", "vm-d", "a", size=4096), _s("nobody", "close", "vm-d"),
-                _s("root", "close", "vm-d"), _s("nobody", "close", "vm-c"),
-                _s("nobody", "create", "vm-c")],
+                _s("root", "preserve", "vm-a", "b", size=9000),
+                _s("nobody", "preserve", "65534-vm-b", "a", size=4096),
+                _s("root", "unpreserve", "vm-a", "b"),
+                _s("nobody", "preserve", "65534-vm-b", "a", size=4096),
+                _s("nobody", "preserve", "65534-vm-c", "a", size=4096),
+                _s("root", "preserve", "65534-vm-d", "a", size=9000),
+                _s("nobody", "close", "65534-vm-d"), _s("root", "close", "65534-vm-d"),
+                _s("nobody", "close", "65534-vm-c"), _s("nobody", "create", "65534-vm-c")],
 ]
 
 SETTINGS = settings(

@@ -513,10 +513,10 @@ class Orchestrator:
                 f"session {name!r} holds {len(session.fds)} fds; {len(new)} more would pass "
                 f"the maximum of {most} fds"
             )
-        held_fds, _ = self.uid_usage(caller.uid)
-        if not caller.admin and held_fds + len(new) > self.limits.max_fds_per_uid:
+        held_fds, _ = self.uid_usage(session.uid)
+        if session.uid != 0 and held_fds + len(new) > self.limits.max_fds_per_uid:
             raise QuotaExceeded(
-                f"uid {caller.uid} holds {held_fds} fds; {len(new)} more would pass its "
+                f"uid {session.uid} holds {held_fds} fds; {len(new)} more would pass its "
                 f"limit of {self.limits.max_fds_per_uid} fds"
             )
         for token, requires in wanted:
@@ -567,8 +567,8 @@ class Orchestrator:
         command: str,
     ) -> list[Record]:
         """(token, requires, facts) of each fd: all preserved, or none."""
-        self.check_preserve_all(caller, name, [(t, r) for t, r, _ in fds], command)
-        self._check_bytes(caller, sum(facts.size for _, _, facts in fds))
+        session = self.check_preserve_all(caller, name, [(t, r) for t, r, _ in fds], command)
+        self._check_bytes(caller, session.uid, sum(facts.size for _, _, facts in fds))
         return self._commit(
             [
                 FdPreserved(
@@ -584,14 +584,15 @@ class Orchestrator:
             ]
         )
 
-    def _check_bytes(self, caller: Caller, size: int) -> None:
-        """The caller's own budget, then the host's; a tenant is told of its own usage
-        and limit only, never of the host's or of others'."""
-        _, held = self.uid_usage(caller.uid)
+    def _check_bytes(self, caller: Caller, owner: int, size: int) -> None:
+        """The budget of the session's owner (every uid's but root's, whoever calls),
+        then the host's; a tenant is told of its own usage and limit only, never of the
+        host's or of others'."""
+        _, held = self.uid_usage(owner)
         limit = self.limits.bytes_per_uid
-        if not caller.admin and held + size > limit:
+        if owner != 0 and held + size > limit:
             raise QuotaExceeded(
-                f"uid {caller.uid} holds {held} bytes; {size} more would pass its limit of "
+                f"uid {owner} holds {held} bytes; {size} more would pass its limit of "
                 f"{limit} bytes (sizes are apparent sizes: holes count)"
             )
         total = self.total_preserved_bytes() + size
@@ -888,15 +889,24 @@ class Orchestrator:
         """The old daemon's last record when no real reboot follows Reboot."""
         return self._commit([KexecSimulated(boot_id=boot_id)])
 
-    def is_new_boot(self, handover_boot_id: str, current_boot_id: str) -> bool:
-        """Evidence that the kexec happened: the handover was written by another boot,
-        or the old daemon recorded its simulated kexec. Without it a start after Reboot
-        is a restart in FROZEN (a crash between Reboot's reply and the kexec)."""
+    def is_new_boot(
+        self, handover_boot_id: str, current_boot_id: str, readable: bool = True
+    ) -> bool:
+        """Evidence that the kexec happened: the boot that wrote the handover (as the
+        journal's RebootStarted says, else as the handover says) is not this one, or the
+        old daemon recorded its simulated kexec. Without it a start after Reboot is a
+        restart in FROZEN (a crash between Reboot's reply and the kexec). A damaged
+        handover whose record cannot say its boot is judged by the journal alone."""
         if self.phase is not Phase.FROZEN:
             return False
-        if self.reboot is not None and self.reboot.boot_id != handover_boot_id:
-            return False  # not the handover this journal's Reboot wrote
-        return handover_boot_id != current_boot_id or self.kexec_simulated
+        written_by = handover_boot_id
+        if self.reboot is not None:
+            if readable and self.reboot.boot_id != handover_boot_id:
+                return False  # not the handover this journal's Reboot wrote
+            written_by = self.reboot.boot_id
+        elif not readable:
+            return False
+        return written_by != current_boot_id or self.kexec_simulated
 
     def rebooted(self, boot_id: str) -> list[Record]:
         """The handover of the previous boot was found: this is the new kernel."""

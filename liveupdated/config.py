@@ -26,6 +26,8 @@ class Config:
     max_fds_per_session: int = LIMIT_DEFAULTS.max_fds_per_session
     max_sessions_per_uid: int = LIMIT_DEFAULTS.max_sessions_per_uid
     max_preserved_bytes: int = LIMIT_DEFAULTS.max_preserved_bytes
+    max_fds_per_uid: int = LIMIT_DEFAULTS.max_fds_per_uid
+    max_bytes_per_uid: int = LIMIT_DEFAULTS.max_bytes_per_uid  # 0: a quarter of the host's
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -47,6 +49,8 @@ class Config:
             max_fds_per_session=self.max_fds_per_session,
             max_sessions_per_uid=self.max_sessions_per_uid,
             max_preserved_bytes=self.max_preserved_bytes,
+            max_fds_per_uid=self.max_fds_per_uid,
+            max_bytes_per_uid=self.max_bytes_per_uid,
         )
 
     def resolved_backend(self) -> Literal["simulated", "kernel"]:
@@ -160,7 +164,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--max-sessions-per-uid", type=_at_least_one,
                    default=LIMIT_DEFAULTS.max_sessions_per_uid)
     p.add_argument("--max-preserved-bytes", type=_at_least_one,
-                   default=LIMIT_DEFAULTS.max_preserved_bytes)
+                   default=LIMIT_DEFAULTS.max_preserved_bytes,
+                   help="bytes (apparent sizes) all sessions may hold together "
+                        "(default %(default)s: 4 TiB)")
+    p.add_argument("--max-fds-per-uid", type=_at_least_one,
+                   default=LIMIT_DEFAULTS.max_fds_per_uid,
+                   help="fds the sessions of one uid other than root may hold "
+                        "(default %(default)s)")
+    p.add_argument("--max-bytes-per-uid", type=_at_least_one, default=None,
+                   help="bytes the sessions of one uid other than root may hold "
+                        "(default: a quarter of --max-preserved-bytes)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
@@ -169,4 +182,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         if args.state_dir is None:
             p.error(f"--bus {args.bus} needs --state-dir: only the system and session "
                     "buses have a default state dir")
+    if args.max_bytes_per_uid is None:
+        args.max_bytes_per_uid = 0  # Limits' own default: a quarter of the host's
     return Config(**{k: v for k, v in vars(args).items()})

@@ -18,6 +18,8 @@ from pathlib import Path
 import sdnotify
 import structlog
 
+from liveupdated.durable import point
+
 log = structlog.get_logger("liveupdated")
 
 SD_LISTEN_FDS_START = 3
@@ -104,6 +106,7 @@ class Notifier:
         fds = [] if fd is None else [
             (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))
         ]
+        point("fd store message")
         try:
             self._store.sendmsg([message], fds)
         except BlockingIOError:

@@ -158,3 +158,27 @@ async def test_drop_session_is_roots_and_only_before_freeze(
     with pytest.raises(WrongState, match="DropSession is allowed in state normal or prepared"):
         await client.drop_session("vm-b", "too late")
     assert [s.name for s in await client.list_sessions()] == ["vm-b"]
+
+
+async def test_per_uid_fd_budget_is_configurable_and_roots_sessions_are_not_bound(
+    start_daemon: DaemonFactory, bus: PrivateBus
+) -> None:
+    start_daemon("--max-fds-per-uid", "3", "--max-bytes-per-uid", "20000")
+    async with OtherUid(bus.address) as nobody, await Client.connect(bus.address) as vmm:
+        for name in (f"{NOBODY}-a", f"{NOBODY}-b"):
+            await nobody.call("create_session", name=name)
+        for token in ("x", "y"):
+            await nobody.call("preserve_fd", session=f"{NOBODY}-a", token=token, size=4096)
+        await nobody.call("preserve_fd", session=f"{NOBODY}-b", token="x", size=4096)
+        with pytest.raises(QuotaExceeded, match=f"uid {NOBODY} holds 3 fds"):
+            await nobody.call("preserve_fd", session=f"{NOBODY}-b", token="y", size=1)
+        await nobody.call("unpreserve_fd", session=f"{NOBODY}-b", token="x")
+        with pytest.raises(QuotaExceeded, match=f"uid {NOBODY} holds 8192 bytes"):
+            await nobody.call("preserve_fd", session=f"{NOBODY}-b", token="z", size=16384)
+        await nobody.call("preserve_fd", session=f"{NOBODY}-b", token="z", size=8192)
+        session = await vmm.create_session("vm-root")
+        fds = [make_memfd(65536, b"root") for _ in range(5)]
+        for i, fd in enumerate(fds):
+            await session.preserve_fd(f"t{i}", fd)
+        for fd in fds:
+            os.close(fd)

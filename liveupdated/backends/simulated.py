@@ -31,8 +31,8 @@ from liveupdated.core.codec import from_json, to_json
 from liveupdated.core.errors import Corrupted, NoSuchToken, Storage
 from liveupdated.core.names import escape_path_label
 from liveupdated.core.orchestrator import FdEntry
+from liveupdated.durable import fsync_directory, point
 from liveupdated.fds import memfd
-from liveupdated.journal import fsync_directory
 from liveupdated.statedir import STORAGE_ERRNOS, describe
 
 log = structlog.get_logger("liveupdated")
@@ -198,11 +198,14 @@ class SimulatedBackend:
         fd = os.open(temp, _CREATE, 0o600)
         try:
             view = memoryview(data)
+            point("handover record write")
             while view:
                 view = view[os.write(fd, view):]
+            point("handover record fsync")
             os.fsync(fd)
         finally:
             os.close(fd)
+        point("handover record rename")
         os.rename(temp, self.area / RECORD_NAME)
         fsync_directory(self.area)
 
@@ -219,6 +222,7 @@ class SimulatedBackend:
 
     def _create(self, data_dir: Path, source: _Source) -> None:
         path = data_dir / self._data_file(source.key)
+        point("handover file create")
         out = os.open(path, _CREATE, 0o600)
         try:
             os.ftruncate(out, source.size)
@@ -229,6 +233,7 @@ class SimulatedBackend:
         self, data_dir: Path, source: _Source, run: list[tuple[int, int]]
     ) -> list[tuple[int, int]]:
         """Copy a run of pieces of one fd; (bytes, crc32) of each."""
+        point("handover data write")
         out = os.open(data_dir / self._data_file(source.key),
                       os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:

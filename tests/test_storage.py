@@ -146,3 +146,29 @@ async def test_cancel_is_served_on_a_full_disk(
         os.close(fd)
         store.close()
         log.close()
+
+
+async def test_a_vmm_that_only_calls_preserve_fd_sees_the_daemon_recover(
+    bus: PrivateBus, small_disk: Path, tmp_path: Path
+) -> None:
+    """PreserveFd from a known caller takes a fast path; degraded, it must still be the
+    call that brings the daemon back once the disk has room."""
+    log = (tmp_path / "daemon.log").open("ab")
+    daemon = DaemonProcess(bus.address, small_disk / "state", "--backend", "simulated",
+                           log=log).start()
+    fd = make_memfd(4096, b"x")
+    try:
+        async with await Client.connect(bus.address) as vmm:
+            session = await vmm.create_session("vm")
+            await session.preserve_fd("first", fd)  # the caller is known from here on
+            filler = _fill(small_disk)
+            await _until_the_journal_is_refused(lambda i: session.preserve_fd(f"t{i}", fd))
+            with pytest.raises(Storage):
+                await session.preserve_fd("refused", fd)
+            filler.unlink()
+            await session.preserve_fd("after", fd)
+            assert "after" in [f.token for f in await session.list_fds()]
+    finally:
+        daemon.close()
+        os.close(fd)
+        log.close()

@@ -41,6 +41,8 @@ class PreserveFdCalls:
         order they were sent."""
         if not self._taking or msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return False  # the Session object's method handles it
+        if self._service.storage_problem:
+            return False  # degraded: the method tries to end that before it decides
         caller = self._callers.known(msg.sender)
         session = self._sessions.name_at(msg.path or "")
         if caller is None or session is None:

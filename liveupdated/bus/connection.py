@@ -3,16 +3,23 @@
 dbus-fast never closes an fd it receives or sends. Here, each received fd is made
 close-on-exec and closed at once unless it is an fd argument of a well-formed PreserveFd
 or PreserveFds; each fd the daemon sends in a reply is a dup that is closed once written.
+
+Its writes never give up on a full socket: dbus-fast's writer treats EAGAIN from send()
+as a lost connection, so one burst of large replies (a client pipelining ListSessions)
+disconnected the daemon. Here a write that would block waits for the socket instead.
 """
 
+import array
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
+from dbus_fast.aio.message_bus import _MessageWriter
 
 from liveupdated.bus import ERROR_PREFIX, SESSION_INTERFACE
 from liveupdated.bus.callers import CURRENT_MESSAGE
@@ -26,13 +33,69 @@ _BAD_FD = {
 }
 
 
+class _PatientWriter(_MessageWriter):
+    """dbus-fast's writer, except that a socket that cannot take more now (EAGAIN) is
+    waited for: the rest of the buffer, and its fds if not sent yet, go out when the
+    socket is writable again. Any other error still ends the connection."""
+
+    def write_callback(self, remove_writer: bool = True) -> None:
+        sock, fd = self.sock, self.fd
+        if sock is None or fd is None:
+            return
+        try:
+            while True:
+                if self.buf is None:
+                    if not self.messages:
+                        if remove_writer:
+                            self.loop.remove_writer(fd)
+                        return
+                    buf, unix_fds, fut = self.messages.popleft()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
+                if self.unix_fds and self.negotiate_unix_fd:
+                    ancdata = [
+                        (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))
+                    ]
+                    # On EAGAIN nothing was sent: the fds stay with the buffer.
+                    self.offset += sock.sendmsg([self.buf[self.offset :]], ancdata)
+                    self.unix_fds = None
+                else:
+                    self.offset += sock.send(self.buf[self.offset :])
+                if self.offset < len(self.buf):
+                    return  # the writer stays (or is) registered: wait for writable
+                self.buf = None
+                if self.fut is not None and not self.fut.done():
+                    self.fut.set_result(None)
+        except (BlockingIOError, InterruptedError):
+            # Called from the loop, the writer is registered; called from
+            # schedule_write, it registers it because self.buf is set.
+            return
+        except Exception as exc:
+            if self.fut is not None and not self.fut.done():
+                if self.bus._user_disconnect:
+                    self.fut.set_result(None)
+                else:
+                    self.fut.set_exception(exc)
+            self.bus._finalize(exc)
+
+
 class FdOwningBus(MessageBus):
     """A MessageBus that closes the fds of every reply once the reply is on the wire,
-    and can tell when the reply to a given call has been written."""
+    can tell when the reply to a given call has been written and waits for its
+    socket when it is full."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reply_watchers: dict[int, Callable[[], None]] = {}
+
+    async def connect(self) -> "FdOwningBus":
+        await super().connect()
+        writer = self._writer
+        assert writer is not None and not writer.messages and writer.buf is None
+        writer.__class__ = _PatientWriter  # the same writer, state and all
+        return self
 
     def when_replied(self, serial: int, callback: Callable[[], None]) -> None:
         self._reply_watchers[serial] = callback

@@ -6,23 +6,30 @@ can send hundreds of calls without reading a single reply.
 """
 
 import os
+import shutil
 import socket
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast._private.unmarshaller import Unmarshaller
 
-from liveupdated.bus import BUS_NAME, MANAGER_INTERFACE
+from liveupdated import privatebus
+from liveupdated.bus import BUS_NAME, MANAGER_INTERFACE, SESSION_INTERFACE
+from liveupdated.bus.connection import MAX_CALLS_IN_FLIGHT
 from liveupdated.client import Client
-from liveupdated.core.names import MANAGER_PATH
+from liveupdated.core.names import MANAGER_PATH, session_path
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess
+from tests.conftest import make_memfd, open_fds
 
 NOBODY = 65534
 QUOTA = "org.liveupdate1.Error.QuotaExceeded"
+TOKEN_EXISTS = "org.liveupdate1.Error.TokenExists"
 NO_REPLY = "org.freedesktop.DBus.Error.NoReply"  # what the bus says when the daemon left it
 # The longest names make ListSessions answers big: 64 of them are ~11 KiB per answer.
 LONG_NAMES = [f"vm-{i:02}-" + "x" * 57 for i in range(64)]
@@ -152,8 +159,72 @@ async def test_a_burst_of_big_answers_does_not_cost_the_daemon_its_bus(
     replies = nobody.replies(128)
     outcomes = Counter(outcome(r) for r in replies)
     assert set(outcomes) <= {"ok", QUOTA}, outcomes
-    assert outcomes["ok"] >= 64, outcomes
+    assert outcomes["ok"] >= MAX_CALLS_IN_FLIGHT, outcomes
     assert all(len(r.body[0]) == 64 for r in replies if outcome(r) == "ok")
     assert daemon.process is not None and daemon.process.poll() is None
     async with await Client.connect(bus.address) as root:
         assert len(await root.list_sessions()) == 64
+
+
+@pytest.fixture
+def session_like_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
+    """A private bus that lets a connection await as many replies as a session bus does
+    (session.conf: 50000; the system bus and the tests' bus: 128), so that all calls of
+    a flood reach the daemon."""
+    limit = '<limit name="max_replies_per_connection">50000</limit>'
+    monkeypatch.setattr(privatebus, "CONFIG", privatebus.CONFIG.replace("<auth>", limit + "<auth>"))
+    directory = Path(tempfile.mkdtemp(prefix="lud-bus-"))
+    with PrivateBus(directory) as private_bus:
+        yield private_bus
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class TestOnABusThatAllowsMoreCalls:
+    @pytest.fixture
+    def bus(self, session_like_bus: PrivateBus) -> PrivateBus:
+        return session_like_bus
+
+    async def test_a_client_pipelining_500_calls_costs_only_itself(
+        self, bus: PrivateBus, daemon: DaemonProcess, nobody: RawClient, client: Client
+    ) -> None:
+        await _pipelining_500_calls_costs_only_itself(daemon, nobody, client)
+
+
+async def _pipelining_500_calls_costs_only_itself(
+    daemon: DaemonProcess, nobody: RawClient, client: Client
+) -> None:
+    """500 calls sent at once, never read while a second client works: the second gets
+    normal answers, the flooder QuotaExceeded for calls over the bound and answers for
+    the rest, later; the fds of refused calls are closed (the daemon's fd count is flat)."""
+    create_sessions(nobody, LONG_NAMES)
+    vm = session_path(LONG_NAMES[0])
+    fd = make_memfd(4096)
+    try:
+        nobody.send(vm, SESSION_INTERFACE, "PreserveFd", "shas", ["t", 0, []], fds=[fd])
+        assert outcome(nobody.replies(1)[0]) == "ok"
+        await client.list_sessions()  # the daemon is idle again
+        fds_before = open_fds(daemon.pid)
+        for i in range(500):
+            if i % 4:
+                nobody.send(MANAGER_PATH, MANAGER_INTERFACE, "ListSessions")
+            else:  # the fast path answers it (TokenExists) or the quota refuses it
+                nobody.send(vm, SESSION_INTERFACE, "PreserveFd", "shas", ["t", 0, []],
+                            fds=[fd])
+    finally:
+        os.close(fd)
+
+    mine = await client.create_session("root-vm")
+    for _ in range(20):
+        assert len(await client.list_sessions()) == 65
+        assert (await mine.properties())["Name"] == "root-vm"
+        assert await client.state() == "normal"
+
+    outcomes = Counter(outcome(r) for r in nobody.replies(500))
+    assert set(outcomes) <= {"ok", QUOTA, TOKEN_EXISTS}, outcomes
+    assert outcomes[QUOTA] and outcomes["ok"] and outcomes[TOKEN_EXISTS], outcomes
+    nobody.send(MANAGER_PATH, MANAGER_INTERFACE, "ListSessions")
+    (later,) = nobody.replies(1)
+    assert outcome(later) == "ok" and len(later.body[0]) == 64
+    await client.list_sessions()
+    assert open_fds(daemon.pid) == fds_before
+    assert daemon.process is not None and daemon.process.poll() is None

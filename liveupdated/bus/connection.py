@@ -4,6 +4,11 @@ dbus-fast never closes an fd it receives or sends. Here, each received fd is mad
 close-on-exec and closed at once unless it is an fd argument of a well-formed PreserveFd
 or PreserveFds; each fd the daemon sends in a reply is a dup that is closed once written.
 
+It bounds the calls each connection has in flight (MAX_CALLS_IN_FLIGHT): a call is in
+flight from its arrival until its answer is written to the socket, so what one client
+can make the daemon hold is bounded. A call over the bound is answered QuotaExceeded at
+once, and the fds it carried are closed.
+
 Its writes never give up on a full socket: dbus-fast's writer treats EAGAIN from send()
 as a lost connection, so one burst of large replies (a client pipelining ListSessions)
 disconnected the daemon. Here a write that would block waits for the socket instead.
@@ -24,6 +29,15 @@ from dbus_fast.aio.message_bus import _MessageWriter
 from liveupdated.bus import ERROR_PREFIX, SESSION_INTERFACE
 from liveupdated.bus.callers import CURRENT_MESSAGE
 
+# The bound on one connection's calls in flight: the system bus's own bound on a
+# connection's calls awaiting replies (max_replies_per_connection, 128 by default), so
+# no client the system bus lets through is refused by the daemon, while on buses that
+# allow more (session.conf: 50000) one client still cannot make the daemon hold more
+# than 128 answers (ListSessions at 744 sessions is ~130 KB: ~16 MB at worst). Clients
+# keep far fewer in flight: a VMM waits for each PreserveFd(s) answer, the bench keeps
+# 32, and preserving a whole session at once (128 fds, one call each) fits.
+MAX_CALLS_IN_FLIGHT = 128
+QUOTA_EXCEEDED = ERROR_PREFIX + "QuotaExceeded"
 PRESERVE_SIGNATURE = "shas"
 PRESERVE_ALL_SIGNATURE = "a(shas)"
 _BAD_FD = {
@@ -89,6 +103,20 @@ class FdOwningBus(MessageBus):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reply_watchers: dict[int, Callable[[], None]] = {}
+        self._in_flight: dict[str, set[int]] = {}  # sender -> serials of its calls
+
+    def call_arrived(self, sender: str, serial: int, limit: int) -> bool:
+        """Count a call in flight; False (and not counted) when `sender` has `limit`."""
+        calls = self._in_flight.setdefault(sender, set())
+        if serial in calls:
+            return True
+        if len(calls) >= limit:
+            return False
+        calls.add(serial)
+        return True
+
+    def sender_left(self, sender: str) -> None:
+        self._in_flight.pop(sender, None)
 
     async def connect(self) -> "FdOwningBus":
         await super().connect()
@@ -105,6 +133,10 @@ class FdOwningBus(MessageBus):
         if msg.unix_fds and msg.message_type is MessageType.METHOD_RETURN:
             fds = list(msg.unix_fds)
             future.add_done_callback(lambda _: _close_all(fds))
+        calls = self._in_flight.get(msg.destination) if msg.destination else None
+        if calls is not None and msg.reply_serial in calls:
+            serial = msg.reply_serial
+            future.add_done_callback(lambda _: calls.discard(serial))
         watcher = self._reply_watchers.pop(msg.reply_serial, None) if msg.reply_serial else None
         if watcher is not None:
             future.add_done_callback(lambda _: watcher())
@@ -115,6 +147,37 @@ def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def limit_calls(
+    bus: FdOwningBus, limit: int = MAX_CALLS_IN_FLIGHT
+) -> Callable[[Message], Message | bool]:
+    """A message handler, the first to run: counts each call expecting an answer against
+    its sender's bound, refuses it (closing its fds) over the bound, and forgets the
+    count of a sender that left the bus."""
+    text = f"too many calls in flight on this connection ({limit}); wait for replies"
+
+    def handle(msg: Message) -> Message | bool:
+        if msg.message_type is MessageType.SIGNAL:
+            if (
+                msg.member == "NameOwnerChanged"
+                and msg.sender == "org.freedesktop.DBus"
+                and msg.body[0].startswith(":")
+                and not msg.body[2]
+            ):
+                bus.sender_left(msg.body[0])
+            return False
+        if (
+            msg.message_type is not MessageType.METHOD_CALL
+            or msg.flags & MessageFlag.NO_REPLY_EXPECTED
+            or not msg.sender
+            or bus.call_arrived(msg.sender, msg.serial, limit)
+        ):
+            return False
+        _close_all(msg.unix_fds)
+        return Message.new_error(msg, QUOTA_EXCEEDED, text)
+
+    return handle
 
 
 def fd_guard(

@@ -26,10 +26,11 @@ from liveupdated.backends.simulated import SimulatedBackend
 from liveupdated.bus import BUS_NAME
 from liveupdated.bus.address import connect
 from liveupdated.bus.callers import Callers
-from liveupdated.bus.connection import FdOwningBus, fd_guard
+from liveupdated.bus.connection import FdOwningBus, fd_guard, limit_calls
 from liveupdated.bus.manager import Manager
 from liveupdated.bus.preserve import PreserveFdCalls
 from liveupdated.bus.session import SessionObjects
+from liveupdated.bus.visibility import Visibility
 from liveupdated.config import Config, parse_args
 from liveupdated.core.errors import LiveUpdateError, Storage
 from liveupdated.core.names import MANAGER_PATH, is_name
@@ -226,7 +227,9 @@ class Daemon:
         sessions = SessionObjects(bus, service, callers)
         departed: asyncio.Queue[str] = asyncio.Queue()
         preserve_calls = PreserveFdCalls(bus, service, callers, sessions)
+        bus.add_message_handler(limit_calls(bus))  # first: it may refuse a call
         bus.add_message_handler(fd_guard(sessions.__contains__, preserve_calls.take))
+        bus.add_message_handler(Visibility(bus, service, callers, sessions).handle)
         bus.add_message_handler(sessions.answer_missing)
         bus.add_message_handler(_name_watcher(departed, callers, service))
         await _add_match(bus, NAME_OWNER_CHANGED)

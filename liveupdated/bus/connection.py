@@ -3,20 +3,41 @@
 dbus-fast never closes an fd it receives or sends. Here, each received fd is made
 close-on-exec and closed at once unless it is an fd argument of a well-formed PreserveFd
 or PreserveFds; each fd the daemon sends in a reply is a dup that is closed once written.
+
+It bounds the calls each connection has in flight (MAX_CALLS_IN_FLIGHT): a call is in
+flight from its arrival until its answer is written to the socket, so what one client
+can make the daemon hold is bounded. A call over the bound is answered QuotaExceeded at
+once, and the fds it carried are closed.
+
+Its writes never give up on a full socket: dbus-fast's writer treats EAGAIN from send()
+as a lost connection, so one burst of large replies (a client pipelining ListSessions)
+disconnected the daemon. Here a write that would block waits for the socket instead.
 """
 
+import array
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
+from dbus_fast.aio.message_bus import _MessageWriter
 
 from liveupdated.bus import ERROR_PREFIX, SESSION_INTERFACE
 from liveupdated.bus.callers import CURRENT_MESSAGE
 
+# The bound on one connection's calls in flight: the system bus's own bound on a
+# connection's calls awaiting replies (max_replies_per_connection, 128 by default), so
+# no client the system bus lets through is refused by the daemon, while on buses that
+# allow more (session.conf: 50000) one client still cannot make the daemon hold more
+# than 128 answers (ListSessions at 744 sessions is ~130 KB: ~16 MB at worst). Clients
+# keep far fewer in flight: a VMM waits for each PreserveFd(s) answer, the bench keeps
+# 32, and preserving a whole session at once (128 fds, one call each) fits.
+MAX_CALLS_IN_FLIGHT = 128
+QUOTA_EXCEEDED = ERROR_PREFIX + "QuotaExceeded"
 PRESERVE_SIGNATURE = "shas"
 PRESERVE_ALL_SIGNATURE = "a(shas)"
 _BAD_FD = {
@@ -26,13 +47,83 @@ _BAD_FD = {
 }
 
 
+class _PatientWriter(_MessageWriter):
+    """dbus-fast's writer, except that a socket that cannot take more now (EAGAIN) is
+    waited for: the rest of the buffer, and its fds if not sent yet, go out when the
+    socket is writable again. Any other error still ends the connection."""
+
+    def write_callback(self, remove_writer: bool = True) -> None:
+        sock, fd = self.sock, self.fd
+        if sock is None or fd is None:
+            return
+        try:
+            while True:
+                if self.buf is None:
+                    if not self.messages:
+                        if remove_writer:
+                            self.loop.remove_writer(fd)
+                        return
+                    buf, unix_fds, fut = self.messages.popleft()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
+                if self.unix_fds and self.negotiate_unix_fd:
+                    ancdata = [
+                        (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))
+                    ]
+                    # On EAGAIN nothing was sent: the fds stay with the buffer.
+                    self.offset += sock.sendmsg([self.buf[self.offset :]], ancdata)
+                    self.unix_fds = None
+                else:
+                    self.offset += sock.send(self.buf[self.offset :])
+                if self.offset < len(self.buf):
+                    return  # the writer stays (or is) registered: wait for writable
+                self.buf = None
+                if self.fut is not None and not self.fut.done():
+                    self.fut.set_result(None)
+        except (BlockingIOError, InterruptedError):
+            # Called from the loop, the writer is registered; called from
+            # schedule_write, it registers it because self.buf is set.
+            return
+        except Exception as exc:
+            if self.fut is not None and not self.fut.done():
+                if self.bus._user_disconnect:
+                    self.fut.set_result(None)
+                else:
+                    self.fut.set_exception(exc)
+            self.bus._finalize(exc)
+
+
 class FdOwningBus(MessageBus):
     """A MessageBus that closes the fds of every reply once the reply is on the wire,
-    and can tell when the reply to a given call has been written."""
+    can tell when the reply to a given call has been written and waits for its
+    socket when it is full."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reply_watchers: dict[int, Callable[[], None]] = {}
+        self._in_flight: dict[str, set[int]] = {}  # sender -> serials of its calls
+
+    def call_arrived(self, sender: str, serial: int, limit: int) -> bool:
+        """Count a call in flight; False (and not counted) when `sender` has `limit`."""
+        calls = self._in_flight.setdefault(sender, set())
+        if serial in calls:
+            return True
+        if len(calls) >= limit:
+            return False
+        calls.add(serial)
+        return True
+
+    def sender_left(self, sender: str) -> None:
+        self._in_flight.pop(sender, None)
+
+    async def connect(self) -> "FdOwningBus":
+        await super().connect()
+        writer = self._writer
+        assert writer is not None and not writer.messages and writer.buf is None
+        writer.__class__ = _PatientWriter  # the same writer, state and all
+        return self
 
     def when_replied(self, serial: int, callback: Callable[[], None]) -> None:
         self._reply_watchers[serial] = callback
@@ -42,6 +133,10 @@ class FdOwningBus(MessageBus):
         if msg.unix_fds and msg.message_type is MessageType.METHOD_RETURN:
             fds = list(msg.unix_fds)
             future.add_done_callback(lambda _: _close_all(fds))
+        calls = self._in_flight.get(msg.destination) if msg.destination else None
+        if calls is not None and msg.reply_serial in calls:
+            serial = msg.reply_serial
+            future.add_done_callback(lambda _: calls.discard(serial))
         watcher = self._reply_watchers.pop(msg.reply_serial, None) if msg.reply_serial else None
         if watcher is not None:
             future.add_done_callback(lambda _: watcher())
@@ -52,6 +147,37 @@ def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def limit_calls(
+    bus: FdOwningBus, limit: int = MAX_CALLS_IN_FLIGHT
+) -> Callable[[Message], Message | bool]:
+    """A message handler, the first to run: counts each call expecting an answer against
+    its sender's bound, refuses it (closing its fds) over the bound, and forgets the
+    count of a sender that left the bus."""
+    text = f"too many calls in flight on this connection ({limit}); wait for replies"
+
+    def handle(msg: Message) -> Message | bool:
+        if msg.message_type is MessageType.SIGNAL:
+            if (
+                msg.member == "NameOwnerChanged"
+                and msg.sender == "org.freedesktop.DBus"
+                and msg.body[0].startswith(":")
+                and not msg.body[2]
+            ):
+                bus.sender_left(msg.body[0])
+            return False
+        if (
+            msg.message_type is not MessageType.METHOD_CALL
+            or msg.flags & MessageFlag.NO_REPLY_EXPECTED
+            or not msg.sender
+            or bus.call_arrived(msg.sender, msg.serial, limit)
+        ):
+            return False
+        _close_all(msg.unix_fds)
+        return Message.new_error(msg, QUOTA_EXCEEDED, text)
+
+    return handle
 
 
 def fd_guard(

@@ -3,7 +3,7 @@
 import os
 from typing import Annotated, Any
 
-from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt32, DBusUInt64, DBusUnixFd
 from dbus_fast.annotations import DBusSignature as Sig
@@ -129,15 +129,26 @@ class SessionObject(ServiceInterface):
     def preserved_bytes(self) -> DBusUInt64:
         return self._session.preserved_bytes
 
-    def announce_change(self) -> None:
-        """PropertiesChanged for what a command may have changed."""
+    def announce_change(self, bus: MessageBus) -> None:
+        """PropertiesChanged for what a command may have changed, sent to the owner's
+        connection only: a broadcast would tell every uid the session's name and state,
+        which only its owner and root may see."""
         session = self._session
-        self.emit_properties_changed(
-            {
-                "State": self._service.core.session_state(session),
-                "FdCount": len(session.fds),
-                "PreservedBytes": session.preserved_bytes,
-            }
+        changed = {
+            "State": Variant("s", self._service.core.session_state(session)),
+            "FdCount": Variant("u", len(session.fds)),
+            "PreservedBytes": Variant("t", session.preserved_bytes),
+        }
+        bus.send(
+            Message(
+                message_type=MessageType.SIGNAL,
+                destination=session.client,
+                path=session_path(session.name),
+                interface="org.freedesktop.DBus.Properties",
+                member="PropertiesChanged",
+                signature="sa{sv}as",
+                body=[SESSION_INTERFACE, changed, []],
+            )
         )
 
 
@@ -191,4 +202,4 @@ class SessionObjects:
     def changed(self, session: Session) -> None:
         obj = self._objects.get(session_path(session.name))
         if obj is not None:
-            obj.announce_change()
+            obj.announce_change(self._bus)

@@ -356,14 +356,14 @@ class Orchestrator:
     def owned_session(self, caller: Caller, name: str) -> Session:
         """The session, if the caller is its owner or root; AccessDenied otherwise."""
         session = self.session(name)
-        if caller.uid not in (session.uid, 0):
+        if caller.uid != session.uid and not caller.admin:
             raise AccessDenied(
                 f"session {name!r} belongs to uid {session.uid}; only it or root may use it"
             )
         return session
 
     def visible_sessions(self, caller: Caller) -> list[Session]:
-        return [s for s in self.sessions.values() if caller.uid in (0, s.uid)]
+        return [s for s in self.sessions.values() if caller.admin or caller.uid == s.uid]
 
     def session_state(self, session: Session) -> str:
         if self.phase is Phase.UPDATED:

@@ -36,13 +36,15 @@ from liveupdated.core.errors import LiveUpdateError, Storage
 from liveupdated.core.names import MANAGER_PATH, is_name
 from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import Record
-from liveupdated.journal import Journal
+from liveupdated.journal import Journal, Watermark
 from liveupdated.service import Listeners, LiveUpdate, describe_os_error
 from liveupdated.statedir import STORAGE_ERRNOS, holds_listen_fds
 from liveupdated.systemd import Notifier, boot_id, take_listen_fds
 from liveupdated.vault import Vault
 
 log = structlog.get_logger("liveupdated")
+
+JOURNAL_MARK = "@journal-mark"  # FDNAME of the watermark: no session/token has an "@"
 
 
 def raise_fd_limit() -> None:
@@ -80,16 +82,19 @@ def replay(
     return core, journal, bool(skipped or damages)
 
 
-def reclaim_fds(core: Orchestrator, vault: Vault, journal_damaged: bool) -> list[Record]:
+def reclaim_fds(
+    core: Orchestrator, vault: Vault, inherited: list[tuple[str, int]], journal_damaged: bool
+) -> list[Record]:
     """Match the fds systemd kept for us with the journal. Recovery never closes an fd
-    the journal cannot explain: after damage such an fd is kept and reported, as
-    Corrupted in its session when the session survived, else quarantined for an admin.
-    With an intact journal an unknown fd is a PreserveFd that was never acknowledged
-    (the daemon stopped before its record was durable): its VMM still has it."""
+    the journal cannot explain: after damage such an fd is kept and reported as
+    Corrupted in its session when the session survived; any other is quarantined for an
+    admin. (A journal cut at a frame boundary looks intact, so an unknown fd may be a
+    PreserveFd whose record never became durable, or one whose record was lost: only an
+    admin can tell.)"""
     corrupted: list[tuple[str, str, int]] = []
     quarantined: list[tuple[str, str, int, str]] = []
     unnamed: set[str] = set()
-    for name, fd in take_listen_fds():
+    for name, fd in inherited:
         session, _, token = name.partition("/")
         key = (session, token)
         entry = core.sessions[session].fds.get(token) if session in core.sessions else None
@@ -100,25 +105,26 @@ def reclaim_fds(core: Orchestrator, vault: Vault, journal_damaged: bool) -> list
             os.close(fd)
         elif known or key in core.quarantine:
             vault.keep(key, fd, store=False)
-        elif entry is None and journal_damaged and is_name(session) and is_name(token):
+        elif entry is None and is_name(session) and is_name(token):
             vault.keep(key, fd, store=False)
             size = os.fstat(fd).st_size
-            if session in core.sessions:
+            if session in core.sessions and journal_damaged:
                 log.error("fd_record_corrupted", session=session, token=token, bytes=size)
                 corrupted.append((session, token, size))
             else:
                 log.error("fd_quarantined", session=session, token=token, bytes=size,
                           hint="an admin may RetrieveQuarantined or ReleaseQuarantined it")
-                quarantined.append((session, token, size, "the journal lost its session"))
-        elif entry is None and journal_damaged:  # a name that is no session/token
+                why = ("its session's records were lost" if session not in core.sessions
+                       else "the journal does not record it")
+                quarantined.append((session, token, size, why))
+        elif entry is None:  # a name that is no session/token
             renamed = ("unnamed", f"fd{len(quarantined)}-{os.getpid()}")
             vault.keep(renamed, fd)  # stored under a name the next start can match
             unnamed.add(name)
             log.error("fd_quarantined", fdname=name, session=renamed[0], token=renamed[1])
             quarantined.append((*renamed, os.fstat(fd).st_size, f"stored as {name!r}"))
-        else:
-            event = "old_boot_fd_closed" if entry is not None else "unacknowledged_fd_closed"
-            log.warning(event, fdname=name)
+        else:  # the old boot's: the handover is the source of its content now
+            log.info("old_boot_fd_closed", fdname=name)
             vault.refuse(name, fd)
     for name in unnamed:
         vault.forget_stored(name)
@@ -179,6 +185,7 @@ class Daemon:
         self.config = config
         self.notifier = Notifier()
         self.storage_problem = storage_problem  # the disk refused a write at start-up
+        self.journal_damaged = False
 
     def recover(self) -> LiveUpdate:
         """Journal, handover and fd store into one consistent state, made durable. On a
@@ -186,6 +193,13 @@ class Daemon:
         degraded: what recovery decided is written by its first successful compaction."""
         refused = OSError(errno.EROFS, self.storage_problem) if self.storage_problem else None
         holds_fds = holds_listen_fds()
+        inherited = take_listen_fds()
+        mark_fd = next((fd for name, fd in inherited if name == JOURNAL_MARK), -1)
+        inherited = [(name, fd) for name, fd in inherited if name != JOURNAL_MARK]
+        mark = Watermark.read(mark_fd) if mark_fd >= 0 else None
+        lost_tail = mark.disagrees(self.config.state_dir / "journal") if mark else ""
+        if lost_tail:  # a cut at a frame boundary reads as a whole, shorter journal
+            log.error("journal_tail_lost", problem=lost_tail)
         try:
             core, journal, damaged = replay(self.config, refused)
         except OSError as exc:  # the disk refused to create or repair the journal
@@ -193,9 +207,13 @@ class Daemon:
                 raise
             refused = exc
             core, journal, damaged = replay(self.config, refused)
+        damaged = damaged or bool(lost_tail)
+        self.journal_damaged = damaged
+        self._keep_mark(journal, mark_fd)
         vault = Vault(self.notifier)
         backend = make_backend(self.config)
-        recovered = recover_handover(core, backend) + reclaim_fds(core, vault, damaged)
+        recovered = recover_handover(core, backend) + reclaim_fds(core, vault, inherited,
+                                                                  damaged)
         service = LiveUpdate(
             core, journal, vault, backend, self.notifier, self.config.freeze_timeout
         )
@@ -213,6 +231,14 @@ class Daemon:
                          hint="running degraded: changes are refused until the state dir "
                               "can be written; RetrieveFd and Cancel work")
         return service
+
+    def _keep_mark(self, journal: Journal, mark_fd: int) -> None:
+        """The journal's watermark lives in the fd store, off the disk it judges."""
+        if mark_fd < 0:
+            mark_fd = os.memfd_create("liveupdated-journal-mark", os.MFD_CLOEXEC)
+            self.notifier.store_fd(JOURNAL_MARK, mark_fd)
+        journal.mark_fd = mark_fd
+        journal.mark_now()
 
     async def run(self) -> int:
         service = self.recover()
@@ -233,7 +259,8 @@ class Daemon:
         bus.add_message_handler(sessions.answer_missing)
         bus.add_message_handler(_name_watcher(departed, callers, service))
         await _add_match(bus, NAME_OWNER_CHANGED)
-        if core.phase is Phase.NORMAL:
+        if core.phase is Phase.NORMAL and not self.journal_damaged:
+            # After damage the phase itself may be a lost record's: drop nothing.
             for client in core.clients():
                 if not await callers.has_owner(client):
                     service.client_left(client)

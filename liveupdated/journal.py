@@ -246,6 +246,7 @@ class Journal:
         self._error: BaseException | None = None  # a failed write: nothing is durable now
         self.commits = 0
         self.fsyncs = 0
+        self.mark_fd = -1  # a memfd kept outside the disk: see `Watermark`
         # Bytes in the file: what replay would read. Kept by the one writer at a time.
         self.size = os.fstat(fd).st_size if fd >= 0 else 0
         self._compacted_size = 0  # what the last compaction left: the live state's size
@@ -297,10 +298,21 @@ class Journal:
             await asyncio.wait([self._in_flight])
         self.close()
 
+    def mark_now(self) -> None:
+        """Start-up: the watermark says what the (possibly repaired) journal is now."""
+        self._mark()
+
+    def _mark(self) -> None:
+        """Record the file and the length the journal has now reached (after its fsync)."""
+        if self.mark_fd >= 0 and self._fd >= 0:
+            st = os.fstat(self._fd)
+            os.pwrite(self.mark_fd, Watermark(st.st_dev, st.st_ino, self.size).pack(), 0)
+
     def _write_and_sync(self, data: bytes) -> None:
         append_and_sync(self._fd, data)
         self.size += len(data)
         self.fsyncs += 1
+        self._mark()
 
     def commit_now(self, records: Iterable[Record]) -> None:
         """Blocking commit, for start-up and shutdown paths outside the event loop's work."""
@@ -432,6 +444,7 @@ class Journal:
         self.close()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self.size = self._compacted_size = len(data)
+        self._mark()
 
     async def rewrite(self, snapshot: Callable[[], Iterable[Record]]) -> None:
         """After a failed write: the whole state written anew (a compaction), and on
@@ -440,6 +453,41 @@ class Journal:
         await self.compact(snapshot)
         if self._error is not None:
             raise self._error
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """Which journal file reached which length, kept in a memfd in systemd's fd store
+    (off the disk), so that a journal cut at a frame boundary, which reads as whole, is
+    still found out at the next start: a shorter or another file than the mark says."""
+
+    dev: int
+    ino: int
+    size: int
+
+    _FORMAT = struct.Struct("<QQQ")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(self.dev, self.ino, self.size)
+
+    @classmethod
+    def read(cls, fd: int) -> "Watermark | None":
+        data = os.pread(fd, cls._FORMAT.size, 0)
+        if len(data) != cls._FORMAT.size:
+            return None
+        return cls(*cls._FORMAT.unpack(data))
+
+    def disagrees(self, path: Path) -> str:
+        """What is wrong with the journal at `path` by this mark ("" if nothing)."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return "the journal is gone"
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+            return "the journal is not the file this daemon last wrote"
+        if st.st_size < self.size:
+            return f"the journal is {st.st_size} bytes; {self.size} were written"
+        return ""
 
 
 def _quarantine(path: Path, data: bytes) -> Path:

@@ -63,7 +63,8 @@ class Notifications:
         self.path = self.directory / "notify"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.bind(str(self.path))
-        self.store: dict[str, int] = {}
+        self.store: dict[str, int] = {}  # the VMs' fds, by FDNAME
+        self.own: dict[str, int] = {}  # the daemon's own fds ("@name": its journal mark)
         self._names_by_file: dict[tuple[int, int], set[str]] = {}
         self.messages: list[str] = []
         self.ready = threading.Event()
@@ -103,6 +104,9 @@ class Notifications:
                         os.close(fd)  # systemd's same_fd(): one fd per open file description
                         continue
                     self._unstore(name)
+                    if name.startswith("@"):
+                        self.own[name] = fd
+                        continue
                     self.store[name] = fd
                     st = os.fstat(fd)
                     self._names_by_file.setdefault((st.st_dev, st.st_ino), set()).add(name)
@@ -116,12 +120,19 @@ class Notifications:
                 self.ready.set()
             self.changed.notify_all()
 
+    def stored(self) -> list[tuple[str, int]]:
+        """Everything in the store, as systemd passes it on the next start."""
+        return [*self.store.items(), *self.own.items()]
+
     def _stored_already(self, fd: int) -> bool:
         st = os.fstat(fd)
         names = self._names_by_file.get((st.st_dev, st.st_ino), ())
         return any(same_file(self.store[name], fd) for name in names)
 
     def _unstore(self, name: str) -> None:
+        if name in self.own:
+            os.close(self.own.pop(name))
+            return
         fd = self.store.pop(name, None)
         if fd is not None:
             st = os.fstat(fd)
@@ -144,9 +155,10 @@ class Notifications:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(10)
-        for fd in self.store.values():
+        for fd in [*self.store.values(), *self.own.values()]:
             os.close(fd)
         self.store.clear()
+        self.own.clear()
         self.path.unlink(missing_ok=True)
         self.directory.rmdir()
 
@@ -189,7 +201,7 @@ class DaemonProcess:
     def start(self, timeout: float = 60.0) -> Self:
         notes = self.notifications
         notes.ready.clear()
-        stored = list(notes.store.items())
+        stored = notes.stored()
         fds = [fd for _, fd in stored]
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -310,6 +310,9 @@ class LiveUpdate:
             if self.core.phase is not Phase.UPDATED:
                 raise Corrupted(f"{session}/{token} is journaled but its fd is not held")
             await self._restore(caller, key, entry)
+            self.core.check_retrieve_fd(caller, session, token)  # a Finish may have come
+            if key not in self.vault:
+                raise Corrupted(f"{session}/{token} was let go while it was restored")
         log.info("fd_retrieved", session=session, token=token, phase=self.core.phase.value)
         return self.vault.dup(key)
 

@@ -67,9 +67,11 @@ class Notifier:
         self._send(f"STATUS={status}".encode(), None)
 
     def store_fd(self, name: str, fd: int) -> None:
+        point("fd store message")
         self._send(f"FDSTORE=1\nFDNAME={name}".encode(), fd)
 
     def remove_fd(self, name: str) -> None:
+        point("fd store message")
         self._send(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), None)
 
     async def stored(self) -> None:
@@ -106,7 +108,6 @@ class Notifier:
         fds = [] if fd is None else [
             (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))
         ]
-        point("fd store message")
         try:
             self._store.sendmsg([message], fds)
         except BlockingIOError:

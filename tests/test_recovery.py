@@ -144,7 +144,7 @@ async def test_fds_the_damaged_journal_cannot_explain_are_quarantined_never_clos
         )
         # The tenant sees what is named after it, and only that; only root takes it.
         assert await nobody.call("list_quarantined") == [
-            [f"{NOBODY}-vm", "ram", 4096, "the journal lost its session"]
+            [f"{NOBODY}-vm", "ram", 4096, "its session's records were lost"]
         ]
         with pytest.raises(AccessDenied):
             await nobody.call("drop_session", name="vm-a", reason="")

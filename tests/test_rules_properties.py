@@ -238,10 +238,10 @@ class Model:
                         errors.add("TokenExists")
                     if len(s.fds) >= MAX_FDS or self.total_bytes() + step.size > MAX_BYTES:
                         errors.add("QuotaExceeded")
-                    if step.actor != "root" and (
-                        self.total_bytes(step.actor) + step.size > PER_UID_BYTES
+                    if s.owner != "root" and (
+                        self.total_bytes(s.owner) + step.size > PER_UID_BYTES
                     ):
-                        errors.add("QuotaExceeded")  # nobody's own budget
+                        errors.add("QuotaExceeded")  # the owner's budget, whoever calls
                     if closes_cycle(s.requires_of, step.token, step.requires):
                         errors.add("InvalidArgument")
             case "unpreserve" | "retrieve":
@@ -412,7 +412,9 @@ def check_message(step: Step, error: str, message: str, model: Model) -> None:
                          rf"host has no room for {step.size} more", message), message
         assert str(MAX_BYTES) not in message
     elif error == "QuotaExceeded":
-        assert re.search(rf"\b({MAX_SESSIONS}|{MAX_FDS}|{MAX_PER_UID}|{MAX_BYTES})\b", message)
+        assert re.search(
+            rf"\b({MAX_SESSIONS}|{MAX_FDS}|{MAX_PER_UID}|{MAX_BYTES}|{PER_UID_BYTES})\b", message
+        )
     if error == "AccessDenied" and step.op not in ("prepare", "freeze", "cancel"):
         assert step.name in message
     if error == "DependencyMissing" and step.op == "freeze":

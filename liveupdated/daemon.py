@@ -272,6 +272,7 @@ class Daemon:
             session_removed=sessions.remove,
             session_changed=sessions.changed,
             phase_changed=manager.announce_phase,
+            freeze_started=manager.freeze_started,
         )
         for session in core.sessions.values():
             sessions.add(session)

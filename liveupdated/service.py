@@ -59,6 +59,7 @@ class Listeners:
     session_removed: Callable[[str], None] = lambda n: None
     session_changed: Callable[[Session], None] = lambda s: None
     phase_changed: Callable[[str, str], None] = lambda old, new: None
+    freeze_started: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -415,6 +416,8 @@ class LiveUpdate:
     async def freeze(self, caller: Caller) -> None:
         await self.writable()
         attempt = self.core.begin_freeze(caller)
+        if self.core.freeze_laggards():  # the moment VMMs that delay Freeze quiesce
+            self.listeners.freeze_started()
         try:
             await self._wait_for_barrier(attempt)
             sizes = {key: os.fstat(fd).st_size for key, fd in self._held()[0].items()}

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dbus_fast import Message, MessageType
 
 from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import Timeout, WrongState
@@ -199,3 +200,44 @@ async def test_barrier_calls_only_in_their_state(host: Host) -> None:
         with pytest.raises(WrongState):
             await session.ready_for_freeze()
         assert await root.state() == "frozen"
+
+
+async def test_freeze_started_tells_the_vmms_that_delay_it_when_to_quiesce(
+    client: Client,
+) -> None:
+    """A VMM stops its guest on FreezeStarted (not on Prepare: the brownout keeps VMs
+    running) and answers ReadyForFreeze; Freeze then completes."""
+    session = await client.create_session("vm")
+    fd = make_memfd(4096, b"ram")
+    await session.preserve_fd("ram", fd)
+    await session.delay_freeze(True)
+    started: list[str] = []
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_signal(msg: Message) -> bool:
+        if msg.message_type is MessageType.SIGNAL and msg.member == "FreezeStarted":
+            started.append(msg.path or "")
+            if not ready.done():
+                ready.set_result(None)
+        return False
+
+    client.bus.add_message_handler(on_signal)
+    await client.add_match(
+        "type='signal',sender='org.liveupdate1',interface='org.liveupdate1.Manager',"
+        "member='FreezeStarted'"
+    )
+    await client.prepare()
+    assert started == []  # Prepare alone does not stop a VM
+    freezing = asyncio.ensure_future(client.freeze())
+    async with asyncio.timeout(10):
+        await ready
+    assert not freezing.done()
+    await session.ready_for_freeze()
+    await freezing
+    assert started == ["/org/liveupdate1"]
+    await client.cancel()
+    await session.delay_freeze(False)
+    await client.prepare()
+    await client.freeze()  # nobody delays it: no signal, nothing to wait for
+    assert started == ["/org/liveupdate1"]
+    os.close(fd)

@@ -128,6 +128,11 @@ class Manager(ServiceInterface):
     def state_changed(self, old: str, new: str) -> Annotated[list[str], Sig("ss")]:
         return [old, new]
 
+    @dbus_signal(name="FreezeStarted")
+    def freeze_started(self) -> None:
+        """Freeze has begun and waits for the sessions that asked for DelayFreeze: each
+        stops its VM, saves what it must and calls ReadyForFreeze."""
+
     def announce_phase(self, old: str, new: str) -> None:
         self.state_changed(old, new)
         self.emit_properties_changed(

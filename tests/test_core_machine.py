@@ -1,5 +1,5 @@
 """The orchestrator core as a hypothesis state machine: rules are events, invariants are
-the session rules of DESIGN.md §1 and §3.
+the session rules of docs/DESIGN.md §2 (sessions, ownership, phases).
 
 Every command is checked against a model: it fails exactly when the rules say so, with
 one of the errors that apply, and a failed command changes nothing. Invariants: the

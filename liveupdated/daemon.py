@@ -136,7 +136,8 @@ def reclaim_fds(
     ]
     for session, token in missing:
         log.error("fd_lost", session=session, token=token,
-                  hint="no copy in the fd store; UnpreserveFd it and preserve it again")
+                  hint="no copy in the fd store; in normal, UnpreserveFd it and preserve "
+                       "it again (Cancel an update first)")
     return records + core.fds_lost(missing)
 
 

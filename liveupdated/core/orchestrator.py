@@ -632,9 +632,13 @@ class Orchestrator:
                 f"the fd of {name}/{token} was lost in a daemon restart without an fd store"
             )
         if entry.problem == "corrupted":
+            remedy = (
+                "UnpreserveFd it and preserve it again" if self.phase is Phase.NORMAL
+                else "Session.Finish releases it"
+            )
             raise Corrupted(
                 f"the journal record of {name}/{token} failed its checksum; the fd is held "
-                "but never handed out: UnpreserveFd it and preserve it again"
+                f"but never handed out: {remedy}"
             )
         return entry
 

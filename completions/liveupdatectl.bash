@@ -12,7 +12,7 @@ _liveupdatectl() {
         cword=$COMP_CWORD
     fi
 
-    local commands="status list prepare freeze cancel reboot finish preserve unpreserve retrieve demo"
+    local commands="status list history prepare freeze cancel reboot finish preserve unpreserve retrieve demo"
     local global="--bus --json --help --version"
 
     case $prev in

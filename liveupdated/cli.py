@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import textwrap
+import time
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -130,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
 
     command("status", "the state of the update and of the daemon, with counts")
     command("list", "the sessions you may see and their fds")
+    command("history", "the last update cycles, phase by phase",
+            "The last 16 update cycles, oldest first (the one under way last): when each "
+            "phase began, how long the blackout lasted and where its time went, how many "
+            "fds were carried, retrieved, lost or corrupted, who asked, and the outcome.")
     command("prepare", "start the update: Prepare() (root)",
             "Prepare(): the sessions survive their creators from now on; no new session "
             "or fd is taken (root).")
@@ -231,11 +236,64 @@ async def _status(client: Client, as_json: bool) -> None:
     sessions = await client.list_sessions()
     props["Sessions"] = len(sessions)
     props["Fds"] = sum(s.fd_count for s in sessions)
+    history = await client.get_history()
+    props["LastUpdate"] = {**history[-1], **_phases(history[-1])} if history else None
     if as_json:
         print(json.dumps(props))
         return
     for key in ("State", "Backend", "Version", "BootId", "LastBlackoutUSec", "Sessions", "Fds"):
         print(f"{key + ':':18} {props[key]}")
+    cycles = await client.get_history()
+    if cycles:
+        print("Last update:")
+        await _history(client, as_json=False, last_only=True)
+
+
+def _phases(cycle: dict[str, Any]) -> dict[str, int | None]:
+    """Milliseconds of each phase of a cycle (None: not reached), in order."""
+    def span(start: str, end: str) -> int | None:
+        a, b = cycle[start], cycle[end]
+        return (b - a) // 1000 if a and b and b >= a else None
+
+    last = "last_fd_usec" if cycle["last_fd_usec"] else "rebooted_usec"
+    return {
+        "brownout_ms": span("started_usec", "frozen_usec"),
+        "freeze_to_reboot_ms": span("frozen_usec", "reboot_usec"),
+        "handover_ms": span("reboot_usec", "handover_written_usec"),
+        "kexec_and_start_ms": span("handover_written_usec", "rebooted_usec"),
+        "first_fd_ms": span("rebooted_usec", "first_fd_usec"),
+        "last_fd_ms": span("rebooted_usec", "last_fd_usec"),
+        "blackout_ms": span("frozen_usec", last),
+    }
+
+
+def _when(usec: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(usec / 1e6)) if usec else "-"
+
+
+async def _history(client: Client, as_json: bool, last_only: bool = False) -> None:
+    cycles = await client.get_history()
+    if last_only:
+        cycles = cycles[-1:]
+    if as_json:
+        print(json.dumps([{**c, **_phases(c)} for c in cycles]))
+        return
+    if not cycles:
+        print("no update yet")
+        return
+    rows = []
+    for c in cycles:
+        p = _phases(c)
+        rows.append([
+            _when(c["started_usec"]), c["outcome"],
+            *("-" if p[k] is None else p[k] for k in (
+                "blackout_ms", "handover_ms", "kexec_and_start_ms", "first_fd_ms",
+                "last_fd_ms")),
+            f"{c['fds_retrieved']}/{c['fds_carried']}", c["fds_lost"] + c["fds_corrupted"],
+            c["prepared_by"] if c["prepared_by"] >= 0 else "-",
+        ])
+    _print_table(rows, ["STARTED", "OUTCOME", "BLACKOUT_MS", "HANDOVER_MS", "KEXEC+START_MS",
+                        "FIRST_FD_MS", "LAST_FD_MS", "FDS_BACK", "LOST", "BY_UID"])
 
 
 async def _list(client: Client, as_json: bool) -> None:
@@ -418,6 +476,8 @@ async def _run(args: argparse.Namespace) -> int:
                 await _status(client, args.json)
             case "list":
                 await _list(client, args.json)
+            case "history":
+                await _history(client, args.json)
             case "prepare" | "freeze" | "cancel" | "finish":
                 await getattr(client, args.command)()
                 state = await client.state()

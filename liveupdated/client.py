@@ -163,6 +163,11 @@ class Client:
     async def finish(self) -> None:
         await self._manager("Finish")
 
+    async def get_history(self) -> list[dict[str, Any]]:
+        """The update history (Manager.GetHistory), each cycle a plain dict."""
+        (cycles,) = await self._manager("GetHistory")
+        return [{k: v.value for k, v in cycle.items()} for cycle in cycles]
+
     async def drop_session(self, name: str, reason: str = "") -> None:
         await self._manager("DropSession", "ss", name, reason)
 

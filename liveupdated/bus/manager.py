@@ -1,7 +1,9 @@
 """org.liveupdate1.Manager: sessions and the host's update, on /org/liveupdate1."""
 
+import dataclasses
 from typing import Annotated, Any
 
+from dbus_fast import Variant
 from dbus_fast.annotations import DBusObjectPath, DBusStr, DBusUInt64, DBusUnixFd
 from dbus_fast.annotations import DBusSignature as Sig
 from dbus_fast.constants import PropertyAccess
@@ -13,11 +15,29 @@ from liveupdated.bus.callers import CURRENT_MESSAGE, Callers
 from liveupdated.bus.connection import FdOwningBus
 from liveupdated.bus.errors import contract
 from liveupdated.core.names import session_path
+from liveupdated.core.records import UpdateCycle
 from liveupdated.service import LiveUpdate
 from liveupdated.systemd import boot_id
 
 SessionList = Annotated[list[list[Any]], Sig("a(sousu)")]
 QuarantineList = Annotated[list[list[Any]], Sig("a(ssts)")]
+HistoryList = Annotated[list[dict[str, Variant]], Sig("aa{sv}")]
+
+
+def _cycle_fields(cycle: UpdateCycle) -> dict[str, Variant]:
+    """An update cycle as a{sv}: times in usec (t), uids (i: -1 unknown), counts (u)."""
+    fields: dict[str, Variant] = {}
+    for f in dataclasses.fields(cycle):
+        value = getattr(cycle, f.name)
+        if isinstance(value, str):
+            fields[f.name] = Variant("s", value)
+        elif f.name.endswith("_by"):
+            fields[f.name] = Variant("i", value)
+        elif f.name.endswith("_usec") or f.name == "bytes_carried":
+            fields[f.name] = Variant("t", value)
+        else:
+            fields[f.name] = Variant("u", value)
+    return fields
 
 
 class Manager(ServiceInterface):
@@ -103,6 +123,15 @@ class Manager(ServiceInterface):
     async def release_quarantined(self, session: DBusStr, token: DBusStr) -> None:
         caller = await self._callers.current()
         await self._service.release_quarantined(caller, session, token)
+
+    @dbus_method(name="GetHistory")
+    @contract
+    async def get_history(self) -> HistoryList:
+        """The last update cycles, oldest first, the one under way last: anyone may read
+        them (they name no session)."""
+        core = self._service.core
+        cycles = [*core.history, *([core.cycle] if core.cycle is not None else [])]
+        return [_cycle_fields(cycle) for cycle in cycles]
 
     @dbus_property(access=PropertyAccess.READ, name="State")
     def state(self) -> DBusStr:

@@ -14,7 +14,9 @@ from liveupdated.bus import MANAGER_INTERFACE
 from liveupdated.bus.callers import CURRENT_MESSAGE, Callers
 from liveupdated.bus.connection import FdOwningBus
 from liveupdated.bus.errors import contract
+from liveupdated.bus.polkit import DROP_SESSION, MANAGE, authorize
 from liveupdated.core.names import session_path
+from liveupdated.core.orchestrator import Caller
 from liveupdated.core.records import UpdateCycle
 from liveupdated.service import LiveUpdate
 from liveupdated.systemd import boot_id
@@ -48,6 +50,10 @@ class Manager(ServiceInterface):
         self._bus = bus
         self._boot_id = boot_id()
 
+    async def _host_caller(self, action: str) -> Caller:
+        """The caller of a host command: root, or whom polkit allows `action`."""
+        return await authorize(self._bus, await self._callers.current(), action)
+
     @dbus_method(name="CreateSession")
     @contract
     async def create_session(self, name: DBusStr) -> DBusObjectPath:
@@ -74,34 +80,34 @@ class Manager(ServiceInterface):
     @dbus_method(name="Prepare")
     @contract
     async def prepare(self) -> None:
-        await self._service.prepare(await self._callers.current())
+        await self._service.prepare(await self._host_caller(MANAGE))
 
     @dbus_method(name="Freeze")
     @contract
     async def freeze(self) -> None:
-        await self._service.freeze(await self._callers.current())
+        await self._service.freeze(await self._host_caller(MANAGE))
 
     @dbus_method(name="Cancel")
     @contract
     async def cancel(self) -> None:
-        await self._service.cancel(await self._callers.current())
+        await self._service.cancel(await self._host_caller(MANAGE))
 
     @dbus_method(name="Reboot")
     @contract
     async def reboot(self) -> None:
         serial = CURRENT_MESSAGE.get().serial
-        await self._service.reboot(await self._callers.current())
+        await self._service.reboot(await self._host_caller(MANAGE))
         self._bus.when_replied(serial, self._service.reboot_requested.set)
 
     @dbus_method(name="Finish")
     @contract
     async def finish(self) -> None:
-        await self._service.finish(await self._callers.current())
+        await self._service.finish(await self._host_caller(MANAGE))
 
     @dbus_method(name="DropSession")
     @contract
     async def drop_session(self, name: DBusStr, reason: DBusStr) -> None:
-        await self._service.drop_session(await self._callers.current(), name, reason)
+        await self._service.drop_session(await self._host_caller(DROP_SESSION), name, reason)
 
     @dbus_method(name="ListQuarantined")
     @contract
@@ -115,13 +121,13 @@ class Manager(ServiceInterface):
     @dbus_method(name="RetrieveQuarantined")
     @contract
     async def retrieve_quarantined(self, session: DBusStr, token: DBusStr) -> DBusUnixFd:
-        caller = await self._callers.current()
+        caller = await self._host_caller(MANAGE)
         return self._service.retrieve_quarantined(caller, session, token)
 
     @dbus_method(name="ReleaseQuarantined")
     @contract
     async def release_quarantined(self, session: DBusStr, token: DBusStr) -> None:
-        caller = await self._callers.current()
+        caller = await self._host_caller(MANAGE)
         await self._service.release_quarantined(caller, session, token)
 
     @dbus_method(name="GetHistory")

@@ -467,7 +467,11 @@ class Orchestrator:
 
     def _require_admin(self, caller: Caller, command: str) -> None:
         if not caller.admin:
-            raise AccessDenied(f"{command} is for the host's administrator; only root may call it")
+            action = "drop-session" if command == "DropSession" else "manage"
+            raise AccessDenied(
+                f"{command} is for the host's administrator: root, or a user that polkit "
+                f"allows org.liveupdate1.{action}"
+            )
 
     def check_transition(self, caller: Caller, command: str) -> None:
         """Raise what `command` (Prepare, Freeze, Cancel, Finish) would raise; no change."""

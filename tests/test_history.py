@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from liveupdated.client import Client
-from liveupdated.core.orchestrator import HISTORY_KEPT, Caller, Orchestrator
+from liveupdated.contract import HISTORY_KEPT
+from liveupdated.core.orchestrator import Caller, Orchestrator
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import Host, make_memfd
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from liveupdated.contract import HISTORY_KEPT
 from liveupdated.core.errors import (
     AccessDenied,
     Corrupted,
@@ -70,8 +71,6 @@ from liveupdated.core.records import (
     SessionReady,
     UpdateCycle,
 )
-
-HISTORY_KEPT = 16  # update cycles the history keeps, across compaction
 
 
 class Phase(StrEnum):

@@ -19,6 +19,7 @@ from liveupdated.bus import (
     MANAGER_INTERFACE,
     MAX_FDS_PER_MESSAGE,
     SESSION_INTERFACE,
+    driver,
 )
 from liveupdated.bus.address import connect
 from liveupdated.core import errors
@@ -113,8 +114,7 @@ class Client:
         return body_out
 
     async def add_match(self, rule: str) -> None:
-        await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
-                        [rule], destination="org.freedesktop.DBus")
+        await driver.add_match(self.bus, rule)
 
     async def _manager(self, member: str, signature: str = "", *body: Any) -> list[Any]:
         return await self.call(MANAGER_PATH, MANAGER_INTERFACE, member, signature, body)

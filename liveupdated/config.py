@@ -1,6 +1,7 @@
 """The daemon's configuration: command line (DESIGN.md §4) into one checked, frozen value."""
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -19,7 +20,7 @@ class Config:
     bus: str = "system"
     state_dir: Path = Path("/var/lib/liveupdated")
     handover_dir: Path | None = None
-    backend: Literal["simulated", "kernel", "auto"] = "auto"
+    backend: Literal["simulated", "kernel", "fdstore", "auto"] = "auto"
     reboot_action: str = "auto"
     freeze_timeout: float = 10.0
     max_sessions: int = LIMIT_DEFAULTS.max_sessions
@@ -53,20 +54,48 @@ class Config:
             max_bytes_per_uid=self.max_bytes_per_uid,
         )
 
-    def resolved_backend(self) -> Literal["simulated", "kernel"]:
-        if self.backend == "auto":
-            return "kernel" if os.path.exists("/dev/liveupdate") else "simulated"
-        return self.backend
+    def resolved_backend(self) -> Literal["simulated", "kernel", "fdstore"]:
+        """`auto` by capability, not version: the fd store carried by PID 1 where it can
+        (soft-reboot, or kexec on a LUO kernel), the kernel backend where /dev/liveupdate
+        exists and PID 1 cannot carry it, the handover area otherwise (a private bus, an
+        old systemd, not under systemd)."""
+        if self.backend != "auto":
+            return self.backend
+        luo = os.path.exists(LUO_DEVICE)
+        if self.bus == "system" and _pid1_carries_fds(luo):
+            return "fdstore"
+        return "kernel" if luo else "simulated"
 
     def resolved_reboot_action(self) -> str:
-        """`exit`, or the command that reboots the host after the handover is written."""
+        """`exit`, `kexec`, `soft-reboot`, or the command that reboots the host after the
+        handover is written. With the fdstore backend `kexec` and `soft-reboot` are asked
+        of systemd over D-Bus (PID 1 holds the fds); with the kernel backend `kexec` is the
+        syscall, from the process holding the sessions."""
         if self.reboot_action != "auto":
             return self.reboot_action
         if not os.environ.get("INVOCATION_ID"):  # not started by systemd: demo, tests
             return "exit"
-        if self.resolved_backend() == "kernel":
+        backend = self.resolved_backend()
+        if backend == "fdstore":
+            return "kexec" if os.path.exists(LUO_DEVICE) else "soft-reboot"
+        if backend == "kernel":
             return "systemctl kexec"
         return "systemctl reboot"
+
+
+LUO_DEVICE = "/dev/liveupdate"
+
+
+@functools.cache
+def _pid1_carries_fds(kexec: bool) -> bool:
+    """Asked of systemd once a process: start-up and the reboot action want the same."""
+    from liveupdated.systemd import under_systemd
+
+    if not under_systemd():
+        return False
+    from liveupdated.backends.fdstore import pid1_carries_fds
+
+    return pid1_carries_fds(kexec)
 
 
 _HINTS: dict[str, Any] = typing.get_type_hints(Config)
@@ -151,11 +180,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         "bus, $XDG_STATE_HOME/liveupdated for the session bus)")
     p.add_argument("--handover-dir", type=Path, default=None,
                    help="the simulated backend's handover area (default STATE_DIR/handover)")
-    p.add_argument("--backend", choices=["simulated", "kernel", "auto"], default="auto")
+    p.add_argument("--backend", choices=["simulated", "kernel", "fdstore", "auto"],
+                   default="auto",
+                   help="where the fds go across the reboot: simulated (a handover area "
+                        "on disk), kernel (/dev/liveupdate), fdstore (systemd carries the "
+                        "unit's fd store; systemd >= 254, FileDescriptorStorePreserve=yes) "
+                        "or auto (by what this host can do)")
     p.add_argument("--reboot-action", default="auto",
-                   help="after Reboot(): 'exit', 'kexec' (the syscall, no shutdown), or a "
-                        "command such as 'systemctl kexec' (default: exit unless run by "
-                        "systemd, then systemctl reboot or kexec by backend)")
+                   help="after Reboot(): 'exit'; 'kexec' (kernel backend: the syscall, no "
+                        "shutdown; fdstore backend: systemd's KExec over D-Bus); "
+                        "'soft-reboot' (systemd's SoftReboot over D-Bus: the simulated "
+                        "kexec of the fdstore backend); or a command such as 'systemctl "
+                        "kexec' (default: exit unless run by systemd, then by backend: "
+                        "systemctl reboot, systemctl kexec, soft-reboot or kexec)")
     p.add_argument("--freeze-timeout", type=_seconds, default=10.0,
                    help="seconds Freeze waits for sessions that asked for DelayFreeze")
     p.add_argument("--max-sessions", type=_at_least_one, default=LIMIT_DEFAULTS.max_sessions)

@@ -21,7 +21,7 @@ import structlog
 from dbus_fast import Message, MessageType, NameFlag, RequestNameReply
 
 from liveupdated import logs
-from liveupdated.backends import Backend
+from liveupdated.backends import UNKNOWN_BOOT, Backend, Key
 from liveupdated.backends.simulated import SimulatedBackend
 from liveupdated.bus import BUS_NAME
 from liveupdated.bus.address import connect
@@ -53,11 +53,19 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def make_backend(config: Config) -> Backend:
-    if config.resolved_backend() == "kernel":
+def make_backend(
+    config: Config, forget_stored: Callable[[str], None] = lambda name: None
+) -> Backend:
+    """The configured backend; `forget_stored` drops a name from the fd store (fdstore)."""
+    resolved = config.resolved_backend()
+    if resolved == "kernel":
         from liveupdated.backends.kernel import KernelBackend
 
         return KernelBackend()
+    if resolved == "fdstore":
+        from liveupdated.backends.fdstore import FdStoreBackend
+
+        return FdStoreBackend(forget_stored)
     return SimulatedBackend(config.handover_area)
 
 
@@ -83,14 +91,22 @@ def replay(
 
 
 def reclaim_fds(
-    core: Orchestrator, vault: Vault, inherited: list[tuple[str, int]], journal_damaged: bool
+    core: Orchestrator,
+    vault: Vault,
+    inherited: list[tuple[str, int]],
+    journal_damaged: bool,
+    carried: Callable[[Key, int], None] | None = None,
 ) -> list[Record]:
     """Match the fds systemd kept for us with the journal. Recovery never closes an fd
     the journal cannot explain: after damage such an fd is kept and reported as
     Corrupted in its session when the session survived; any other is quarantined for an
     admin. (A journal cut at a frame boundary looks intact, so an unknown fd may be a
     PreserveFd whose record never became durable, or one whose record was lost: only an
-    admin can tell.)"""
+    admin can tell.)
+
+    After the reboot the fds of the old boot not yet restored are, for a backend whose
+    carrier is the fd store (`carried`, fdstore), the handover itself: given to it, kept
+    in the store. For the others they are stale and closed."""
     corrupted: list[tuple[str, str, int]] = []
     quarantined: list[tuple[str, str, int, str]] = []
     unnamed: set[str] = set()
@@ -103,6 +119,8 @@ def reclaim_fds(
         if key in vault:  # the same name twice: the first is held, this one is spare
             log.warning("duplicate_fd_closed", fdname=name)
             os.close(fd)
+        elif entry is not None and not known and carried is not None:
+            carried(key, fd)  # the carrier's: RetrieveFd dups it, Finish releases it
         elif known or key in core.quarantine:
             vault.keep(key, fd, store=False)
         elif entry is None and is_name(session) and is_name(token):
@@ -141,31 +159,38 @@ def reclaim_fds(
 
 
 def recover_handover(core: Orchestrator, backend: Backend) -> list[Record]:
-    """Is this start the first of a new boot? Only on evidence (another boot id, or the
-    old daemon's KexecSimulated): a restart between Reboot and the kexec is a crash in
-    FROZEN, whose handover is discarded so that Cancel or another Reboot works."""
+    """Is this start the first of a new boot? Only on evidence (another boot id, the old
+    daemon's KexecSimulated, or more soft-reboots or kexecs counted by systemd than at
+    Reboot): a restart between Reboot and the kexec is a crash in FROZEN, whose handover
+    is discarded so that Cancel or another Reboot works."""
     handover = backend.find_handover()
     if core.phase is Phase.FROZEN:
+        counts = backend.reboot_counts() if core.reboot is not None else None
         if handover is not None and core.is_new_boot(
-            handover.boot_id, boot_id(), readable=handover.boot_id != "unknown"
+            handover.boot_id, boot_id(), readable=handover.boot_id != UNKNOWN_BOOT,
+            soft_reboots=counts.soft_reboots if counts else None,
+            kexecs=counts.kexecs if counts else None,
         ):
+            previous = handover.boot_id
+            if previous == UNKNOWN_BOOT and core.reboot is not None:
+                previous = core.reboot.boot_id  # the fd store says no boot: the journal does
             if handover.damage:
                 log.error("handover_damaged", error=handover.damage,
                           hint="every RetrieveFd will fail with Corrupted; Finish releases it")
             else:
-                log.info("handover_found", previous_boot=handover.boot_id,
-                         fds=len(handover.keys))
-            return core.rebooted(handover.boot_id)
+                log.info("handover_found", previous_boot=previous, fds=len(handover.keys),
+                         backend=backend.name, **(counts._asdict() if counts else {}))
+            return core.rebooted(previous)
         records: list[Record] = []
         if core.reboot is not None:
             log.error("reboot_interrupted", hint="no evidence of a new boot: the daemon "
                       "restarted before the kexec; the state is frozen (Cancel or Reboot)")
             records = core.reboot_failed("the daemon restarted before the kexec")
-        if handover is not None:
+        if handover is not None and not backend.keeps_fd_store:
             log.warning("unfinished_handover_discarded", phase=core.phase.value)
             _discard(backend)
         return records
-    if handover is not None and core.phase is not Phase.UPDATED:
+    if handover is not None and core.phase is not Phase.UPDATED and not backend.keeps_fd_store:
         log.warning("stale_handover_discarded", phase=core.phase.value)
         _discard(backend)
     return []
@@ -211,9 +236,10 @@ class Daemon:
         self.journal_damaged = damaged
         self._keep_mark(journal, mark_fd)
         vault = Vault(self.notifier)
-        backend = make_backend(self.config)
+        backend = make_backend(self.config, _from_any_thread(vault.forget_stored))
+        adopt = getattr(backend, "adopt", None) if backend.keeps_fd_store else None
         recovered = recover_handover(core, backend) + reclaim_fds(core, vault, inherited,
-                                                                  damaged)
+                                                                  damaged, adopt)
         service = LiveUpdate(
             core, journal, vault, backend, self.notifier, self.config.freeze_timeout
         )
@@ -305,7 +331,7 @@ class Daemon:
             service.journal.enqueue(core.simulated_kexec_done(boot_id()))
         await service.journal.aclose()
         if outcome == "reboot":
-            return self._reboot_action()
+            return self._reboot_action(service.backend.name)
         log.info("stopped", reason=outcome)
         return 0
 
@@ -335,10 +361,24 @@ class Daemon:
                 helper.cancel()
         return outcome
 
-    def _reboot_action(self) -> int:
+    def _reboot_action(self, backend: str) -> int:
         action = self.config.resolved_reboot_action()
-        log.info("rebooting", action=action)
+        log.info("rebooting", action=action, backend=backend)
         if action == "exit":
+            return 0
+        if action == "soft-reboot" or (action == "kexec" and backend == "fdstore"):
+            # PID 1 holds the fds in the fd store: it reboots, over D-Bus, as systemctl
+            # does: the target started irreversibly, so that every unit is stopped in
+            # order (Manager.SoftReboot()/KExec() would skip that and SIGKILL them). This
+            # unit's store is kept (FileDescriptorStorePreserve=yes).
+            from liveupdated.systemd import Pid1Error, pid1
+
+            target = "soft-reboot.target" if action == "soft-reboot" else "kexec.target"
+            try:
+                pid1(call="StartUnit", args=(target, "replace-irreversibly"), signature="ss")
+            except Pid1Error as exc:
+                log.error("reboot_action_failed", action=action, error=str(exc))
+                return 1
             return 0
         if action == "kexec":  # the syscall itself, from the process holding the sessions
             from liveupdated.backends.luo_uapi import reboot_kexec
@@ -364,6 +404,27 @@ class Daemon:
         while True:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+def _from_any_thread(fn: Callable[[str], None]) -> Callable[[str], None]:
+    """`fn` run on the loop running now (backends call from worker threads), or at once
+    where there is no loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return fn
+
+    def call(arg: str) -> None:
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop or loop.is_closed():
+            fn(arg)
+        else:
+            loop.call_soon_threadsafe(fn, arg)
+
+    return call
 
 
 async def _first(**waits: Awaitable[object]) -> str:

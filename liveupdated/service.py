@@ -463,7 +463,12 @@ class LiveUpdate:
         """Write the handover for the next kernel; the daemon then stops as the old kernel.
         A failure leaves no partial handover and the state FROZEN (Cancel or retry)."""
         await self.writable()
-        records = self.core.begin_reboot(caller, boot_id())
+        self.core.check_reboot(caller)
+        # systemd's reboot counts, where the backend's evidence of a new boot rests on them.
+        counts = await asyncio.to_thread(self.backend.reboot_counts)
+        records = self.core.begin_reboot(
+            caller, boot_id(), *(counts if counts is not None else (None, None))
+        )
         try:
             await self._durable(records)
         except BaseException:

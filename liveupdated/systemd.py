@@ -183,3 +183,115 @@ def take_listen_fds() -> list[tuple[str, int]]:
         os.set_inheritable(fd, False)
     names += ["unknown"] * (count - len(names))
     return list(zip(names, fds, strict=False))
+
+
+# ---- PID 1 over D-Bus: what the fdstore backend asks of systemd itself ------------------
+
+SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
+SYSTEMD_SERVICE = "org.freedesktop.systemd1.Service"
+_PID1_TIMEOUT = 5.0  # seconds for a whole exchange with PID 1
+
+
+class Pid1Error(RuntimeError):
+    """The system bus or systemd did not answer, or answered with an error."""
+
+
+def under_systemd() -> bool:
+    """Started by systemd as a service (its environment says so)."""
+    return bool(os.environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()
+
+
+def systemd_version(text: str) -> int:
+    """The major version of systemd's Version property ("262.1-1", "252.38-1~deb12u1");
+    0 if it cannot be read."""
+    digits = ""
+    for char in text.strip().lstrip("v"):
+        if not char.isdigit():
+            break
+        digits += char
+    return int(digits) if digits else 0
+
+
+def pid1(
+    manager_props: tuple[str, ...] = (),
+    unit_props: tuple[str, ...] = (),
+    call: str = "",
+    args: tuple[object, ...] = (),
+    signature: str = "",
+) -> dict[str, object]:
+    """One exchange with systemd on the system bus, from any thread (it runs its own loop
+    in a helper thread): properties of the Manager, properties of this process's own
+    service unit (a property systemd does not know is left out), then a Manager method.
+    Pid1Error if the bus or a call fails (a property that is missing is no error)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pid1") as helper:
+        future = helper.submit(
+            asyncio.run, _pid1(manager_props, unit_props, call, args, signature)
+        )
+        try:
+            return future.result(timeout=_PID1_TIMEOUT + 1)
+        except Pid1Error:
+            raise
+        except Exception as exc:
+            raise Pid1Error(f"systemd on the system bus: {exc or type(exc).__name__}") from exc
+
+
+async def _pid1(
+    manager_props: tuple[str, ...],
+    unit_props: tuple[str, ...],
+    call: str,
+    args: tuple[object, ...],
+    signature: str,
+) -> dict[str, object]:
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    async def request(path: str, interface: str, member: str, sig: str,
+                      body: list[object]) -> Message:
+        reply = await bus.call(Message(destination=SYSTEMD_BUS_NAME, path=path,
+                                       interface=interface, member=member, signature=sig,
+                                       body=body))
+        assert reply is not None
+        return reply
+
+    async def get(path: str, interface: str, name: str) -> object | None:
+        reply = await request(path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                              [interface, name])
+        if reply.message_type is MessageType.ERROR:
+            return None  # e.g. a property this systemd does not have
+        value: object = reply.body[0].value
+        return value
+
+    async def exchange() -> dict[str, object]:
+        found: dict[str, object] = {}
+        for name in manager_props:
+            value = await get(SYSTEMD_PATH, SYSTEMD_MANAGER, name)
+            if value is not None:
+                found[name] = value
+        if unit_props:
+            unit = await request(SYSTEMD_PATH, SYSTEMD_MANAGER, "GetUnitByPID", "u",
+                                 [os.getpid()])
+            if unit.message_type is MessageType.ERROR:
+                raise Pid1Error(f"GetUnitByPID: {unit.error_name}: {unit.body}")
+            for name in unit_props:
+                value = await get(unit.body[0], SYSTEMD_SERVICE, name)
+                if value is not None:
+                    found[name] = value
+        if call:
+            reply = await request(SYSTEMD_PATH, SYSTEMD_MANAGER, call, signature, list(args))
+            if reply.message_type is MessageType.ERROR:
+                raise Pid1Error(f"{call}: {reply.error_name}: {reply.body}")
+        return found
+
+    try:
+        bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(),
+                                     _PID1_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise Pid1Error(f"no system bus: {exc or type(exc).__name__}") from exc
+    try:
+        return await asyncio.wait_for(exchange(), _PID1_TIMEOUT)
+    finally:
+        bus.disconnect()

@@ -62,7 +62,16 @@ install -D -m 0644 "$src/packaging/debian/copyright" "$pkg/usr/share/doc/liveupd
 mkdir -p "$pkg/DEBIAN"
 install -m 0755 -t "$pkg/DEBIAN" "$src"/packaging/debian/{postinst,prerm,postrm}
 size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
+# The venv links to the Python it was built on and carries extensions compiled for it:
+# the package depends on that minor version (3.11 on bookworm, 3.14 on sid).
+pyver=$(sed -n 's/^version_info *= *\([0-9]*\)\.\([0-9]*\).*/\1.\2/p' \
+    "$pkg/usr/lib/liveupdated/pyvenv.cfg")
+[[ -z $pyver ]] && pyver=$(sed -n 's/^version *= *\([0-9]*\)\.\([0-9]*\).*/\1.\2/p' \
+    "$pkg/usr/lib/liveupdated/pyvenv.cfg")
+[[ $pyver =~ ^3\.[0-9]+$ ]] || { echo "build-deb: no Python version in pyvenv.cfg" >&2; exit 1; }
+pynext=3.$((${pyver#3.} + 1))
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
+    -e "s/@PYTHON@/$pyver/" -e "s/@PYTHON_NEXT@/$pynext/" \
     "$src/packaging/debian/control.in" >"$pkg/DEBIAN/control"
 
 mkdir -p "$out"

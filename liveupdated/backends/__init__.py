@@ -1,16 +1,27 @@
 """Kernel backends: where preserved fds go at reboot and come back from after it.
 
-Both follow the shape of the kernel's Live Update Orchestrator: sessions, fds under
-tokens, a reboot that hands everything over, retrieval by the next boot, and finish.
+simulated (a handover area on disk), kernel (/dev/liveupdate) and fdstore (systemd's fd
+store, carried by PID 1 across soft-reboot or a LUO kexec). All follow the shape of the
+kernel's Live Update Orchestrator: sessions, fds under tokens, a reboot that hands
+everything over, retrieval by the next boot, and finish.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from liveupdated.core.orchestrator import FdEntry
 
 Key = tuple[str, str]  # (session, token)
+UNKNOWN_BOOT = "unknown"  # a handover that cannot say which boot wrote it
+
+
+class RebootCounts(NamedTuple):
+    """systemd's counts of soft-reboots and kexecs since the machine booted (None: this
+    systemd does not have the property): a new userspace with the same boot id."""
+
+    soft_reboots: int | None
+    kexecs: int | None
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,11 @@ class Backend(Protocol):
     """
 
     name: str
+    # The fds it carries come back in the fd store (LISTEN_FDS): recovery keeps them.
+    keeps_fd_store: bool
+
+    def reboot_counts(self) -> RebootCounts | None:
+        """Evidence for the next start, recorded at Reboot: None if the backend has none."""
 
     def find_handover(self) -> Handover | None:
         """The previous kernel's handover, if this start is the first of a new boot."""

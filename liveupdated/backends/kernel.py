@@ -189,6 +189,11 @@ class KernelBackend:
     """
 
     name = "kernel"
+    keeps_fd_store = False
+
+    def reboot_counts(self) -> None:
+        """No evidence but the boot id (and KexecSimulated)."""
+        return None
 
     def __init__(
         self, device: str = luo_uapi.DEVICE, *, exact_names: bool = True, holder: bool = True

@@ -79,6 +79,11 @@ class _Source:
 
 class SimulatedBackend:
     name = "simulated"
+    keeps_fd_store = False
+
+    def reboot_counts(self) -> None:
+        """No evidence but the boot id (and KexecSimulated)."""
+        return None
 
     def __init__(self, area: Path) -> None:
         self.area = area

@@ -864,12 +864,22 @@ class Orchestrator:
         self.in_flight = "Cancel"  # until the handover is discarded
         return records
 
-    def begin_reboot(self, caller: Caller, boot_id: str) -> list[Record]:
-        """Reboot decided and journaled before the handover is written."""
+    def begin_reboot(
+        self,
+        caller: Caller,
+        boot_id: str,
+        soft_reboots: int | None = None,
+        kexecs: int | None = None,
+    ) -> list[Record]:
+        """Reboot decided and journaled before the handover is written, with systemd's
+        reboot counts where the backend has them (evidence for is_new_boot)."""
         self._require_admin(caller, "Reboot")
         self._require_phase("Reboot", {Phase.FROZEN})
         self._require_idle("Reboot")
-        records = self._commit([RebootStarted(boot_id=boot_id, at_usec=self._clock_usec())])
+        records = self._commit([RebootStarted(
+            boot_id=boot_id, at_usec=self._clock_usec(), soft_reboots=soft_reboots,
+            kexecs=kexecs,
+        )])
         self.in_flight = "Reboot"
         return records
 
@@ -890,13 +900,20 @@ class Orchestrator:
         return self._commit([KexecSimulated(boot_id=boot_id)])
 
     def is_new_boot(
-        self, handover_boot_id: str, current_boot_id: str, readable: bool = True
+        self,
+        handover_boot_id: str,
+        current_boot_id: str,
+        readable: bool = True,
+        soft_reboots: int | None = None,
+        kexecs: int | None = None,
     ) -> bool:
         """Evidence that the kexec happened: the boot that wrote the handover (as the
         journal's RebootStarted says, else as the handover says) is not this one, or the
-        old daemon recorded its simulated kexec. Without it a start after Reboot is a
-        restart in FROZEN (a crash between Reboot's reply and the kexec). A damaged
-        handover whose record cannot say its boot is judged by the journal alone."""
+        old daemon recorded its simulated kexec, or systemd counts more soft-reboots or
+        kexecs now (`soft_reboots`, `kexecs`) than RebootStarted recorded: a soft-reboot
+        keeps the boot id. Without it a start after Reboot is a restart in FROZEN (a crash
+        between Reboot's reply and the kexec). A damaged handover whose record cannot say
+        its boot is judged by the journal alone."""
         if self.phase is not Phase.FROZEN:
             return False
         written_by = handover_boot_id
@@ -904,6 +921,10 @@ class Orchestrator:
             if readable and self.reboot.boot_id != handover_boot_id:
                 return False  # not the handover this journal's Reboot wrote
             written_by = self.reboot.boot_id
+            if _grew(self.reboot.soft_reboots, soft_reboots) or _grew(
+                self.reboot.kexecs, kexecs
+            ):
+                return True
         elif not readable:
             return False
         return written_by != current_boot_id or self.kexec_simulated
@@ -928,3 +949,8 @@ class Orchestrator:
         return (
             f"{self.phase.value}, {len(self.sessions)} sessions, {self.fd_count()} fds"
         )
+
+
+def _grew(recorded: int | None, now: int | None) -> bool:
+    """A count systemd keeps went up since it was recorded (both known)."""
+    return recorded is not None and now is not None and now > recorded

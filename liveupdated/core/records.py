@@ -124,6 +124,11 @@ class RebootStarted:
     type: Literal["reboot_started"] = "reboot_started"
     boot_id: str  # of the boot that writes the handover
     at_usec: int
+    # systemd's SoftRebootsCount and KExecCount at Reboot, where the backend relies on
+    # them (fdstore): more of either later is a new boot with the same boot id. None in
+    # journals written before they were recorded, and for the other backends.
+    soft_reboots: int | None = None
+    kexecs: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

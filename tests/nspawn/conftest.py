@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 
 from .container import Container, ContainerFactory, StrPath, overlay_root
-from .installed import HANDOVER, Installed, build_deb, build_wheels
-from .rootfs import CACHE_DIR, cache_key, cached_rootfs, tmpfs
+from .installed import HANDOVER, Installed, build_deb, build_wheels, guest_python_version
+from .rootfs import BOOKWORM, SID, Suite, cached_rootfs, tarball_path, tmpfs
 
 TOOLS = ("systemd-nspawn", "nsenter", "setpriv", "mount", "tar", "zstd")
 
 
-def _unavailable() -> str | None:
+def _unavailable(suite: Suite = BOOKWORM) -> str | None:
     if os.geteuid() != 0:
         return "nspawn tests need root"
     tools = list(TOOLS)
-    if not (CACHE_DIR / f"rootfs-{cache_key()}.tar.zst").exists():
+    if not tarball_path(suite).exists():
         tools.append("debootstrap")
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
@@ -31,21 +31,41 @@ def _unavailable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def nspawn_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A bootable Debian root unpacked from the cache; shared, so never write to it."""
-    problem = _unavailable()
+def _root(suite: Suite, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    problem = _unavailable(suite)
     if problem is not None:
         if os.environ.get("CI", "").lower() in ("true", "1"):
             pytest.fail(f"{problem} (not skipping: CI is set)")
         pytest.skip(problem)
-    with tmpfs(tmp_path_factory.mktemp("nspawn") / "root") as root:
-        yield cached_rootfs(root)
+    with tmpfs(tmp_path_factory.mktemp(f"nspawn-{suite.name}") / "root") as root:
+        yield cached_rootfs(root, suite=suite)
+
+
+@pytest.fixture(scope="session")
+def nspawn_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A bootable Debian bookworm root unpacked from the cache; shared, so never write to it."""
+    yield from _root(BOOKWORM, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sid_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A bootable Debian sid root (systemd 262, Python 3.14): shared, never write to it."""
+    yield from _root(SID, tmp_path_factory)
 
 
 @pytest.fixture
 def container(nspawn_root: Path, tmp_path: Path) -> Iterator[ContainerFactory]:
     """Factory for containers on private overlays of ``nspawn_root``, stopped at teardown."""
+    yield from _containers(nspawn_root, tmp_path)
+
+
+@pytest.fixture
+def sid_container(sid_root: Path, tmp_path: Path) -> Iterator[ContainerFactory]:
+    """Factory for containers on private overlays of ``sid_root``, stopped at teardown."""
+    yield from _containers(sid_root, tmp_path)
+
+
+def _containers(nspawn_root: Path, tmp_path: Path) -> Iterator[ContainerFactory]:
     numbers = itertools.count()
     with ExitStack() as stack:
 
@@ -79,6 +99,28 @@ def liveupdated_deb(
 ) -> Path:
     """liveupdated_<version>_<arch>.deb of this tree, its venv built on the guest's python3."""
     return build_deb(tmp_path_factory.mktemp("packages"), liveupdated_wheels, nspawn_root)
+
+
+@pytest.fixture(scope="session")
+def sid_wheels(sid_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wheels for sid's Python, from the host: liveupdated and the pure dependencies built
+    here, the compiled one (dbus-fast) downloaded as the manylinux wheel for that Python."""
+    return build_wheels(tmp_path_factory.mktemp("sid-wheels"), guest_python_version(sid_root))
+
+
+@pytest.fixture(scope="session")
+def sid_deb(sid_root: Path, sid_wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .deb of this tree for sid: its venv built on sid's own python3."""
+    return build_deb(tmp_path_factory.mktemp("sid-packages"), sid_wheels, sid_root)
+
+
+@pytest.fixture
+def sid_installed(sid_container: ContainerFactory, sid_deb: Path, tmp_path: Path) -> Installed:
+    """A booted sid container with the .deb installed (and the same handover bind mount
+    as bookworm's, which the fdstore backend never writes to)."""
+    handover = tmp_path / "handover"
+    handover.mkdir(mode=0o700)
+    return Installed.install(sid_container([(handover, HANDOVER)]), sid_deb, handover)
 
 
 @pytest.fixture

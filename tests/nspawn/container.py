@@ -151,6 +151,36 @@ class Container:
             raise self._error(f"boot id {new_id} unchanged across reboot")
         return new_id
 
+    def soft_reboot(
+        self, timeout: float = 60.0, *, command: Command = ("systemctl", "soft-reboot")
+    ) -> int:
+        """A soft-reboot from inside (systemd >= 254): the userspace is replaced, the kernel,
+        the boot id and systemd-nspawn stay. Waits until the new userspace runs; returns
+        the Manager's SoftRebootsCount then, which must have grown."""
+        deadline = time.monotonic() + timeout
+        before = self.soft_reboots()
+        result = self.run(command, check=False, timeout=timeout)
+        while True:
+            with suppress(ContainerError):
+                now = self.soft_reboots()
+                if now > before:
+                    break
+            if time.monotonic() > deadline:
+                raise self._error(
+                    f"SoftRebootsCount stayed {before}; the command said: "
+                    f"{result.stdout}{result.stderr}"
+                )
+            time.sleep(_POLL)
+        self.wait_running(max(0.0, deadline - time.monotonic()))
+        return now
+
+    def soft_reboots(self) -> int:
+        """org.freedesktop.systemd1.Manager's SoftRebootsCount."""
+        out = self.run(["busctl", "--system", "get-property", "org.freedesktop.systemd1",
+                        "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
+                        "SoftRebootsCount"], timeout=10).stdout.split()
+        return int(out[1])  # "u 1"
+
     @property
     def leader(self) -> int:
         """Host PID of the container's systemd (PID 1 inside) in the current boot."""

@@ -35,10 +35,18 @@ def wait_for(check: Callable[[], T | None], what: str, timeout: float = 30.0) ->
         time.sleep(0.05)
 
 
-def build_wheels(out: Path) -> Path:
-    """packaging/build-wheels.sh: liveupdated and its dependencies, built on the host."""
-    host_run([str(REPO / "packaging/build-wheels.sh"), str(out)])
+def build_wheels(out: Path, python_version: str = "") -> Path:
+    """packaging/build-wheels.sh: liveupdated and its dependencies, built on the host (and
+    the compiled ones downloaded for `python_version`, the guest's, when given)."""
+    extra = ["--python-version", python_version] if python_version else []
+    host_run([str(REPO / "packaging/build-wheels.sh"), str(out), *extra])
     return out
+
+
+def guest_python_version(root: Path) -> str:
+    """X.Y of a Debian root's python3 (its /usr/bin/python3 -> python3.X symlink)."""
+    target = (root / "usr/bin/python3").readlink().name
+    return target.removeprefix("python")
 
 
 def build_deb(out: Path, wheels: Path, sysroot: Path) -> Path:
@@ -178,6 +186,13 @@ class Installed:
         )  # returns once the unit is READY=1, i.e. after the fds were handed over
         prints: dict[str, Any] = json.loads(self.box.run(["cat", out]).stdout)
         return prints
+
+    def vmm_files(self, session: str) -> dict[str, Any]:
+        """(st_dev, st_ino) of each memfd the VMM of `session` handed over."""
+        files: dict[str, Any] = json.loads(
+            self.box.run(["cat", f"/var/tmp/{session}.json.files"]).stdout
+        )
+        return files
 
     def vmm_show(self, session: str) -> dict[str, Any]:
         """ListSessions, ListFds and the fingerprints of RetrieveFd, by a new client."""

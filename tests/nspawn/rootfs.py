@@ -1,5 +1,7 @@
 """Bootable Debian root file systems for the systemd-nspawn integration tests.
-Built once with debootstrap and cached as a zstd tarball keyed on suite and packages."""
+Built once with debootstrap and cached as a zstd tarball keyed on suite and packages:
+bookworm (systemd 252) and sid (systemd 262, which carries a unit's fd store across
+soft-reboot)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 SUITE = "bookworm"
@@ -26,6 +29,25 @@ PACKAGES = (
 )
 # Bump when _customize() changes so that stale cached roots are rebuilt.
 REVISION = "1"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A Debian release to debootstrap, with the packages the tests need in it."""
+
+    name: str
+    packages: tuple[str, ...]
+    revision: str = REVISION
+
+
+BOOKWORM = Suite(SUITE, PACKAGES)
+# python3 (not -minimal): the venv needs ensurepip's pip wheel (python3-venv) to install.
+SID = Suite(
+    "sid",
+    ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "procps",
+     "libglib2.0-bin"),
+)
+SUITES = {suite.name: suite for suite in (BOOKWORM, SID)}
 HOSTNAME = "liveupdated-test"
 CACHE_DIR = Path("/var/cache/liveupdated-tests")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -39,21 +61,29 @@ class RootfsError(RuntimeError):
     """Building or unpacking the root file system failed."""
 
 
-def cache_key() -> str:
-    """Return the cache key for the current suite, package list and setup revision."""
-    text = "\n".join([SUITE, ",".join(sorted(PACKAGES)), REVISION])
+def cache_key(suite: Suite = BOOKWORM) -> str:
+    """Return the cache key for a suite, its package list and setup revision."""
+    text = "\n".join([suite.name, ",".join(sorted(suite.packages)), suite.revision])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cached_rootfs(dest_dir: Path, cache_dir: Path = CACHE_DIR) -> Path:
+def tarball_path(suite: Suite = BOOKWORM, cache_dir: Path = CACHE_DIR) -> Path:
+    """Where the cached root of `suite` lives (bookworm's name predates the others)."""
+    prefix = "rootfs" if suite == BOOKWORM else f"rootfs-{suite.name}"
+    return cache_dir / f"{prefix}-{cache_key(suite)}.tar.zst"
+
+
+def cached_rootfs(
+    dest_dir: Path, cache_dir: Path = CACHE_DIR, suite: Suite = BOOKWORM
+) -> Path:
     """Unpack the cached root into dest_dir, building the cache first if needed."""
     dest_dir.mkdir(parents=True, exist_ok=True)
-    tarball = cache_dir / f"rootfs-{cache_key()}.tar.zst"
+    tarball = tarball_path(suite, cache_dir)
     if not tarball.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         with _locked(cache_dir / f"{tarball.name}.lock"):
             if not tarball.exists():
-                _build_tarball(tarball)
+                _build_tarball(tarball, suite)
     _run(
         [
             "tar",
@@ -84,7 +114,8 @@ def tmpfs(path: Path) -> Iterator[Path]:
 
 
 def host_mirror(suite: str = SUITE) -> str:
-    """Return the Debian mirror the host's apt sources use for suite."""
+    """Return the Debian mirror the host's apt sources use for suite: else the host's
+    own Debian mirror (one whose path ends in /debian), else deb.debian.org."""
     deb822 = Path("/etc/apt/sources.list.d/debian.sources")
     if deb822.exists():
         for stanza in deb822.read_text().split("\n\n"):
@@ -93,6 +124,11 @@ def host_mirror(suite: str = SUITE) -> str:
                 uris = fields.get("uris", [])
                 if uris:
                     return uris[0]
+        for stanza in deb822.read_text().split("\n\n"):
+            fields = _deb822_fields(stanza)
+            debian = [u for u in fields.get("uris", []) if u.rstrip("/").endswith("/debian")]
+            if "deb" in fields.get("types", []) and debian:
+                return debian[0]
     legacy = Path("/etc/apt/sources.list")
     if legacy.exists():
         for line in legacy.read_text().splitlines():
@@ -112,7 +148,7 @@ def _deb822_fields(stanza: str) -> dict[str, list[str]]:
     return fields
 
 
-def _build_tarball(tarball: Path) -> None:
+def _build_tarball(tarball: Path, suite: Suite) -> None:
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=tarball.parent))
     try:
         partial = build / tarball.name
@@ -123,10 +159,10 @@ def _build_tarball(tarball: Path) -> None:
                     [
                         "debootstrap",
                         "--variant=minbase",
-                        f"--include={','.join(PACKAGES)}",
-                        SUITE,
+                        f"--include={','.join(suite.packages)}",
+                        suite.name,
                         str(root),
-                        host_mirror(),
+                        host_mirror(suite.name),
                     ]
                 )
             except RootfsError as exc:
@@ -134,7 +170,7 @@ def _build_tarball(tarball: Path) -> None:
                 detail = "\n".join(log.read_text().splitlines()[-30:]) if log.exists() else ""
                 _unmount_under(root)
                 raise RootfsError(f"{exc}\n{detail}") from None
-            _customize(root)
+            _customize(root, suite)
             _run(
                 [
                     "tar",
@@ -154,7 +190,7 @@ def _build_tarball(tarball: Path) -> None:
         shutil.rmtree(build, ignore_errors=True)
 
 
-def _customize(root: Path) -> None:
+def _customize(root: Path, suite: Suite) -> None:
     # An empty machine-id: every container gets its own id at boot, without
     # first-boot semantics (no systemd-firstboot prompts on the console).
     (root / "etc/machine-id").write_text("")

@@ -3,11 +3,14 @@ python (/usr/lib/liveupdated/bin/python), through the client library only.
 
   vmm.py hold SESSION OUT  create SESSION, hand over a sparse 64 MiB memfd with scattered
                            data and a small sealed one that requires it, write their
-                           fingerprints to OUT (JSON), send READY=1 (run it as a Type=notify
+                           fingerprints to OUT (JSON) and their files' (st_dev, st_ino) to
+                           OUT.files, send READY=1 (run it as a Type=notify
                            unit) and stay connected until SIGTERM
   vmm.py show SESSION      print JSON: the state, ListSessions, the session's ListFds and,
                            where RetrieveFd is allowed (states normal and updated, after
-                           RetrieveSession in the latter), the fingerprint of every fd
+                           RetrieveSession in the latter), the fingerprint of every fd and
+                           (under "files") its (st_dev, st_ino): the same after the update
+                           only if the very file came back, nothing copied
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def facts(fd: int) -> dict[str, Any]:
     return dataclasses.asdict(fingerprint(fd))
 
 
+def file_of(fd: int) -> list[int]:
+    """Which file: (st_dev, st_ino) of the memfd."""
+    st = os.fstat(fd)
+    return [st.st_dev, st.st_ino]
+
+
 async def hold(name: str, out: Path) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -70,6 +79,8 @@ async def hold(name: str, out: Path) -> None:
         await session.preserve_fd("guest-ram", ram)
         await session.preserve_fd("vm-state", state, requires=["guest-ram"])
         prints = {"guest-ram": facts(ram), "vm-state": facts(state)}
+        files = {"guest-ram": file_of(ram), "vm-state": file_of(state)}
+        Path(f"{out}.files").write_text(json.dumps(files))
         partial = out.with_suffix(".partial")
         partial.write_text(json.dumps(prints))
         partial.rename(out)
@@ -86,10 +97,12 @@ async def show(name: str) -> None:
             session = SessionClient(client, name, session_path(name))
         listed = await session.list_fds()
         prints = {}
+        files = {}
         for entry in listed if state in ("normal", "updated") else []:
             fd = await session.retrieve_fd(entry.token)
             try:
                 prints[entry.token] = facts(fd)
+                files[entry.token] = file_of(fd)
             finally:
                 os.close(fd)
         report = {
@@ -97,6 +110,7 @@ async def show(name: str) -> None:
             "sessions": [dataclasses.asdict(s) for s in await client.list_sessions()],
             "fds": [dataclasses.asdict(f) for f in listed],
             "fingerprints": prints,
+            "files": files,
         }
     print(json.dumps(report))
 

@@ -57,7 +57,9 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     QEMU arguments before those of the command line)."""
     cut = argv.index("--") if "--" in argv else len(argv)
     own, qemu = argv[:cut], argv[cut + 1:]
-    first = parser().parse_known_args(own)[0]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    first = pre.parse_known_args(own)[0]
     if first.config is not None:
         try:
             tokens = shlex.split(first.config.read_text(), comments=True)

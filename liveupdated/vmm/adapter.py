@@ -18,7 +18,7 @@ from dbus_fast import Message, MessageType
 from liveupdated.bus import BUS_NAME, MANAGER_INTERFACE
 from liveupdated.client import BusError, Client, SessionClient
 from liveupdated.core import errors
-from liveupdated.core.names import MANAGER_PATH
+from liveupdated.core.names import MANAGER_PATH, session_path
 
 from .qemu import (
     AdapterError,
@@ -78,14 +78,17 @@ class Adapter:
         self.client = await Client.connect(self.options.bus)
         try:
             await self._subscribe()
-            manager = await self.client.state()
-            held = await self._retrieve() if manager == "updated" else None
+            manager = await self._wait_for_update()
+            held = await self._retrieve(manager)
             if held is not None:
                 self.ram, self.state = held
                 await self._resume()
                 assert self.session is not None
-                await self.session.finish()
-                log.info("session_finished", session=self.options.session)
+                if manager == "updated":
+                    await self.session.finish()
+                    log.info("session_finished", session=self.options.session)
+                else:  # an update cancelled while no adapter ran: a new session follows
+                    await self.session.close()
                 self.session = None
             else:
                 await self._boot()
@@ -172,13 +175,42 @@ class Adapter:
             "type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
             f"arg0='{BUS_NAME}'")
 
-    async def _retrieve(self) -> tuple[int, int] | None:
-        """After the kexec: the session's RAM and state, None when liveupdated holds no
-        session of this VM (then it boots fresh)."""
+    async def _wait_for_update(self) -> str:
+        """The Manager's state once this VM may start. While an update holds a session of
+        this VM (prepared, frozen: a restart between Freeze and the reboot) the guest must
+        not boot fresh: wait for the reboot (updated: resume) or a Cancel (normal)."""
+        assert self.client is not None
+        state = await self.client.state()
+        if state not in ("prepared", "frozen"):
+            return state
+        names = {s.name for s in await self.client.list_sessions()}
+        if self.options.session not in names:
+            return state
+        log.warning("update_in_progress", session=self.options.session, state=state,
+                    detail="liveupdated holds this VM: waiting for the reboot or a Cancel")
+        self.notifier.notify(f"STATUS=waiting: liveupdated is {state} with this VM's session")
+        while True:
+            event = await self.events.get()
+            if event.kind == "term":
+                raise AdapterError("stopped while waiting for the update")
+            if event.kind == "state" and event.new in ("normal", "updated"):
+                return event.new
+
+    async def _retrieve(self, manager: str) -> tuple[int, int] | None:
+        """The session's RAM and state: after the kexec (updated), or after an update
+        cancelled while no adapter ran (normal; only with a completed save in it, which a
+        running VM's session never has). None when liveupdated holds no session of this
+        VM: then it boots fresh."""
         assert self.client is not None
         name = self.options.session
         try:
-            session = await self.client.retrieve_session(name)
+            if manager == "updated":
+                session = await self.client.retrieve_session(name)
+            elif manager == "normal" and name in {s.name for s in
+                                                  await self.client.list_sessions()}:
+                session = SessionClient(self.client, name, session_path(name))
+            else:
+                raise errors.NoSuchSession(name)
         except errors.NoSuchSession:
             log.info("no_session", session=name, detail="booting the guest fresh")
             return None
@@ -193,6 +225,11 @@ class Adapter:
             os.close(ram)
             raise StateRejected(f"session {name} holds no usable device state ({exc}): "
                                 "the guest cannot be continued") from None
+        if manager == "normal" and Header.read(state) is None:
+            os.close(ram)
+            os.close(state)
+            raise AdapterError(f"session {name} exists and holds no saved VM: another "
+                               "adapter runs this VM")
         self.session = session
         return ram, state
 

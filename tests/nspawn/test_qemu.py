@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -86,6 +87,8 @@ def qemu_deb(qemu_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def guest_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("as") is None or shutil.which("ld") is None:
+        pytest.skip("needs binutils (as, ld) on the host to build the guest")
     image = tmp_path_factory.mktemp("guest") / "counter.img"
     subprocess.run([str(REPO / "guest/build.sh"), str(image)], check=True, capture_output=True)
     return image

@@ -1,5 +1,9 @@
 # The two commands of the README, and the slower suites beside them.
-.PHONY: demo demo-vm test test-nspawn test-kernel test-slow bench
+.PHONY: demo demo-vm test test-nspawn test-kernel test-slow bench man
+
+# Where `make man` writes the manual pages (scdoc sources in man/).
+BUILD ?= build
+MAN_PAGES = $(BUILD)/man/liveupdated.8 $(BUILD)/man/liveupdatectl.1 $(BUILD)/man/org.liveupdate1.5
 
 demo:
 	@scripts/setup.sh
@@ -37,3 +41,9 @@ test-slow:
 bench:
 	@scripts/setup.sh
 	.venv/bin/python bench/run.py
+
+man: $(MAN_PAGES)
+
+$(BUILD)/man/%: man/%.scd
+	@mkdir -p $(BUILD)/man
+	scdoc < $< > $@.tmp && mv $@.tmp $@

@@ -1,4 +1,5 @@
-"""Benchmarks of liveupdated against baselines measured in the same run (DESIGN.md §6).
+"""Benchmarks of liveupdated against baselines measured in the same run: the
+performance targets of docs/DESIGN.md §5.
 
 `bench/run.py [--quick] [--json]` prints a table; with --json, one JSON object last.
 """
@@ -37,7 +38,7 @@ from liveupdated.sandbox import DaemonProcess, Notifications
 
 BENCH = Path(__file__).resolve().parent
 MIB, GIB = 1 << 20, 1 << 30
-CONCURRENCY = 32  # calls in flight; thousands would fill a send buffer (PITFALLS.md)
+CONCURRENCY = 32  # calls in flight; thousands would fill the client's socket send buffer
 FDS_PER_SESSION = 128  # the kernel's limit per session: 79 sessions for 10,000 fds
 BATCH = 16  # fds per PreserveFds: dbus-daemon's default limit of fds per message
 
@@ -545,7 +546,7 @@ def report(results: Results, quick: bool, info: dict[str, Any], load: float) -> 
               f"{s['n']:3d}  {results.units[name]}".rstrip())
     headline = {key: stats[key]["median"] for key, *_ in TARGETS}
     met = {key: is_met(headline[key]) for key, _, is_met, _ in TARGETS}
-    print(f"\n{'target (DESIGN.md §6)':<38} {'median':>8}  {'target':<15} met")
+    print(f"\n{'target (docs/DESIGN.md §5)':<38} {'median':>8}  {'target':<15} met")
     for key, text, _, target in TARGETS:
         print(f"{text:<38} {headline[key]:8.3g}  {target:<15} {'yes' if met[key] else 'NO'}")
     return {**headline, "raw": {name: stats[name]["median"] for name in RAW}, "met": met,

@@ -19,6 +19,7 @@ from liveupdated.bus import (
     MANAGER_INTERFACE,
     MAX_FDS_PER_MESSAGE,
     SESSION_INTERFACE,
+    driver,
 )
 from liveupdated.bus.address import connect
 from liveupdated.core import errors
@@ -113,8 +114,7 @@ class Client:
         return body_out
 
     async def add_match(self, rule: str) -> None:
-        await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
-                        [rule], destination="org.freedesktop.DBus")
+        await driver.add_match(self.bus, rule)
 
     async def _manager(self, member: str, signature: str = "", *body: Any) -> list[Any]:
         return await self.call(MANAGER_PATH, MANAGER_INTERFACE, member, signature, body)
@@ -162,6 +162,11 @@ class Client:
 
     async def finish(self) -> None:
         await self._manager("Finish")
+
+    async def get_history(self) -> list[dict[str, Any]]:
+        """The update history (Manager.GetHistory), each cycle a plain dict."""
+        (cycles,) = await self._manager("GetHistory")
+        return [{k: v.value for k, v in cycle.items()} for cycle in cycles]
 
     async def drop_session(self, name: str, reason: str = "") -> None:
         await self._manager("DropSession", "ss", name, reason)

@@ -1,4 +1,5 @@
-"""The daemon's configuration: command line (DESIGN.md §4) into one checked, frozen value."""
+"""The daemon's configuration: its command line (liveupdated(8)) into one checked, frozen
+value."""
 
 import argparse
 import functools
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from liveupdated import __version__
 from liveupdated.core.orchestrator import Limits
 
 LIMIT_DEFAULTS = Limits()
@@ -171,10 +173,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
     """The command line into a Config; a usage error is one line and exit status 2."""
     p = _Parser(
         prog="liveupdated",
-        description="Carries VMM file descriptors across a kernel live update.",
+        description="Carries VMM file descriptors across a kernel live update. A session "
+                    "lives with the bus connection that created it until Prepare; from "
+                    "Prepare on it survives its client, and the daemon carries its fds "
+                    "across the reboot.",
+        epilog="exit status: 0 stopped cleanly, 2 usage, 69 no D-Bus at the address, "
+               "73 the disk refused a write and no fds are held, 75 the state dir is "
+               "locked by another liveupdated (or a refused write while fds are held), "
+               "78 a bad state dir, handover area or bus address, 1 anything else.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--bus", type=_bus, default="system",
-                   help="system, session or a D-Bus address (an address needs --state-dir)")
+                   help="system, session or a D-Bus address such as unix:path=/run/x/bus "
+                        "(an address needs --state-dir; default: system)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="journal and lock (default: /var/lib/liveupdated for the system "
                         "bus, $XDG_STATE_HOME/liveupdated for the session bus)")
@@ -194,12 +205,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         "kexec' (default: exit unless run by systemd, then by backend: "
                         "systemctl reboot, systemctl kexec, soft-reboot or kexec)")
     p.add_argument("--freeze-timeout", type=_seconds, default=10.0,
-                   help="seconds Freeze waits for sessions that asked for DelayFreeze")
-    p.add_argument("--max-sessions", type=_at_least_one, default=LIMIT_DEFAULTS.max_sessions)
+                   help="seconds Freeze waits for sessions that asked for DelayFreeze "
+                        "(default: %(default)s)")
+    p.add_argument("--max-sessions", type=_at_least_one, default=LIMIT_DEFAULTS.max_sessions,
+                   help="sessions in all (default: %(default)s, the kernel's limit)")
     p.add_argument("--max-fds-per-session", type=_at_least_one,
-                   default=LIMIT_DEFAULTS.max_fds_per_session)
+                   default=LIMIT_DEFAULTS.max_fds_per_session,
+                   help="fds in one session (default: %(default)s, the kernel's limit)")
     p.add_argument("--max-sessions-per-uid", type=_at_least_one,
-                   default=LIMIT_DEFAULTS.max_sessions_per_uid)
+                   default=LIMIT_DEFAULTS.max_sessions_per_uid,
+                   help="sessions of one uid other than root (default: %(default)s)")
     p.add_argument("--max-preserved-bytes", type=_at_least_one,
                    default=LIMIT_DEFAULTS.max_preserved_bytes,
                    help="bytes (apparent sizes) all sessions may hold together "
@@ -212,7 +227,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="bytes the sessions of one uid other than root may hold "
                         "(default: a quarter of --max-preserved-bytes)")
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"],
+                   help="the least severe log events written, as JSON lines on stderr "
+                        "(default: %(default)s)")
     args = p.parse_args(argv)
     if args.state_dir is None:
         args.state_dir = default_state_dir(args.bus)

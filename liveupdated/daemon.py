@@ -23,7 +23,7 @@ from dbus_fast import Message, MessageType, NameFlag, RequestNameReply
 from liveupdated import logs
 from liveupdated.backends import UNKNOWN_BOOT, Backend, Key
 from liveupdated.backends.simulated import SimulatedBackend
-from liveupdated.bus import BUS_NAME
+from liveupdated.bus import BUS_NAME, driver
 from liveupdated.bus.address import connect
 from liveupdated.bus.callers import Callers
 from liveupdated.bus.connection import FdOwningBus, fd_guard, limit_calls
@@ -154,7 +154,8 @@ def reclaim_fds(
     ]
     for session, token in missing:
         log.error("fd_lost", session=session, token=token,
-                  hint="no copy in the fd store; UnpreserveFd it and preserve it again")
+                  hint="no copy in the fd store; in normal, UnpreserveFd it and preserve "
+                       "it again (Cancel an update first)")
     return records + core.fds_lost(missing)
 
 
@@ -238,8 +239,9 @@ class Daemon:
         vault = Vault(self.notifier)
         backend = make_backend(self.config, _from_any_thread(vault.forget_stored))
         adopt = getattr(backend, "adopt", None) if backend.keeps_fd_store else None
-        recovered = recover_handover(core, backend) + reclaim_fds(core, vault, inherited,
-                                                                  damaged, adopt)
+        recovered = recover_handover(core, backend) + reclaim_fds(
+            core, vault, inherited, damaged, adopt
+        )
         service = LiveUpdate(
             core, journal, vault, backend, self.notifier, self.config.freeze_timeout
         )
@@ -284,7 +286,7 @@ class Daemon:
         bus.add_message_handler(Visibility(bus, service, callers, sessions).handle)
         bus.add_message_handler(sessions.answer_missing)
         bus.add_message_handler(_name_watcher(departed, callers, service))
-        await _add_match(bus, NAME_OWNER_CHANGED)
+        await driver.add_match(bus, NAME_OWNER_CHANGED)
         if core.phase is Phase.NORMAL and not self.journal_damaged:
             # After damage the phase itself may be a lost record's: drop nothing.
             for client in core.clients():
@@ -462,19 +464,6 @@ NAME_OWNER_CHANGED = (
     "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
     "member='NameOwnerChanged',path='/org/freedesktop/DBus'"
 )
-
-
-async def _add_match(bus: FdOwningBus, rule: str) -> None:
-    await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="AddMatch",
-            signature="s",
-            body=[rule],
-        )
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import fcntl
 import hashlib
 import json
+import math
 import mmap
 import os
 import random
@@ -39,12 +40,21 @@ class Timeline:
         self.last = now
 
 
+MIN_SIZE = 4096  # one page
+MAX_SIZE = 1 << 40  # 1 TiB: sparse, but a 64th of it is written
+
+
 def parse_size(text: str) -> int:
+    """`512M`, `1G`, `1GiB`, `4096`: bytes. ValueError for anything else."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
     if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+        text, scale = text[:-1], units[text[-1]]
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite size: {text!r}")
+    return int(value * scale)
 
 
 def make_guest_memory(size: int, seed: int = 7) -> int:
@@ -54,7 +64,9 @@ def make_guest_memory(size: int, seed: int = 7) -> int:
     rng = random.Random(seed)
     slots = max(1, size // (64 * CHUNK))
     for slot in range(slots):
-        offset = slot * 64 * CHUNK + rng.randrange(0, 63) * CHUNK
+        base = slot * 64 * CHUNK
+        chunks = max(1, min(63, (size - base) // CHUNK))  # a small memory: its start
+        offset = base + rng.randrange(0, chunks) * CHUNK
         os.pwrite(fd, rng.randbytes(min(CHUNK, size - offset)), offset)
     os.lseek(fd, 4096, os.SEEK_SET)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
@@ -155,8 +167,10 @@ async def _new_boot(bus: PrivateBus, state: Path, log: IO[bytes], timeline: Time
             timeline.mark(f"Finish: state {outcome.final_state}")
 
 
-async def run_demo(size_text: str = "1G", as_json: bool = False) -> int:
-    size = parse_size(size_text)
+async def run_demo(size: int | str = "1G", as_json: bool = False) -> int:
+    """The whole update; 0 if the memfd came back byte-exact, else 4."""
+    if isinstance(size, str):
+        size = parse_size(size)
     timeline = Timeline()
     outcome = Outcome()
     with tempfile.TemporaryDirectory(prefix="liveupdated-demo-") as tmp:

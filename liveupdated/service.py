@@ -489,6 +489,8 @@ class LiveUpdate:
                 ) from exc
             raise
         log.info("handover_written", fds=len(entries), bytes=carried)
+        # For the update history only: not waited for (the exit writes it).
+        self.journal.enqueue(self.core.handover_written(len(entries), carried))
         return carried
 
     async def _reboot_failed(self, exc: BaseException) -> None:

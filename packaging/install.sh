@@ -72,6 +72,19 @@ put dbus/org.liveupdate1.service /usr/share/dbus-1/system-services/org.liveupdat
 for xml in "$src"/dbus/org.liveupdate1.*.xml; do
     put "dbus/${xml##*/}" "/usr/share/dbus-1/interfaces/${xml##*/}"
 done
+put polkit/org.liveupdate1.policy /usr/share/polkit-1/actions/org.liveupdate1.policy
+put completions/liveupdatectl.bash /usr/share/bash-completion/completions/liveupdatectl
+# Manual pages, from their scdoc sources (Debian: scdoc), compressed as Debian ships them.
+if command -v scdoc >/dev/null; then
+    for page in "$src"/man/*.scd; do
+        name=${page##*/}; name=${name%.scd}; section=${name##*.}
+        mkdir -p "$destdir/usr/share/man/man$section"
+        scdoc <"$page" | gzip -9n >"$destdir/usr/share/man/man$section/$name.gz"
+        chmod 0644 "$destdir/usr/share/man/man$section/$name.gz"
+    done
+else
+    echo "install.sh: scdoc not found, manual pages not installed (apt install scdoc)" >&2
+fi
 put README.md /usr/share/doc/liveupdated/README.md
 for doc in "$src"/docs/*.md; do
     put "docs/${doc##*/}" "/usr/share/doc/liveupdated/${doc##*/}"

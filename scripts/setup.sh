@@ -4,23 +4,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(dbus libglib2.0-bin python3-venv python3-dbus)
+apt_packages=(dbus libglib2.0-bin python3-venv python3-dbus scdoc)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
     sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    echo "setup: apt-get update, then installing ${missing[*]}" >&2
     $sudo_cmd apt-get update -qq
     $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $python" >&2
     "$python" -m venv .venv
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
+    echo "setup: installing liveupdated and its test tools into .venv (pip)" >&2
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     rm -f .venv/.installed-*
     touch "$stamp"

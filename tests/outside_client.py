@@ -1,4 +1,5 @@
-"""A VMM written only from DESIGN.md with another D-Bus library (dbus-python, libdbus).
+"""A VMM written only from the published contract (docs/API.md, dbus/*.xml) with another
+D-Bus library (dbus-python, libdbus).
 
 Run by Debian's /usr/bin/python3: `outside_client.py ADDRESS before|after`. `before`
 makes a memfd, hands it over and drives Prepare/Freeze/Reboot; `after` retrieves it and

@@ -1,4 +1,5 @@
-"""bench/run.py --quick --json runs end to end and reports what issue 5 names.
+"""bench/run.py --quick --json runs end to end and reports every performance target of
+docs/DESIGN.md §5.
 
 Only the report's shape is checked here: speed is judged by the bench, never by a test.
 """

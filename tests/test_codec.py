@@ -15,6 +15,7 @@ from liveupdated.backends.simulated import CarriedFd, KexecRecord
 from liveupdated.config import Config
 from liveupdated.core.codec import DecodeError, from_dict, from_json, to_json
 from liveupdated.core.records import (
+    CycleRecorded,
     FdCorrupted,
     FdLost,
     FdPreserved,
@@ -22,6 +23,7 @@ from liveupdated.core.records import (
     FdReleased,
     FdRestored,
     FreezeDelaySet,
+    HandoverWritten,
     KexecSimulated,
     PhaseChanged,
     QuarantineReleased,
@@ -33,6 +35,7 @@ from liveupdated.core.records import (
     SessionDropped,
     SessionFinished,
     SessionReady,
+    UpdateCycle,
     decode_group,
     decode_record,
     decode_records,
@@ -57,6 +60,8 @@ EVERY_RECORD: list[Record] = [
     KexecSimulated(boot_id="0123456789abcdef0123456789abcdef"),
     FdQuarantined(session="vm", token="ram", size=4096, reason="its session was lost"),
     QuarantineReleased(session="vm", token="ram", by_uid=0),
+    HandoverWritten(at_usec=5, fds=3, bytes=1 << 40),
+    CycleRecorded(cycle=UpdateCycle(started_usec=1, prepared_by=0, outcome="cancelled")),
 ]
 
 

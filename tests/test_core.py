@@ -16,7 +16,7 @@ from liveupdated.core.errors import (
     WrongState,
 )
 from liveupdated.core.orchestrator import Caller, FdFacts, Limits, Orchestrator, Phase
-from liveupdated.core.records import Record
+from liveupdated.core.records import CycleRecorded, Record
 
 ROOT = Caller(uid=0, unit="", client=":1.1", admin=True)
 ALICE = Caller(uid=1000, unit="vmm@a.service", client=":1.2", admin=False)
@@ -242,7 +242,10 @@ def test_cancel_returns_exactly_to_normal() -> None:
     freeze(core)
     cancel(core)
     assert core.phase is Phase.NORMAL
-    assert core.snapshot() == before
+    after = core.snapshot()  # all as before, and the cycle in the history
+    assert [r for r in after if not isinstance(r, CycleRecorded)] == before
+    [cancelled] = [r for r in after if isinstance(r, CycleRecorded)]
+    assert cancelled.cycle.outcome == "cancelled"
 
 
 def test_client_leaving_before_prepare_drops_its_sessions_only() -> None:

@@ -15,7 +15,7 @@ import pytest
 from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import Timeout
 from liveupdated.core.orchestrator import Orchestrator
-from liveupdated.core.records import Record
+from liveupdated.core.records import CycleRecorded, Record
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid, content_digest, digest
@@ -29,10 +29,11 @@ def host(bus: PrivateBus, tmp_path: Path) -> Iterator[Host]:
 
 
 def journal_state(records: list[Record]) -> list[Record]:
+    """The state the journal holds, but the update history (a cancelled cycle is one)."""
     core = Orchestrator()
     for record in records:
         core.apply(record)
-    return core.snapshot()
+    return [r for r in core.snapshot() if not isinstance(r, CycleRecorded)]
 
 
 async def observable_state(

@@ -8,9 +8,10 @@ import contextvars
 import os
 import re
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
+from liveupdated.bus import driver
 from liveupdated.core.errors import AccessDenied
 from liveupdated.core.orchestrator import Caller
 
@@ -58,33 +59,17 @@ class Callers:
         return caller
 
     async def _resolve(self, sender: str) -> Caller:
-        reply = await self._bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="GetConnectionCredentials",
-                signature="s",
-                body=[sender],
-            )
-        )
-        if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
-            raise AccessDenied(f"cannot get the credentials of {sender}")
-        creds = reply.body[0]
-        uid = int(creds["UnixUserID"].value)
+        try:
+            creds = await driver.credentials(self._bus, sender)
+        except LookupError:
+            raise AccessDenied(f"cannot get the credentials of {sender}") from None
+        uid = int(creds["UnixUserID"])
         pid = creds.get("ProcessID")
-        unit = unit_of_pid(int(pid.value)) if pid is not None else ""
+        unit = unit_of_pid(int(pid)) if pid is not None else ""
         return Caller(uid=uid, unit=unit, client=sender, admin=uid in self._admin_uids)
 
     async def has_owner(self, name: str) -> bool:
-        reply = await self._bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="NameHasOwner",
-                signature="s",
-                body=[name],
-            )
-        )
-        return bool(reply is not None and reply.body and reply.body[0])
+        try:
+            return await driver.has_owner(self._bus, name)
+        except LookupError:
+            return False

@@ -1,7 +1,9 @@
 """org.liveupdate1.Manager: sessions and the host's update, on /org/liveupdate1."""
 
+import dataclasses
 from typing import Annotated, Any
 
+from dbus_fast import Variant
 from dbus_fast.annotations import DBusObjectPath, DBusStr, DBusUInt64, DBusUnixFd
 from dbus_fast.annotations import DBusSignature as Sig
 from dbus_fast.constants import PropertyAccess
@@ -12,12 +14,32 @@ from liveupdated.bus import MANAGER_INTERFACE
 from liveupdated.bus.callers import CURRENT_MESSAGE, Callers
 from liveupdated.bus.connection import FdOwningBus
 from liveupdated.bus.errors import contract
+from liveupdated.bus.polkit import DROP_SESSION, MANAGE, authorize
 from liveupdated.core.names import session_path
+from liveupdated.core.orchestrator import Caller
+from liveupdated.core.records import UpdateCycle
 from liveupdated.service import LiveUpdate
 from liveupdated.systemd import boot_id
 
 SessionList = Annotated[list[list[Any]], Sig("a(sousu)")]
 QuarantineList = Annotated[list[list[Any]], Sig("a(ssts)")]
+HistoryList = Annotated[list[dict[str, Variant]], Sig("aa{sv}")]
+
+
+def _cycle_fields(cycle: UpdateCycle) -> dict[str, Variant]:
+    """An update cycle as a{sv}: times in usec (t), uids (i: -1 unknown), counts (u)."""
+    fields: dict[str, Variant] = {}
+    for f in dataclasses.fields(cycle):
+        value = getattr(cycle, f.name)
+        if isinstance(value, str):
+            fields[f.name] = Variant("s", value)
+        elif f.name.endswith("_by"):
+            fields[f.name] = Variant("i", value)
+        elif f.name.endswith("_usec") or f.name == "bytes_carried":
+            fields[f.name] = Variant("t", value)
+        else:
+            fields[f.name] = Variant("u", value)
+    return fields
 
 
 class Manager(ServiceInterface):
@@ -27,6 +49,10 @@ class Manager(ServiceInterface):
         self._callers = callers
         self._bus = bus
         self._boot_id = boot_id()
+
+    async def _host_caller(self, action: str) -> Caller:
+        """The caller of a host command: root, or whom polkit allows `action`."""
+        return await authorize(self._bus, await self._callers.current(), action)
 
     @dbus_method(name="CreateSession")
     @contract
@@ -54,34 +80,34 @@ class Manager(ServiceInterface):
     @dbus_method(name="Prepare")
     @contract
     async def prepare(self) -> None:
-        await self._service.prepare(await self._callers.current())
+        await self._service.prepare(await self._host_caller(MANAGE))
 
     @dbus_method(name="Freeze")
     @contract
     async def freeze(self) -> None:
-        await self._service.freeze(await self._callers.current())
+        await self._service.freeze(await self._host_caller(MANAGE))
 
     @dbus_method(name="Cancel")
     @contract
     async def cancel(self) -> None:
-        await self._service.cancel(await self._callers.current())
+        await self._service.cancel(await self._host_caller(MANAGE))
 
     @dbus_method(name="Reboot")
     @contract
     async def reboot(self) -> None:
         serial = CURRENT_MESSAGE.get().serial
-        await self._service.reboot(await self._callers.current())
+        await self._service.reboot(await self._host_caller(MANAGE))
         self._bus.when_replied(serial, self._service.reboot_requested.set)
 
     @dbus_method(name="Finish")
     @contract
     async def finish(self) -> None:
-        await self._service.finish(await self._callers.current())
+        await self._service.finish(await self._host_caller(MANAGE))
 
     @dbus_method(name="DropSession")
     @contract
     async def drop_session(self, name: DBusStr, reason: DBusStr) -> None:
-        await self._service.drop_session(await self._callers.current(), name, reason)
+        await self._service.drop_session(await self._host_caller(DROP_SESSION), name, reason)
 
     @dbus_method(name="ListQuarantined")
     @contract
@@ -95,14 +121,23 @@ class Manager(ServiceInterface):
     @dbus_method(name="RetrieveQuarantined")
     @contract
     async def retrieve_quarantined(self, session: DBusStr, token: DBusStr) -> DBusUnixFd:
-        caller = await self._callers.current()
+        caller = await self._host_caller(MANAGE)
         return self._service.retrieve_quarantined(caller, session, token)
 
     @dbus_method(name="ReleaseQuarantined")
     @contract
     async def release_quarantined(self, session: DBusStr, token: DBusStr) -> None:
-        caller = await self._callers.current()
+        caller = await self._host_caller(MANAGE)
         await self._service.release_quarantined(caller, session, token)
+
+    @dbus_method(name="GetHistory")
+    @contract
+    async def get_history(self) -> HistoryList:
+        """The last update cycles, oldest first, the one under way last: anyone may read
+        them (they name no session)."""
+        core = self._service.core
+        cycles = [*core.history, *([core.cycle] if core.cycle is not None else [])]
+        return [_cycle_fields(cycle) for cycle in cycles]
 
     @dbus_property(access=PropertyAccess.READ, name="State")
     def state(self) -> DBusStr:

@@ -5,17 +5,22 @@ Pure string rules shared by the core, the bus edge and the client; no I/O.
 
 import re
 
+from liveupdated.contract import (
+    MANAGER_PATH,
+    MAX_FDS_PER_CALL,
+    MAX_NAME_LENGTH,
+    MAX_REASON_LENGTH,
+    MAX_REQUIRES,
+    SESSION_PATH_PREFIX,
+)
 from liveupdated.core.errors import InvalidArgument
 
-MANAGER_PATH = "/org/liveupdate1"
-SESSION_PATH_PREFIX = "/org/liveupdate1/session/"
-MAX_NAME_LENGTH = 63  # the kernel's 64-byte session name, with its NUL
-# Admission bounds: every record a call can produce stays far below the journal's frame
-# bound (16 fds x 32 requires x 63 characters is about 40 KB), so no caller can write a
-# frame the reader would take for damage.
-MAX_REQUIRES = 32  # tokens one fd may require (a session holds at most 128 fds)
-MAX_FDS_PER_CALL = 16  # PreserveFds: dbus-daemon's default for fds in one message
-MAX_REASON_LENGTH = 200  # DropSession's reason, kept in the journal and the log
+__all__ = [
+    "MANAGER_PATH", "MAX_FDS_PER_CALL", "MAX_NAME_LENGTH", "MAX_REASON_LENGTH", "MAX_REQUIRES",
+    "SESSION_PATH_PREFIX", "check_name", "check_reason", "check_session_name_for",
+    "escape_path_label", "is_name", "session_path",
+]
+
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 

@@ -24,9 +24,10 @@ on evidence: another boot id, or the old daemon's KexecSimulated.
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from liveupdated.contract import HISTORY_KEPT
 from liveupdated.core.errors import (
     AccessDenied,
     Corrupted,
@@ -48,6 +49,7 @@ from liveupdated.core.names import (
     check_session_name_for,
 )
 from liveupdated.core.records import (
+    CycleRecorded,
     FdCorrupted,
     FdLost,
     FdPreserved,
@@ -55,6 +57,7 @@ from liveupdated.core.records import (
     FdReleased,
     FdRestored,
     FreezeDelaySet,
+    HandoverWritten,
     KexecSimulated,
     PhaseChanged,
     QuarantineReleased,
@@ -66,6 +69,7 @@ from liveupdated.core.records import (
     SessionDropped,
     SessionFinished,
     SessionReady,
+    UpdateCycle,
 )
 
 
@@ -186,7 +190,7 @@ class Session:
 
 _HOST_RECORDS = (
     PhaseChanged, Rebooted, RebootStarted, RebootFailed, KexecSimulated, FdQuarantined,
-    QuarantineReleased,
+    QuarantineReleased, HandoverWritten, CycleRecorded,
 )
 
 
@@ -209,6 +213,8 @@ class Orchestrator:
         self.in_flight = ""  # the host command whose effects are under way, if any
         self.freeze_attempt = 0  # which Freeze holds in_flight "Freeze"
         self.quarantine: dict[tuple[str, str], QuarantinedFd] = {}
+        self.history: list[UpdateCycle] = []  # ended cycles, oldest first
+        self.cycle: UpdateCycle | None = None  # the update under way
         self._fd_total = 0  # kept up to date by apply: PreserveFd must not scan every fd
         self._bytes_total = 0
         self._uid_fds: dict[int, int] = {}
@@ -218,6 +224,8 @@ class Orchestrator:
     # ---- the one mutator -------------------------------------------------------------
 
     def apply(self, record: Record) -> None:
+        if self.cycle is not None or isinstance(record, PhaseChanged | CycleRecorded):
+            self._track_cycle(record)  # before: it needs the state the record changes
         if isinstance(record, _HOST_RECORDS):
             self._apply_host(record)
             return
@@ -297,6 +305,54 @@ class Orchestrator:
                 del self.quarantine[(record.session, record.token)]
 
 
+    def _track_cycle(self, record: Record) -> None:
+        """The update history: what each record tells of the cycle under way."""
+        cycle = self.cycle
+        match record:
+            case PhaseChanged(old="normal", new="prepared"):
+                self.cycle = UpdateCycle(started_usec=record.at_usec, prepared_by=record.by_uid)
+            case PhaseChanged(new="frozen") if cycle is not None:
+                self.cycle = replace(cycle, frozen_usec=record.at_usec, frozen_by=record.by_uid)
+            case PhaseChanged(new="normal") if cycle is not None:
+                if record.old == "updated":
+                    failed = cycle.fds_lost or cycle.fds_corrupted
+                    outcome = "failed" if failed else "finished"
+                else:
+                    outcome = "cancelled"
+                self._end_cycle(replace(cycle, ended_usec=record.at_usec,
+                                        ended_by=record.by_uid, outcome=outcome))
+            case RebootStarted() if cycle is not None:
+                self.cycle = replace(cycle, reboot_usec=record.at_usec, reboot_by=record.by_uid,
+                                     fds_carried=self._fd_total,
+                                     bytes_carried=self._bytes_total)
+            case RebootFailed() if cycle is not None:
+                self.cycle = replace(cycle, reboot_usec=0, reboots_failed=cycle.reboots_failed + 1)
+            case HandoverWritten() if cycle is not None:
+                self.cycle = replace(cycle, handover_written_usec=record.at_usec,
+                                     fds_carried=record.fds, bytes_carried=record.bytes)
+            case Rebooted() if cycle is not None:
+                self.cycle = replace(cycle, rebooted_usec=record.at_usec)
+            case FdRestored() if cycle is not None and self.phase is Phase.UPDATED:
+                self.cycle = replace(cycle, first_fd_usec=cycle.first_fd_usec or record.at_usec,
+                                     last_fd_usec=record.at_usec,
+                                     fds_retrieved=cycle.fds_retrieved + 1)
+            case FdLost() if cycle is not None:
+                self.cycle = replace(cycle, fds_lost=cycle.fds_lost + 1)
+            case FdCorrupted() if cycle is not None:
+                self.cycle = replace(cycle, fds_corrupted=cycle.fds_corrupted + 1)
+            case CycleRecorded():
+                if record.cycle.outcome == "in progress":
+                    self.cycle = record.cycle
+                else:
+                    self._end_cycle(record.cycle)
+
+    def _end_cycle(self, cycle: UpdateCycle) -> None:
+        self.history = [*self.history, cycle][-HISTORY_KEPT:]
+        self.cycle = None
+
+    def handover_written(self, fds: int, size: int) -> list[Record]:
+        return self._commit([HandoverWritten(at_usec=self._clock_usec(), fds=fds, bytes=size)])
+
     def snapshot(self) -> list[Record]:
         """Records that rebuild the current state from nothing: what compaction keeps."""
         records: list[Record] = []
@@ -316,6 +372,9 @@ class Orchestrator:
             FdQuarantined(session=q.session, token=q.token, size=q.size, reason=q.reason)
             for q in self.quarantine.values()
         ]
+        records += [CycleRecorded(cycle=c) for c in self.history]
+        if self.cycle is not None:  # after the PhaseChanged above, which starts one
+            records.append(CycleRecorded(cycle=self.cycle))
         for s in self.sessions.values():
             records.append(
                 SessionCreated(session=s.name, uid=s.uid, unit=s.unit, client=s.client)
@@ -407,7 +466,11 @@ class Orchestrator:
 
     def _require_admin(self, caller: Caller, command: str) -> None:
         if not caller.admin:
-            raise AccessDenied(f"{command} is for the host's administrator; only root may call it")
+            action = "drop-session" if command == "DropSession" else "manage"
+            raise AccessDenied(
+                f"{command} is for the host's administrator: root, or a user that polkit "
+                f"allows org.liveupdate1.{action}"
+            )
 
     def check_transition(self, caller: Caller, command: str) -> None:
         """Raise what `command` (Prepare, Freeze, Cancel, Finish) would raise; no change."""
@@ -418,7 +481,8 @@ class Orchestrator:
         allowed, new = PHASE_TRANSITIONS[command]
         self._require_phase(command, allowed)
         self._require_idle(command)
-        return [PhaseChanged(old=self.phase.value, new=new.value, at_usec=self._clock_usec())]
+        return [PhaseChanged(old=self.phase.value, new=new.value, at_usec=self._clock_usec(),
+                             by_uid=caller.uid)]
 
     def _require_idle(self, command: str) -> None:
         """No host command is under way, but for the ones `command` may interrupt: a
@@ -632,14 +696,18 @@ class Orchestrator:
                 f"the fd of {name}/{token} was lost in a daemon restart without an fd store"
             )
         if entry.problem == "corrupted":
+            remedy = (
+                "UnpreserveFd it and preserve it again" if self.phase is Phase.NORMAL
+                else "Session.Finish releases it"
+            )
             raise Corrupted(
                 f"the journal record of {name}/{token} failed its checksum; the fd is held "
-                "but never handed out: UnpreserveFd it and preserve it again"
+                f"but never handed out: {remedy}"
             )
         return entry
 
     def fd_restored(self, name: str, token: str) -> list[Record]:
-        return self._commit([FdRestored(session=name, token=token)])
+        return self._commit([FdRestored(session=name, token=token, at_usec=self._clock_usec())])
 
     def delay_freeze(self, caller: Caller, name: str, enable: bool) -> list[Record]:
         session = self.owned_session(caller, name)
@@ -878,7 +946,7 @@ class Orchestrator:
         self._require_idle("Reboot")
         records = self._commit([RebootStarted(
             boot_id=boot_id, at_usec=self._clock_usec(), soft_reboots=soft_reboots,
-            kexecs=kexecs,
+            kexecs=kexecs, by_uid=caller.uid,
         )])
         self.in_flight = "Reboot"
         return records
@@ -933,8 +1001,10 @@ class Orchestrator:
         """The handover of the previous boot was found: this is the new kernel."""
         if self.phase is not Phase.FROZEN:
             raise WrongState(f"a handover was found but the journal says {self.phase.value}")
+        self.in_flight = ""  # the old boot's Reboot is over
         blackout = max(0, self._clock_usec() - self.freeze_started_usec)
-        return self._commit([Rebooted(boot_id=boot_id, blackout_usec=blackout)])
+        return self._commit([Rebooted(boot_id=boot_id, blackout_usec=blackout,
+                                      at_usec=self._clock_usec())])
 
     def finish(self, caller: Caller) -> list[Record]:
         transition = self._transition(caller, "Finish")

@@ -70,6 +70,7 @@ class FdRestored:
     type: Literal["fd_restored"] = "fd_restored"
     session: str
     token: str
+    at_usec: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +105,7 @@ class PhaseChanged:
     old: str
     new: str
     at_usec: int  # CLOCK_REALTIME: the only clock that spans a kexec
+    by_uid: int = -1  # who asked (-1: not recorded, as in journals of earlier versions)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +115,7 @@ class Rebooted:
     type: Literal["rebooted"] = "rebooted"
     boot_id: str
     blackout_usec: int
+    at_usec: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,6 +127,7 @@ class RebootStarted:
     type: Literal["reboot_started"] = "reboot_started"
     boot_id: str  # of the boot that writes the handover
     at_usec: int
+    by_uid: int = -1
     # systemd's SoftRebootsCount and KExecCount at Reboot, where the backend relies on
     # them (fdstore): more of either later is a new boot with the same boot id. None in
     # journals written before they were recorded, and for the other backends.
@@ -138,6 +142,50 @@ class RebootFailed:
 
     type: Literal["reboot_failed"] = "reboot_failed"
     reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandoverWritten:
+    """The handover is complete: the kexec may come (not waited for: history only)."""
+
+    type: Literal["handover_written"] = "handover_written"
+    at_usec: int
+    fds: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateCycle:
+    """One update, Prepare to its end, as the update history keeps it. Times are
+    CLOCK_REALTIME microseconds (0: that phase was not reached); uids -1: not known."""
+
+    started_usec: int
+    prepared_by: int = -1
+    frozen_usec: int = 0
+    frozen_by: int = -1
+    reboot_usec: int = 0
+    reboot_by: int = -1
+    handover_written_usec: int = 0
+    rebooted_usec: int = 0
+    first_fd_usec: int = 0
+    last_fd_usec: int = 0
+    ended_usec: int = 0
+    ended_by: int = -1
+    outcome: str = "in progress"  # finished, failed (fds lost or corrupted), cancelled
+    fds_carried: int = 0
+    bytes_carried: int = 0
+    fds_retrieved: int = 0
+    fds_lost: int = 0
+    fds_corrupted: int = 0
+    reboots_failed: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CycleRecorded:
+    """An update cycle as compaction keeps it: the history survives it."""
+
+    type: Literal["cycle_recorded"] = "cycle_recorded"
+    cycle: UpdateCycle
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,6 +235,8 @@ Record = (
     | KexecSimulated
     | FdQuarantined
     | QuarantineReleased
+    | HandoverWritten
+    | CycleRecorded
 )
 
 _RECORD: Tagged[Record] = Tagged("Record", get_args(Record))

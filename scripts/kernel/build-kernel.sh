@@ -14,6 +14,7 @@ mkdir -p "$build"
 exec 9>"$build/.lock"
 flock 9
 # The config is derived afresh (seconds) so that its hash names the cached image.
+echo "build-kernel: deriving the config (tinyconfig + luo.config) in $build" >&2
 make -s -C "$src" O="$build" tinyconfig >/dev/null
 "$src/scripts/kconfig/merge_config.sh" -m -O "$build" "$build/.config" "$HERE/luo.config" >/dev/null
 make -s -C "$src" O="$build" olddefconfig
@@ -24,6 +25,7 @@ hash=$(grep '^CONFIG_' "$build/.config" | sha256sum | cut -c1-16)
 out=$CACHE/kernel-$version-$hash
 if [ ! -f "$out/bzImage" ]; then
     start=$(date +%s)
+    echo "build-kernel: building bzImage $version with $JOBS jobs (15-35 minutes on 2 cores)" >&2
     nice -n 19 make -s -C "$src" O="$build" -j"$JOBS" bzImage >&2
     mkdir -p "$out.tmp"
     cp "$build/arch/x86/boot/bzImage" "$build/.config" "$out.tmp/"

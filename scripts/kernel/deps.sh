@@ -20,6 +20,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+echo "kernel deps: apt-get update, then installing$missing" >&2
 apt-get update -q
 # shellcheck disable=SC2086  # word splitting of the package list is intended
 apt-get install -y -q --no-install-recommends $missing

@@ -24,12 +24,14 @@ exec 9>"$SRC/.lock"
 flock 9
 deb=$(ls "$SRC"/"${PKG}"_*_all.deb 2>/dev/null | tail -n1 || true)
 if [ -z "$deb" ]; then
+    echo "fetch-source: downloading $PKG from Debian unstable into $SRC" >&2
     apt-get -q "$@" update >&2
     (cd "$SRC" && apt-get -q "$@" download "$PKG" >&2)
     deb=$(ls "$SRC"/"${PKG}"_*_all.deb | tail -n1)
 fi
 tree=$SRC/$PKG
 if [ ! -f "$tree/Makefile" ]; then
+    echo "fetch-source: unpacking $PKG into $tree" >&2
     rm -rf "$SRC/deb" "$tree"
     dpkg-deb -x "$deb" "$SRC/deb"
     tar -C "$SRC" -xf "$SRC/deb/usr/src/$PKG.tar.xz"

@@ -18,7 +18,8 @@ SOURCE = "/opt/liveupdated-src"
 
 def test_install_script(container: ContainerFactory, liveupdated_wheels: Path) -> None:
     box = container()
-    for part in ("packaging", "units", "dbus", "docs", "README.md"):
+    for part in ("packaging", "units", "dbus", "polkit", "completions", "man", "docs",
+                 "README.md"):
         box.copy_in(REPO / part, f"{SOURCE}/{part}")
     box.copy_in(liveupdated_wheels, "/opt/wheels")
     install = [f"{SOURCE}/packaging/install.sh", "--wheels", "/opt/wheels"]

@@ -22,13 +22,21 @@ LAYOUT = (
     "/usr/share/dbus-1/interfaces/org.liveupdate1.Manager.xml",
     "/usr/share/dbus-1/interfaces/org.liveupdate1.Session.xml",
     "/usr/share/doc/liveupdated/README.md",
+    "/usr/share/polkit-1/actions/org.liveupdate1.policy",
+    "/usr/share/bash-completion/completions/liveupdatectl",
+)
+# Built from their scdoc sources where the package is built (the host).
+MANUAL = (
+    "/usr/share/man/man8/liveupdated.8.gz",
+    "/usr/share/man/man1/liveupdatectl.1.gz",
+    "/usr/share/man/man5/org.liveupdate1.5.gz",
 )
 
 
 def test_installed_service(installed: Installed, liveupdated_deb: Path) -> None:
     box = installed.box
     owned = box.run(["dpkg-query", "--listfiles", "liveupdated"]).stdout.splitlines()
-    assert set(LAYOUT) <= set(owned)
+    assert set(LAYOUT) | set(MANUAL) <= set(owned)
     for command, target in (
         ("/usr/bin/liveupdatectl", "/usr/lib/liveupdated/bin/liveupdatectl"),
         ("/usr/sbin/liveupdated", "/usr/lib/liveupdated/bin/liveupdated"),
@@ -56,10 +64,8 @@ def test_installed_service(installed: Installed, liveupdated_deb: Path) -> None:
     assert installed.prop("State") == "normal"
     assert installed.prop("Backend") == "simulated"
     assert installed.prop("Version") == version
-    assert installed.show("StatusText", "NFileDescriptorStore") == {
-        "StatusText": "normal, 0 sessions, 0 fds",
-        "NFileDescriptorStore": "0",
-    }
+    assert installed.show("StatusText") == {"StatusText": "normal, 0 sessions, 0 fds"}
+    assert installed.fd_store() == 0
     status = box.run(["liveupdatectl", "status", "--json"]).stdout
     assert '"State": "normal"' in status
 
@@ -98,7 +104,7 @@ def test_crash_and_restart_lose_nothing(installed: Installed) -> None:
 
     # A crash: Restart=on-failure, and the new process gets its fds from the fd store.
     before = installed.show("MainPID", "NRestarts")
-    installed.systemctl("kill", "--signal=KILL", "liveupdated")
+    installed.systemctl("kill", "--kill-who=main", "--signal=KILL", "liveupdated")
     installed.wait_restarted(before)
     assert installed.vmm_show("vm-a") == baseline
     installed.wait_fd_store(2)
@@ -115,7 +121,7 @@ def test_crash_and_restart_lose_nothing(installed: Installed) -> None:
     # A crash after Prepare keeps the phase, the sessions and the fds.
     installed.call("Prepare")
     before = installed.show("MainPID", "NRestarts")
-    installed.systemctl("kill", "--signal=KILL", "liveupdated")
+    installed.systemctl("kill", "--kill-who=main", "--signal=KILL", "liveupdated")
     installed.wait_restarted(before)
     prepared = installed.vmm_show("vm-a")
     assert prepared["state"] == "prepared"

@@ -113,6 +113,8 @@ def qemu_box(qemu_root: Path, qemu_deb: Path, guest_image: Path,
         (box.host_path("/etc") / "liveupdated/qemu").mkdir(parents=True, exist_ok=True)
         box.host_path("/etc/liveupdated/qemu").joinpath(f"{VM}.conf").write_text(CONFIG)
         installed.systemctl("daemon-reload")
+        verify = box.run(["systemd-analyze", "verify", ADAPTER], check=False)
+        assert verify.returncode == 0, verify.stderr
         installed.systemctl("enable", ADAPTER)
         yield installed
 

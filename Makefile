@@ -1,5 +1,5 @@
 # The two commands of the README, and the slower suites beside them.
-.PHONY: demo test test-nspawn test-kernel test-slow bench man
+.PHONY: demo demo-vm test test-nspawn test-kernel test-slow bench man
 
 # Where `make man` writes the manual pages (scdoc sources in man/).
 BUILD ?= build
@@ -8,6 +8,15 @@ MAN_PAGES = $(BUILD)/man/liveupdated.8 $(BUILD)/man/liveupdatectl.1 $(BUILD)/man
 demo:
 	@scripts/setup.sh
 	.venv/bin/liveupdatectl demo
+
+# A QEMU guest that counts in RAM, carried across a simulated kexec by the QEMU adapter.
+# Its QEMU comes from a Debian sid root (bookworm's QEMU 7.2 cannot do cpr-reboot), built
+# once and cached (guest/sid-root.sh). Needs root.
+demo-vm:
+	@scripts/setup.sh
+	@scripts/nspawn-deps.sh
+	@command -v as >/dev/null || apt-get install -y -q binutils
+	.venv/bin/python -m liveupdated.vmm.demo --root "$$(guest/sid-root.sh)"
 
 test:
 	@scripts/setup.sh

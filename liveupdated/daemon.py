@@ -15,12 +15,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 from dbus_fast import Message, MessageType, NameFlag, RequestNameReply
 
-from liveupdated import logs
+from liveupdated import __version__, logs
 from liveupdated.backends import UNKNOWN_BOOT, Backend, Key
 from liveupdated.backends.simulated import SimulatedBackend
 from liveupdated.bus import BUS_NAME, driver
@@ -35,7 +36,7 @@ from liveupdated.config import Config, parse_args
 from liveupdated.core.errors import LiveUpdateError, Storage
 from liveupdated.core.names import MANAGER_PATH, is_name
 from liveupdated.core.orchestrator import Orchestrator, Phase
-from liveupdated.core.records import Record
+from liveupdated.core.records import DaemonStarted, Record
 from liveupdated.journal import Journal, Watermark
 from liveupdated.service import Listeners, LiveUpdate, describe_os_error
 from liveupdated.statedir import STORAGE_ERRNOS, holds_listen_fds
@@ -242,6 +243,12 @@ class Daemon:
         recovered = recover_handover(core, backend) + reclaim_fds(
             core, vault, inherited, damaged, adopt
         )
+        # Which release runs in which boot, once a start: the journal outlives an upgrade
+        # of the package and the kexec. Compaction keeps the latest.
+        started = DaemonStarted(version=__version__, boot_id=boot_id(),
+                                at_usec=time.time_ns() // 1000)
+        core.apply(started)
+        recovered.append(started)
         service = LiveUpdate(
             core, journal, vault, backend, self.notifier, self.config.freeze_timeout
         )
@@ -316,7 +323,8 @@ class Daemon:
             return 1
         self.notifier.ready(core.status_line())
         log.info("ready", state=core.phase.value, sessions=len(core.sessions),
-                 fds=core.fd_count(), backend=service.backend.name, boot_id=boot_id())
+                 fds=core.fd_count(), backend=service.backend.name, boot_id=boot_id(),
+                 version=__version__)
 
         outcome = await self._serve(service, bus, stop, departed, preserve_calls)
         self.notifier.notify("STOPPING=1")

@@ -52,13 +52,34 @@ if [[ -n $sysroot ]]; then
         mount --bind "$work/pkg" "$work/merged/mnt/pkg"
         mount -t proc proc "$work/merged/proc"
         exec chroot "$work/merged" "$@" /mnt/src/packaging/install.sh \
-            --wheels /mnt/wheels --root /mnt/pkg
+            --wheels /mnt/wheels --root /mnt/pkg --no-man
     ' build-deb "$sysroot" "$work" "$src" "$wheels" "${guest_env[@]}"
 else
-    "${guest_env[@]}" "$src/packaging/install.sh" --wheels "$wheels" --root "$pkg"
+    "${guest_env[@]}" "$src/packaging/install.sh" --wheels "$wheels" --root "$pkg" --no-man
 fi
 
-install -D -m 0644 "$src/packaging/debian/copyright" "$pkg/usr/share/doc/liveupdated/copyright"
+# Manual pages, rendered here (the sysroot has no scdoc), compressed as Debian ships them.
+command -v scdoc >/dev/null || { echo "build-deb: needs scdoc (apt install scdoc)" >&2; exit 1; }
+for page in "$src"/man/*.scd; do
+    name=${page##*/}; name=${name%.scd}; section=${name##*.}
+    mkdir -p "$pkg/usr/share/man/man$section"
+    scdoc <"$page" | gzip -9n >"$pkg/usr/share/man/man$section/$name.gz"
+    chmod 0644 "$pkg/usr/share/man/man$section/$name.gz"
+done
+# Extension modules without their symbols, as dh_strip leaves them.
+find "$pkg" -type f -name '*.so' -exec strip --remove-section=.comment \
+    --remove-section=.note --strip-unneeded {} +
+doc=$pkg/usr/share/doc/liveupdated
+install -D -m 0644 "$src/packaging/debian/copyright" "$doc/copyright"
+# The changelog's latest entry is this release.
+released=$(sed -n '1s/^liveupdated (\([^)]*\)).*/\1/p' "$src/packaging/debian/changelog")
+if [[ $released != "$version" ]]; then
+    echo "build-deb: packaging/debian/changelog's latest entry is ${released:-none}," \
+        "the wheel is $version" >&2
+    exit 1
+fi
+gzip -9n <"$src/packaging/debian/changelog" >"$doc/changelog.gz"
+chmod 0644 "$doc/changelog.gz"
 mkdir -p "$pkg/DEBIAN"
 install -m 0755 -t "$pkg/DEBIAN" "$src"/packaging/debian/{postinst,prerm,postrm}
 size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
@@ -73,6 +94,10 @@ pynext=3.$((${pyver#3.} + 1))
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
     -e "s/@PYTHON@/$pyver/" -e "s/@PYTHON_NEXT@/$pynext/" \
     "$src/packaging/debian/control.in" >"$pkg/DEBIAN/control"
+
+(cd "$pkg" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z |
+    xargs -0 md5sum) >"$pkg/DEBIAN/md5sums"
+chmod 0644 "$pkg/DEBIAN/md5sums"
 
 mkdir -p "$out"
 deb=$(cd "$out" && pwd)/liveupdated_${version}_${arch}.deb

@@ -3,7 +3,7 @@
 # the code in its own venv under /usr/lib/liveupdated, unit, bus policy, activation file,
 # interfaces, tmpfiles and docs under /usr. Run it on the target system or in a chroot of it.
 #
-#   install.sh [--wheels DIR] [--root DESTDIR] [--python PYTHON] [--enable]
+#   install.sh [--wheels DIR] [--root DESTDIR] [--python PYTHON] [--enable] [--no-man]
 #
 # --wheels DIR    install liveupdated and its dependencies from DIR only (no index), as made
 #                 by build-wheels.sh; without it pip builds this source tree with the index
@@ -11,20 +11,23 @@
 #                 is relocated so that it runs from /usr/lib/liveupdated; nothing is started
 # --python PY     the interpreter the venv is built on (default /usr/bin/python3)
 # --enable        systemctl enable --now liveupdated.service afterwards (DESTDIR / only)
+# --no-man        no manual pages (build-deb.sh renders them where scdoc is: the host)
 #
 # On a running system a running daemon is restarted onto the new code (systemctl
 # try-restart: the unit's fd store, and so every fd it holds, survives a restart).
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
-wheels="" destdir="" python=/usr/bin/python3 enable=no
+wheels="" destdir="" python=/usr/bin/python3 enable=no man=yes
 while (($#)); do
     case $1 in
         --wheels) wheels=$(cd "$2" && pwd); shift 2 ;;
         --root) destdir=${2%/}; shift 2 ;;
         --python) python=$2; shift 2 ;;
         --enable) enable=yes; shift ;;
-        *) echo "usage: $0 [--wheels DIR] [--root DESTDIR] [--python PY] [--enable]" >&2; exit 2 ;;
+        --no-man) man=no; shift ;;
+        *) echo "usage: $0 [--wheels DIR] [--root DESTDIR] [--python PY] [--enable] [--no-man]" >&2
+           exit 2 ;;
     esac
 done
 
@@ -51,10 +54,22 @@ else
     "${pip[@]}" "$src"
 fi
 
-# Relocate: scripts and activation files name the directory the venv was built in.
+# No one activates the venv: its scripts name their interpreter.
+rm -f "$staging"/bin/activate "$staging"/bin/activate.* "$staging"/bin/Activate.ps1
+rmdir "$staging"/include/* "$staging/include" 2>/dev/null || true  # empty
+# Relocate: the scripts name the directory the venv was built in.
 grep -lrF --null "$staging" "$staging/bin" "$staging/pyvenv.cfg" |
     xargs -0 --no-run-if-empty sed -i "s|${staging//./\\.}|$prefix|g"
-"$staging/bin/python" -m compileall -q -j0 -s "$staging" -p "$prefix" "$staging/lib" >/dev/null
+if [[ -z $destdir ]]; then
+    "$staging/bin/python" -m compileall -q -j0 -s "$staging" -p "$prefix" "$staging/lib" >/dev/null
+else
+    # A package ships no bytecode (its postinst compiles it); the link to the interpreter
+    # is relative, as a package's links within /usr are.
+    find "$staging" -depth -type d -name __pycache__ -exec rm -rf {} +
+    if [[ $(readlink "$staging/bin/python3") == /usr/bin/python3 ]]; then
+        ln -sfn ../../../bin/python3 "$staging/bin/python3"
+    fi
+fi
 rm -rf "$venv.old"
 if [[ -e $venv ]]; then mv "$venv" "$venv.old"; fi
 mv "$staging" "$venv"
@@ -75,7 +90,9 @@ done
 put polkit/org.liveupdate1.policy /usr/share/polkit-1/actions/org.liveupdate1.policy
 put completions/liveupdatectl.bash /usr/share/bash-completion/completions/liveupdatectl
 # Manual pages, from their scdoc sources (Debian: scdoc), compressed as Debian ships them.
-if command -v scdoc >/dev/null; then
+if [[ $man == no ]]; then
+    :
+elif command -v scdoc >/dev/null; then
     for page in "$src"/man/*.scd; do
         name=${page##*/}; name=${name%.scd}; section=${name##*.}
         mkdir -p "$destdir/usr/share/man/man$section"

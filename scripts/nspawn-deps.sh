@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install the host packages the systemd-nspawn integration tests need (packaging/build-deb.sh
-# needs only dpkg-deb and unshare, which every Debian has).
+# Install the host packages the systemd-nspawn integration tests need: packaging/build-deb.sh
+# renders the manual pages (scdoc) and strips the extension modules (binutils) beside
+# dpkg-deb and unshare, which every Debian has; the package is checked with lintian.
 # Idempotent: exits quickly when everything is already installed.
 set -euo pipefail
 
-packages=(systemd-container debootstrap zstd)
+packages=(systemd-container debootstrap zstd scdoc binutils lintian)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -16,6 +16,7 @@ from liveupdated.config import Config
 from liveupdated.core.codec import DecodeError, from_dict, from_json, to_json
 from liveupdated.core.records import (
     CycleRecorded,
+    DaemonStarted,
     FdCorrupted,
     FdLost,
     FdPreserved,
@@ -62,6 +63,7 @@ EVERY_RECORD: list[Record] = [
     QuarantineReleased(session="vm", token="ram", by_uid=0),
     HandoverWritten(at_usec=5, fds=3, bytes=1 << 40),
     CycleRecorded(cycle=UpdateCycle(started_usec=1, prepared_by=0, outcome="cancelled")),
+    DaemonStarted(version="0.2.0", boot_id="0123456789abcdef0123456789abcdef", at_usec=7),
 ]
 
 
@@ -116,6 +118,9 @@ def test_backend_records_round_trip_nested() -> None:
     kexec = KexecRecord(boot_id="b", fds=[fd, fd])
     assert from_json(KexecRecord, to_json(kexec)) == kexec
     assert isinstance(from_json(KexecRecord, to_json(kexec)).fds[0].extents[0], tuple)
+    versioned = KexecRecord(boot_id="b", fds=[fd], version="0.2.0")
+    assert from_json(KexecRecord, to_json(versioned)) == versioned
+    assert from_json(KexecRecord, '{"boot_id":"b","fds":[]}').version == ""  # before 0.2.0
     manifest = Manifest(session="vm", boot_id="b", fds=(
         KernelFd(token="ram", kernel_token=1, kind="memfd", requires=(), name="", seals=0,
                  size=0),))

@@ -16,7 +16,7 @@ from liveupdated.core.errors import (
     WrongState,
 )
 from liveupdated.core.orchestrator import Caller, FdFacts, Limits, Orchestrator, Phase
-from liveupdated.core.records import CycleRecorded, Record
+from liveupdated.core.records import CycleRecorded, DaemonStarted, Record
 
 ROOT = Caller(uid=0, unit="", client=":1.1", admin=True)
 ALICE = Caller(uid=1000, unit="vmm@a.service", client=":1.2", admin=False)
@@ -377,6 +377,21 @@ def test_records_replay_to_the_same_state() -> None:
         assert c.fd_count() == sum(len(s.fds) for s in c.sessions.values()) == 2
         assert c.total_preserved_bytes() == 2 * FACTS.size
     assert replayed(core, core.snapshot()).snapshot() == core.snapshot()
+
+
+def test_a_daemon_start_changes_nothing_and_the_latest_is_kept() -> None:
+    core = core_with("ram")
+    prepare(core)
+    before = core.snapshot()
+    first = DaemonStarted(version="0.1.0", boot_id="a" * 32, at_usec=1)
+    latest = DaemonStarted(version="0.2.0", boot_id="b" * 32, at_usec=2)
+    core.apply(first)
+    core.apply(latest)
+    after = core.snapshot()
+    assert [r for r in after if not isinstance(r, DaemonStarted)] == before
+    assert [r for r in after if isinstance(r, DaemonStarted)] == [latest]
+    assert replayed(core, after).snapshot() == after  # compaction keeps it
+    assert core.phase is Phase.PREPARED
 
 
 def test_a_cancelled_freeze_leaves_no_blackout_start_behind() -> None:

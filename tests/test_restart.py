@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 from dbus_fast import Message
 
+from liveupdated import __version__
 from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import DependencyMissing, NoSuchToken
+from liveupdated.core.records import DaemonStarted
+from liveupdated.journal import decode
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import Notifications
+from liveupdated.systemd import boot_id
 from tests.conftest import Host, make_memfd, open_fds
 
 
@@ -237,3 +241,16 @@ async def test_sessions_of_departed_clients_are_dropped_at_restart(
         await asyncio.wait_for(gone.wait(), 10)
         host.start()
         assert [s.name for s in await stays.list_sessions()] == ["stays"]
+
+
+async def test_every_start_journals_the_release_and_the_boot(host: Host, bus: PrivateBus) -> None:
+    host.start()
+    async with await Client.connect(bus.address) as vmm:
+        await vmm.create_session("vm")
+        host.crash()
+        assert [s.name for s in await vmm.list_sessions()] == ["vm"]
+    records, damages, _ = decode((host.state / "journal").read_bytes())
+    assert damages == []
+    started = [r for r in records if isinstance(r, DaemonStarted)]
+    assert [(r.version, r.boot_id) for r in started] == [(__version__, boot_id())] * 2
+    assert 0 < started[0].at_usec <= started[1].at_usec

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import structlog
 
+from liveupdated import __version__
 from liveupdated.backends import Handover, Key
 from liveupdated.core.codec import from_json, to_json
 from liveupdated.core.errors import Corrupted, NoSuchToken, Storage
@@ -61,6 +62,7 @@ class CarriedFd:
 class KexecRecord:
     boot_id: str
     fds: list[CarriedFd]
+    version: str = ""  # of the liveupdated that wrote it ("": written before 0.2.0)
 
 
 COPY_WORKERS = min(4, os.cpu_count() or 1)  # pieces copied at once, one per core
@@ -140,7 +142,7 @@ class SimulatedBackend:
             os.mkdir(data_dir, 0o700)
             total, carried = self._copy_all(data_dir, fds, entries, progress)
             data_done = time.monotonic()
-            body = to_json(KexecRecord(boot_id=boot_id, fds=carried))
+            body = to_json(KexecRecord(boot_id=boot_id, fds=carried, version=__version__))
             self._write_record(body + b"\n" + str(zlib.crc32(body)).encode())
         except BaseException as exc:
             self._remove_attempt()

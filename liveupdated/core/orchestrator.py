@@ -50,6 +50,7 @@ from liveupdated.core.names import (
 )
 from liveupdated.core.records import (
     CycleRecorded,
+    DaemonStarted,
     FdCorrupted,
     FdLost,
     FdPreserved,
@@ -190,7 +191,7 @@ class Session:
 
 _HOST_RECORDS = (
     PhaseChanged, Rebooted, RebootStarted, RebootFailed, KexecSimulated, FdQuarantined,
-    QuarantineReleased, HandoverWritten, CycleRecorded,
+    QuarantineReleased, HandoverWritten, CycleRecorded, DaemonStarted,
 )
 
 
@@ -215,6 +216,7 @@ class Orchestrator:
         self.quarantine: dict[tuple[str, str], QuarantinedFd] = {}
         self.history: list[UpdateCycle] = []  # ended cycles, oldest first
         self.cycle: UpdateCycle | None = None  # the update under way
+        self.started: DaemonStarted | None = None  # the latest start: release and boot
         self._fd_total = 0  # kept up to date by apply: PreserveFd must not scan every fd
         self._bytes_total = 0
         self._uid_fds: dict[int, int] = {}
@@ -303,6 +305,8 @@ class Orchestrator:
                 )
             case QuarantineReleased():
                 del self.quarantine[(record.session, record.token)]
+            case DaemonStarted():
+                self.started = record
 
 
     def _track_cycle(self, record: Record) -> None:
@@ -372,6 +376,8 @@ class Orchestrator:
             FdQuarantined(session=q.session, token=q.token, size=q.size, reason=q.reason)
             for q in self.quarantine.values()
         ]
+        if self.started is not None:
+            records.append(self.started)
         records += [CycleRecorded(cycle=c) for c in self.history]
         if self.cycle is not None:  # after the PhaseChanged above, which starts one
             records.append(CycleRecorded(cycle=self.cycle))

@@ -217,6 +217,18 @@ class QuarantineReleased:
     by_uid: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonStarted:
+    """A start of the daemon, after its recovery: which release ran in which boot (the
+    journal outlives both an upgrade of the package and the kexec). Only the latest is
+    kept: it changes nothing else."""
+
+    type: Literal["daemon_started"] = "daemon_started"
+    version: str
+    boot_id: str
+    at_usec: int  # CLOCK_REALTIME
+
+
 Record = (
     SessionCreated
     | FdPreserved
@@ -237,6 +249,7 @@ Record = (
     | QuarantineReleased
     | HandoverWritten
     | CycleRecorded
+    | DaemonStarted
 )
 
 _RECORD: Tagged[Record] = Tagged("Record", get_args(Record))

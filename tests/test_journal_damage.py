@@ -108,7 +108,11 @@ def _damage(data: bytes, kind: str, start: int, end: int) -> bytes:
 
 
 RELEASED = {"vm-2/dev1", *(f"vm-4/{t}" for t in ("ram", "rom", "dev0", "dev1", "dev2"))}
-FRAME_COUNT = 25  # more than the built journal has: the test checks it covers them all
+FRAME_COUNT = 40  # at least as many as the built journal has (checked below)
+
+
+def test_the_cases_cover_every_frame(built: tuple[Built, PrivateBus]) -> None:
+    assert 20 <= len(built[0].frames) <= FRAME_COUNT
 
 
 @pytest.mark.parametrize(("kind", "frame"), _cases(FRAME_COUNT))
@@ -117,8 +121,7 @@ async def test_damage_at_every_frame_loses_no_fd(
 ) -> None:
     base, bus = built
     if frame >= len(base.frames):
-        assert len(base.frames) <= FRAME_COUNT
-        return
+        pytest.skip(f"the journal has {len(base.frames)} frames")
     start, end = base.frames[frame]
     state = tmp_path / "state"
     shutil.copytree(base.state, state)

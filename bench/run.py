@@ -574,9 +574,11 @@ class Bench:
                 finally:
                     os.close(fd)
 
-        started = time.perf_counter()
+        cpu, started = cpu_s(daemon.pid), time.perf_counter()
         await asyncio.gather(*(hand_over(i) for i in range(vms)))
         over = self.results.add(f"{tag}_preserve_fds_per_s", count / since(started), "fds/s")
+        self.results.add(f"{tag}_preserve_cpu_us_per_fd",
+                         round((cpu_s(daemon.pid) - cpu) / count * 1e6, 1), "us")
         await admin.prepare()
         await self.freeze_and_reboot(admin, daemon, tag)
         self.drop(admin, *clients)
@@ -624,8 +626,11 @@ class Bench:
                         firsts.append(time.monotonic())
             lasts.append(time.monotonic())
 
-        count = len(smalls)
+        count, cpu = len(smalls), cpu_s(daemon.pid)
         await asyncio.gather(*(vm(i) for i in range(len(clients))))
+        # The daemon's CPU (all threads, restores ahead included) from READY=1 on.
+        self.results.add(f"{tag}_cpu_us_per_fd", round((cpu_s(daemon.pid) - cpu) / count * 1e6, 1),
+                         "us")
         if wrong:
             raise RuntimeError(f"{tag}: {len(wrong)} restored memfds differ, e.g. {wrong[:3]}")
         back_s = self.results.add(f"{tag}_all_fds_s", max(lasts) - daemon.ready_at, "s")

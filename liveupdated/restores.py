@@ -24,6 +24,8 @@ from liveupdated.backends import Key
 from liveupdated.core.orchestrator import FdEntry
 
 WORKERS = min(4, os.cpu_count() or 1)
+JOB_FDS = 8  # fds of the queue rebuilt in one job, if together under JOB_BYTES
+JOB_BYTES = 16 << 20  # apparent size
 
 Rebuild = Callable[[Key, FdEntry], int]
 
@@ -36,7 +38,8 @@ class Restores:
         self._waits: dict[Key, asyncio.Future[None]] = {}  # queued or in flight
         self._urgent: dict[Key, FdEntry] = {}  # asked for: started first
         self._queue: dict[Key, FdEntry] = {}  # ahead of the requests, in order
-        self._in_flight: set[asyncio.Future[None]] = set()
+        self._in_flight: set[asyncio.Future[None]] = set()  # waits of keys being rebuilt
+        self._jobs: set[asyncio.Future[list[int | BaseException]]] = set()
         self._done: dict[Key, int] = {}  # rebuilt and checked, not yet claimed
 
     def ahead(self, entries: Iterable[tuple[Key, FdEntry]]) -> None:
@@ -82,8 +85,8 @@ class Restores:
 
     async def settle(self) -> None:
         """Until no rebuild is under way (each one let go is closed by then)."""
-        while self._in_flight:
-            await asyncio.wait(list(self._in_flight))
+        while self._jobs:
+            await asyncio.wait(list(self._jobs))
 
     def close(self) -> None:
         for key in [*self._waits, *self._done]:
@@ -97,33 +100,58 @@ class Restores:
         return wait
 
     def _pump(self) -> None:
-        while len(self._in_flight) < self._workers and (self._urgent or self._queue):
+        """Start jobs while a worker is free: an fd asked for alone, else a few of the
+        queue at once (one thread hop and one wake-up of the loop for several small fds)."""
+        while len(self._jobs) < self._workers and (self._urgent or self._queue):
             pending = self._urgent or self._queue
-            key = next(iter(pending))
-            entry = pending.pop(key)
-            wait = self._waits[key]
+            batch: list[tuple[Key, FdEntry, asyncio.Future[None]]] = []
+            size = 0
+            while pending and (not batch or (
+                    pending is self._queue and len(batch) < JOB_FDS and size < JOB_BYTES)):
+                key = next(iter(pending))
+                entry = pending.pop(key)
+                batch.append((key, entry, self._waits[key]))
+                size += entry.size
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self._workers, "liveupdated-restore")
-            self._in_flight.add(wait)
+            self._in_flight.update(wait for _, _, wait in batch)
             job = asyncio.get_running_loop().run_in_executor(
-                self._executor, self._rebuild, key, entry)
-            job.add_done_callback(functools.partial(self._ended, key, wait))
+                self._executor, self._rebuild_all, [(k, e) for k, e, _ in batch])
+            self._jobs.add(job)
+            job.add_done_callback(functools.partial(self._ended, batch))
 
-    def _ended(self, key: Key, wait: asyncio.Future[None], job: asyncio.Future[int]) -> None:
-        self._in_flight.discard(wait)
-        wanted = self._waits.get(key) is wait
-        if wanted:
-            del self._waits[key]
+    def _rebuild_all(self, batch: list[tuple[Key, FdEntry]]) -> list[int | BaseException]:
+        """In a worker thread: each fd rebuilt, or the error that stopped it."""
+        outcomes: list[int | BaseException] = []
+        for key, entry in batch:
+            try:
+                outcomes.append(self._rebuild(key, entry))
+            except Exception as exc:  # handed to whoever waits for it
+                outcomes.append(exc)
+        return outcomes
+
+    def _ended(self, batch: list[tuple[Key, FdEntry, asyncio.Future[None]]],
+               job: asyncio.Future[list[int | BaseException]]) -> None:
+        self._jobs.discard(job)
         if job.cancelled():
-            wait.set_exception(OSError(f"the restore of {key[0]}/{key[1]} was stopped"))
+            outcomes: list[int | BaseException] = [
+                OSError(f"the restore of {key[0]}/{key[1]} was stopped") for key, _, _ in batch]
         elif job.exception() is not None:
-            wait.set_exception(job.exception())  # type: ignore[arg-type]
+            outcomes = [job.exception()] * len(batch)  # type: ignore[list-item]
         else:
-            fd = job.result()
+            outcomes = job.result()
+        for (key, _, wait), outcome in zip(batch, outcomes, strict=True):
+            self._in_flight.discard(wait)
+            wanted = self._waits.get(key) is wait
             if wanted:
-                self._done[key] = fd
+                del self._waits[key]
+            if isinstance(outcome, BaseException):
+                wait.set_exception(outcome)
+                continue
+            if wanted:
+                self._done[key] = outcome
             else:
-                os.close(fd)
+                os.close(outcome)
             wait.set_result(None)
         self._pump()
 

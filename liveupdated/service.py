@@ -42,6 +42,7 @@ from liveupdated.core.orchestrator import (
 from liveupdated.core.records import (
     FdPreserved,
     FdReleased,
+    FdRestored,
     PhaseChanged,
     Rebooted,
     Record,
@@ -202,6 +203,8 @@ class LiveUpdate:
                     log.info("state_changed", old=record.old, new=record.new)
                 case Rebooted():
                     changed.update(dict.fromkeys(self.core.sessions))
+                case FdRestored():
+                    pass  # no property or STATUS= figure changes: nothing to announce
                 case _:
                     if hasattr(record, "session"):
                         changed[record.session] = None
@@ -334,6 +337,7 @@ class LiveUpdate:
             twice = next(t for t in tokens if tokens.count(t) > 1)
             raise InvalidArgument(f"{command} names token {twice!r} twice")
         keys = [(session, token) for token in tokens]
+        restored: dict[str, int] = {}  # bytes of each fd restored for this call
         missing = [
             (key, entry)
             for key, entry in zip(
@@ -346,7 +350,7 @@ class LiveUpdate:
                 key = missing[0][0]
                 raise Corrupted(f"{key[0]}/{key[1]} is journaled but its fd is not held")
             self._restore_ahead()
-            await self._restore(caller, missing)
+            restored = await self._restore(caller, missing)
             for token in tokens:  # ask again: a Finish may have come while it was journaled
                 self.core.check_retrieve_fd(caller, session, token)
         fds: list[int] = []
@@ -357,12 +361,13 @@ class LiveUpdate:
             for fd in fds:
                 os.close(fd)
             raise
+        # One line a call (one each would cost more than the rest of the call).
         if len(tokens) == 1:
             log.info("fd_retrieved", session=session, token=tokens[0],
-                     phase=self.core.phase.value)
+                     phase=self.core.phase.value, restored=restored)
         else:
             log.info("fds_retrieved", session=session, tokens=list(tokens),
-                     phase=self.core.phase.value)
+                     phase=self.core.phase.value, restored=restored)
         return fds
 
     def _restore_ahead(self) -> None:
@@ -381,9 +386,11 @@ class LiveUpdate:
             if not entry.problem and (name, token) not in self.vault
         )
 
-    async def _restore(self, caller: Caller, missing: Sequence[tuple[Key, FdEntry]]) -> None:
+    async def _restore(
+        self, caller: Caller, missing: Sequence[tuple[Key, FdEntry]]
+    ) -> dict[str, int]:
         """Rebuild the fds (or take those rebuilt ahead), keep them, and make their
-        restore durable in one group commit."""
+        restore durable in one group commit; the size of each, by token."""
         outcomes = await asyncio.gather(
             *[self.restores.wanted(key, entry) for key, entry in missing],
             return_exceptions=True,
@@ -395,7 +402,7 @@ class LiveUpdate:
         # let go then, and closed by the Restores).
         entries = [self.core.check_retrieve_fd(caller, *key) for key, _ in missing]
         records: list[Record] = []
-        restored: list[tuple[str, int]] = []
+        restored: dict[str, int] = {}
         for (key, _), entry in zip(missing, entries, strict=True):
             fd = self.restores.claim(key)
             if fd is None or key in self.vault:  # a concurrent RetrieveFd kept it first
@@ -405,17 +412,15 @@ class LiveUpdate:
                     raise Corrupted(f"{key[0]}/{key[1]} was restored but is not held")
                 continue
             self.vault.keep(key, fd)
-            restored.append((key[1], entry.size))
+            restored[key[1]] = entry.size
             if not entry.restored:
                 records += self.core.fd_restored(*key)
-        if restored:
-            log.info("fds_restored", session=missing[0][0][0],
-                     tokens=[t for t, _ in restored], bytes=sum(b for _, b in restored))
         if records:
             if self.storage_problem:  # served all the same: the fd is held either way
                 self.journal.enqueue(records)
-                return
-            await self._durable(records)
+            else:
+                await self._durable(records)
+        return restored
 
     async def delay_freeze(self, caller: Caller, session: str, enable: bool) -> None:
         await self.writable()

@@ -15,6 +15,7 @@ once a compaction of the whole state succeeds.
 import asyncio
 import contextlib
 import errno
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -379,11 +380,15 @@ class LiveUpdate:
         self._restoring_ahead = True
         if not getattr(self.backend, "restores_ahead", False):
             return
-        self.restores.ahead(
-            ((name, token), entry)
+        # Round robin over the sessions, each in its preserved order: the VMMs ask at
+        # once, each for its first fd, then its second...
+        per_session = [
+            [((name, token), entry) for token, entry in session.fds.items()
+             if not entry.problem and (name, token) not in self.vault]
             for name, session in self.core.sessions.items() if not session.finished
-            for token, entry in session.fds.items()
-            if not entry.problem and (name, token) not in self.vault
+        ]
+        self.restores.ahead(
+            fd for row in itertools.zip_longest(*per_session) for fd in row if fd is not None
         )
 
     async def _restore(

@@ -4,6 +4,7 @@ Every test runs real daemons on a private bus with the simulated backend; a rebo
 Prepare, Freeze, Reboot and the next daemon's start on the same state dir and fd store.
 """
 
+import asyncio
 import fcntl
 import os
 from pathlib import Path
@@ -217,3 +218,31 @@ async def test_fds_restored_ahead_and_never_asked_for_are_released_at_finish(
         assert _memfds_held(host.daemons[-1].pid) == 0
         assert host.store.store == {}
         assert daemon.process is not None and daemon.process.poll() is not None
+
+
+async def test_retrieve_fd_of_a_known_caller_answers_as_the_method(
+    host: Host, bus: PrivateBus
+) -> None:
+    """Once the caller is known, RetrieveFd is answered outside dbus-fast's dispatch:
+    the same fds, the same errors, and calls pipelined on one connection all answered."""
+    host.start()
+    async with await Client.connect(bus.address) as vmm, OtherUid(bus.address) as nobody:
+        contents = await _preserve(vmm, "vm", {f"ram{j}": 8192 for j in range(20)})
+        await nobody.call("state")  # known to the daemon from now on
+        await _reboot(host, vmm)
+        session = await vmm.retrieve_session("vm")
+        fds = await asyncio.gather(*(session.retrieve_fd(f"ram{j}") for j in range(20)),
+                                   session.retrieve_fd("ram7"))
+        for j, fd in enumerate(fds):
+            assert _whole(fd) == _expected(contents, f"ram{j % 20 if j < 20 else 7}", 8192)
+            os.close(fd)
+        with pytest.raises(NoSuchToken, match="'nvram'"):
+            await session.retrieve_fd("nvram")
+        with pytest.raises(InvalidArgument, match="token"):
+            await session.retrieve_fd("no/slash")
+        await nobody.call("state")
+        with pytest.raises(AccessDenied, match="uid 0"):
+            await nobody.call("retrieve_fd", session="vm", token="ram0")
+        await session.finish()
+        with pytest.raises(WrongState, match="finished"):
+            await session.retrieve_fd("ram0")

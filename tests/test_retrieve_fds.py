@@ -6,6 +6,7 @@ Prepare, Freeze, Reboot and the next daemon's start on the same state dir and fd
 
 import asyncio
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -185,7 +186,7 @@ async def test_one_damaged_fd_fails_the_call_by_name_and_the_others_still_come_b
 
 
 async def test_fds_restored_ahead_and_never_asked_for_are_released_at_finish(
-    host: Host, bus: PrivateBus
+    host: Host, bus: PrivateBus, tmp_path: Path
 ) -> None:
     """RetrieveSession starts restoring every fd; what nobody claims is closed by the
     Session.Finish or Finish that lets it go, never stored or journaled as restored."""
@@ -207,6 +208,13 @@ async def test_fds_restored_ahead_and_never_asked_for_are_released_at_finish(
             assert _whole(fd) == _expected(vms["vm0"], token, 16384)
             os.close(fd)
         assert sorted(host.store.store) == sorted(f"vm0/ram{j}" for j in range(8))
+        await vmm.state()  # the log lines of the turns before are written by now
+        logged = [json.loads(line[3:]) for line in
+                  (tmp_path / "daemon.log").read_text().splitlines() if "fds_restored" in line]
+        assert sorted(t for e in logged for t in e["tokens"]) == sorted(
+            f"ram{j}" for j in range(8))
+        assert {e["session"] for e in logged} == {"vm0"}
+        assert sum(e["bytes"] for e in logged) == 8 * 16384
         # A restart now: the restored fds come back from the store, the others from the
         # handover, byte-exact either way.
         host.crash()

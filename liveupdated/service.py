@@ -443,7 +443,10 @@ class LiveUpdate:
             if self.storage_problem:  # served all the same: the fd is held either way
                 self.journal.enqueue(records)
             else:
-                await self._durable(records)
+                # A journal that fails now makes the daemon degraded; the fds are held
+                # and served all the same, as in degraded mode.
+                with contextlib.suppress(Storage):
+                    await self._durable(records)
         return restored
 
     async def delay_freeze(self, caller: Caller, session: str, enable: bool) -> None:

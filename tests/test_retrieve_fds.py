@@ -5,9 +5,12 @@ Prepare, Freeze, Reboot and the next daemon's start on the same state dir and fd
 """
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,10 +21,12 @@ from liveupdated.core.errors import (
     Corrupted,
     InvalidArgument,
     NoSuchToken,
+    Storage,
     WrongState,
 )
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
+from liveupdated.sandbox import Notifications
 from tests.conftest import Host, make_memfd
 from tests.other_uid import OtherUid, digest
 
@@ -254,3 +259,55 @@ async def test_retrieve_fd_of_a_known_caller_answers_as_the_method(
         await session.finish()
         with pytest.raises(WrongState, match="finished"):
             await session.retrieve_fd("ram0")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_disk_that_fills_after_the_reboot_still_gets_every_fd_back(
+    bus: PrivateBus, small_disk: Path, tmp_path: Path, store: Notifications
+) -> None:
+    """The journal refuses the restores' records: the daemon is degraded, and every fd
+    is handed back byte-exact all the same, one at a time or together."""
+    host = Host(bus, small_disk / "state", store, tmp_path / "daemon.log")
+    try:
+        host.start()
+        async with await Client.connect(bus.address) as vmm:
+            sizes = {f"ram{j}": 4096 for j in range(64)}
+            contents = await _preserve(vmm, "vm", sizes)
+            await _reboot(host, vmm)
+            filler = small_disk / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\xff" * 4096)
+            os.close(fd)
+            session = await vmm.retrieve_session("vm")
+            for j in range(32):
+                fd = await session.retrieve_fd(f"ram{j}")
+                assert _whole(fd) == _expected(contents, f"ram{j}", 4096)
+                os.close(fd)
+            for k in range(32, 64, 16):
+                got = await session.retrieve_fds([f"ram{j}" for j in range(k, k + 16)])
+                for token, fd in got:
+                    assert _whole(fd) == _expected(contents, token, 4096)
+                    os.close(fd)
+            with pytest.raises(Storage, match="ENOSPC"):
+                await session.finish()  # degraded: changes are refused
+            filler.unlink()
+            await session.finish()  # back by itself
+            await vmm.finish()
+            assert host.store.store == {}
+    finally:
+        host.close()

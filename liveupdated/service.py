@@ -376,12 +376,12 @@ class LiveUpdate:
         return fds
 
     def _log_restored(self, session: str, restored: dict[str, int]) -> None:
-        """One `fds_restored` line per session for the fds restored for callers in a turn
-        of the loop: after the reboot every VMM asks at once, and a line a call would
-        cost a quarter of the call."""
+        """One `fds_restored` line per session for the fds restored for callers within
+        STATUS_INTERVAL: after the reboot every VMM asks at once, one call in flight
+        each, and a line a call would cost a quarter of the call."""
         if not self._restored_log:
-            asyncio.get_running_loop().call_soon(
-                self._write_restored_log, context=contextvars.Context())
+            asyncio.get_running_loop().call_later(
+                STATUS_INTERVAL, self._write_restored_log, context=contextvars.Context())
         self._restored_log.setdefault(session, {}).update(restored)
 
     def _write_restored_log(self) -> None:
@@ -462,6 +462,7 @@ class LiveUpdate:
         records = self.core.finish_session(caller, session)
         await self._durable(records)
         await self.restores.settle()  # fds let go while being restored: closed
+        self._write_restored_log()
         released = [r.token for r in records if isinstance(r, FdReleased)]
         await asyncio.to_thread(self.backend.finish_session, session, released)
 
@@ -623,6 +624,7 @@ class LiveUpdate:
         try:
             await self._durable(records)
             await self.restores.settle()  # fds let go while being restored: closed
+            self._write_restored_log()
             await asyncio.to_thread(self.backend.finish)
             await self.journal.compact(self.core.snapshot)
         finally:

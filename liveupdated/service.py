@@ -365,7 +365,7 @@ class LiveUpdate:
             for fd in fds:
                 os.close(fd)
             raise
-        if restored:  # logged by session, once a turn of the loop: _log_restored
+        if restored:  # logged by session, every STATUS_INTERVAL: _log_restored
             return fds
         if len(tokens) == 1:
             log.info("fd_retrieved", session=session, token=tokens[0],

@@ -75,3 +75,28 @@ class Layout:
             and memfd.data_extents(fd, self.size) == [(o, self.chunk) for o in self.offsets]
             and os.pread(fd, self.chunk, first) == block_at(self.chunk, first)
         )
+
+
+_POOL = random.Random("small memfds").randbytes(32 << 10)
+
+
+@dataclass(frozen=True)
+class Small:
+    """A small memfd, all data, its bytes distinct for each `seed` (the first 8 say it)."""
+
+    seed: int
+    size: int  # 8 < size <= 16 KiB
+
+    def content(self) -> bytes:
+        start = (self.seed * 4099) % (16 << 10)
+        return self.seed.to_bytes(8, "little") + _POOL[start:start + self.size - 8]
+
+    def memfd(self, name: str) -> int:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.pwrite(fd, self.content(), 0)
+        return fd
+
+    def matches(self, fd: int) -> bool:
+        """Byte-exact: the same size and every byte the same."""
+        return os.fstat(fd).st_size == self.size and os.pread(fd, self.size + 1, 0) == \
+            self.content()

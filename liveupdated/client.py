@@ -91,6 +91,24 @@ class Client:
         unix_fds: Sequence[int] = (),
         destination: str = BUS_NAME,
     ) -> list[Any]:
+        reply = await self.reply(path, interface, member, signature, body, unix_fds, destination)
+        body_out = list(reply.body)
+        if reply.unix_fds:
+            body_out = [reply.unix_fds[v] if s.token == "h" else v
+                        for s, v in zip(reply.signature_tree.types, body_out, strict=True)]
+        return body_out
+
+    async def reply(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        unix_fds: Sequence[int] = (),
+        destination: str = BUS_NAME,
+    ) -> Message:
+        """The method return of a call (its fds are the caller's); an error raised."""
         reply = await self.bus.call(
             Message(
                 destination=destination,
@@ -107,11 +125,7 @@ class Client:
             text = reply.body[0] if reply.body else ""
             name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
             raise _ERRORS[name](text) if name in _ERRORS else BusError(name, text)
-        body_out = list(reply.body)
-        if reply.unix_fds:
-            body_out = [reply.unix_fds[v] if s.token == "h" else v
-                        for s, v in zip(reply.signature_tree.types, body_out, strict=True)]
-        return body_out
+        return reply
 
     async def add_match(self, rule: str) -> None:
         await driver.add_match(self.bus, rule)
@@ -219,6 +233,27 @@ class SessionClient:
         (fd,) = await self._call("RetrieveFd", "s", [token])
         os.set_inheritable(fd, False)
         return int(fd)
+
+    async def retrieve_fds(self, tokens: Sequence[str]) -> list[tuple[str, int]]:
+        """(token, fd) for each token, in order, all or none: new fds owned by the caller
+        (close them when done). At most 16 tokens a call, as PreserveFds; the daemon
+        refuses more with InvalidArgument."""
+        reply = await self.client.reply(self.path, SESSION_INTERFACE, "RetrieveFds", "as",
+                                        [list(tokens)])
+        fds = list(reply.unix_fds)
+        try:
+            (pairs,) = reply.body
+            got = [(str(token), fds[index]) for token, index in pairs]
+            if len(got) != len(fds) or sorted(i for _, i in pairs) != list(range(len(fds))):
+                raise BusError("org.freedesktop.DBus.Error.InvalidSignature",
+                               "RetrieveFds replied with fds that do not match its body")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        for _, fd in got:
+            os.set_inheritable(fd, False)
+        return got
 
     async def list_fds(self) -> list[FdInfo]:
         (rows,) = await self._call("ListFds")

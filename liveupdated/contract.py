@@ -60,6 +60,9 @@ FAILS_WITH: dict[str, tuple[str, ...]] = {
     "Session.RetrieveFd": (
         "InvalidArgument", "NoSuchToken", "Corrupted", "AccessDenied", "NoSuchSession",
         "WrongState"),
+    "Session.RetrieveFds": (
+        "InvalidArgument", "NoSuchToken", "Corrupted", "AccessDenied", "NoSuchSession",
+        "WrongState"),
     "Session.ListFds": ("AccessDenied", "NoSuchSession"),
     "Session.DelayFreeze": _SESSION_CHANGE,
     "Session.ReadyForFreeze": _SESSION_CHANGE,

@@ -30,6 +30,7 @@ from liveupdated.bus.callers import Callers
 from liveupdated.bus.connection import FdOwningBus, fd_guard, limit_calls
 from liveupdated.bus.manager import Manager
 from liveupdated.bus.preserve import PreserveFdCalls
+from liveupdated.bus.retrieve import RetrieveFdCalls
 from liveupdated.bus.session import SessionObjects
 from liveupdated.bus.visibility import Visibility
 from liveupdated.config import Config, parse_args
@@ -291,6 +292,7 @@ class Daemon:
         bus.add_message_handler(limit_calls(bus))  # first: it may refuse a call
         bus.add_message_handler(fd_guard(sessions.__contains__, preserve_calls.take))
         bus.add_message_handler(Visibility(bus, service, callers, sessions).handle)
+        bus.add_message_handler(RetrieveFdCalls(bus, service, callers, sessions).handle)
         bus.add_message_handler(sessions.answer_missing)
         bus.add_message_handler(_name_watcher(departed, callers, service))
         await driver.add_match(bus, NAME_OWNER_CHANGED)

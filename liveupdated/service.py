@@ -14,7 +14,9 @@ once a compaction of the whole state succeeds.
 
 import asyncio
 import contextlib
+import contextvars
 import errno
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +25,14 @@ from dataclasses import dataclass, field
 import structlog
 
 from liveupdated.backends import Backend, Key
-from liveupdated.core.errors import Corrupted, Storage, Timeout, UnsupportedFd
+from liveupdated.core.errors import (
+    Corrupted,
+    InvalidArgument,
+    Storage,
+    Timeout,
+    UnsupportedFd,
+)
+from liveupdated.core.names import MAX_FDS_PER_CALL
 from liveupdated.core.orchestrator import (
     Caller,
     FdEntry,
@@ -35,6 +44,7 @@ from liveupdated.core.orchestrator import (
 from liveupdated.core.records import (
     FdPreserved,
     FdReleased,
+    FdRestored,
     PhaseChanged,
     Rebooted,
     Record,
@@ -43,6 +53,7 @@ from liveupdated.core.records import (
 )
 from liveupdated.fds import memfd
 from liveupdated.journal import Journal
+from liveupdated.restores import Restores
 from liveupdated.systemd import Notifier, boot_id
 from liveupdated.vault import Vault
 
@@ -94,6 +105,9 @@ class LiveUpdate:
         self._last_progress = 0.0
         self._last_status = -STATUS_INTERVAL
         self._status_timer: asyncio.TimerHandle | None = None
+        self.restores = Restores(backend.retrieve_fd)
+        self._restored_log: dict[str, dict[str, int]] = {}  # session -> token -> bytes
+        self._restoring_ahead = False
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -110,6 +124,7 @@ class LiveUpdate:
         for record in records:
             if isinstance(record, FdReleased):
                 self.vault.release((record.session, record.token))
+                self.restores.drop((record.session, record.token))
 
     async def settle(self, records: Sequence[Record]) -> None:
         """Wait until enqueued records are durable, then carry out their effects."""
@@ -192,6 +207,8 @@ class LiveUpdate:
                     log.info("state_changed", old=record.old, new=record.new)
                 case Rebooted():
                     changed.update(dict.fromkeys(self.core.sessions))
+                case FdRestored():
+                    pass  # no property or STATUS= figure changes: nothing to announce
                 case _:
                     if hasattr(record, "session"):
                         changed[record.session] = None
@@ -229,7 +246,9 @@ class LiveUpdate:
         return self.core.sessions[name]
 
     def retrieve_session(self, caller: Caller, name: str) -> Session:
-        return self.core.retrieve_session(caller, name)
+        session = self.core.retrieve_session(caller, name)
+        self._restore_ahead()  # the VMMs ask for their fds next
+        return session
 
     async def preserve_fd(
         self, caller: Caller, session: str, token: str, fd: int, requires: Sequence[str]
@@ -305,36 +324,131 @@ class LiveUpdate:
 
     async def retrieve_fd(self, caller: Caller, session: str, token: str) -> int:
         """A new fd for the caller (a dup of the one held); the caller must close it."""
-        entry = self.core.check_retrieve_fd(caller, session, token)
-        key = (session, token)
-        if key not in self.vault:
-            if self.core.phase is not Phase.UPDATED:
-                raise Corrupted(f"{session}/{token} is journaled but its fd is not held")
-            await self._restore(caller, key, entry)
-            self.core.check_retrieve_fd(caller, session, token)  # a Finish may have come
-            if key not in self.vault:
-                raise Corrupted(f"{session}/{token} was let go while it was restored")
-        log.info("fd_retrieved", session=session, token=token, phase=self.core.phase.value)
-        return self.vault.dup(key)
+        (fd,) = await self.retrieve_fds(caller, session, [token], "RetrieveFd")
+        return fd
 
-    async def _restore(self, caller: Caller, key: Key, entry: FdEntry) -> None:
-        fd = await asyncio.to_thread(self.backend.retrieve_fd, key, entry)
-        try:  # ask again: a Finish or Close may have come while the fd was rebuilt
-            self.core.check_retrieve_fd(caller, *key)
+    async def retrieve_fds(
+        self, caller: Caller, session: str, tokens: Sequence[str], command: str
+    ) -> list[int]:
+        """New fds for the caller, one per token in order (dups of those held), all or
+        none; the caller must close them. Each is complete and checked, and its restore
+        durable, before it is handed out."""
+        if len(tokens) > MAX_FDS_PER_CALL:
+            raise InvalidArgument(
+                f"{command} takes at most {MAX_FDS_PER_CALL} tokens a call, not {len(tokens)}"
+            )
+        if len(set(tokens)) != len(tokens):
+            twice = next(t for t in tokens if tokens.count(t) > 1)
+            raise InvalidArgument(f"{command} names token {twice!r} twice")
+        keys = [(session, token) for token in tokens]
+        restored: dict[str, int] = {}  # bytes of each fd restored for this call
+        missing = [
+            (key, entry)
+            for key, entry in zip(
+                keys, [self.core.check_retrieve_fd(caller, session, t) for t in tokens],
+                strict=True)
+            if key not in self.vault
+        ]
+        if missing:
+            if self.core.phase is not Phase.UPDATED:
+                key = missing[0][0]
+                raise Corrupted(f"{key[0]}/{key[1]} is journaled but its fd is not held")
+            self._restore_ahead()
+            restored = await self._restore(caller, missing)
+            self._log_restored(session, restored)
+            for token in tokens:  # ask again: a Finish may have come while it was journaled
+                self.core.check_retrieve_fd(caller, session, token)
+        fds: list[int] = []
+        try:
+            for key in keys:
+                fds.append(self.vault.dup(key))
         except BaseException:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             raise
-        if key in self.vault:  # a concurrent RetrieveFd restored it first
-            os.close(fd)
+        if restored:  # logged by session, every STATUS_INTERVAL: _log_restored
+            return fds
+        if len(tokens) == 1:
+            log.info("fd_retrieved", session=session, token=tokens[0],
+                     phase=self.core.phase.value)
+        else:
+            log.info("fds_retrieved", session=session, tokens=list(tokens),
+                     phase=self.core.phase.value)
+        return fds
+
+    def _log_restored(self, session: str, restored: dict[str, int]) -> None:
+        """One `fds_restored` line per session for the fds restored for callers within
+        STATUS_INTERVAL: after the reboot every VMM asks at once, one call in flight
+        each, and a line a call would cost a quarter of the call."""
+        if not self._restored_log:
+            asyncio.get_running_loop().call_later(
+                STATUS_INTERVAL, self._write_restored_log, context=contextvars.Context())
+        self._restored_log.setdefault(session, {}).update(restored)
+
+    def _write_restored_log(self) -> None:
+        for session, restored in self._restored_log.items():
+            log.info("fds_restored", session=session, tokens=list(restored),
+                     bytes=sum(restored.values()))
+        self._restored_log.clear()
+
+    def _restore_ahead(self) -> None:
+        """Once per boot, on the first call that needs a restore (or RetrieveSession):
+        every fd still to restore, in order, by the backend's workers. Only where the
+        backend says it is worth it (the kernel's retrieve is cheap)."""
+        if self._restoring_ahead or self.core.phase is not Phase.UPDATED:
             return
-        self.vault.keep(key, fd)
-        log.info("fd_restored", session=key[0], token=key[1], bytes=entry.size)
-        if not entry.restored:
-            records = self.core.fd_restored(*key)
+        self._restoring_ahead = True
+        if not getattr(self.backend, "restores_ahead", False):
+            return
+        # Round robin over the sessions, each in its preserved order: the VMMs ask at
+        # once, each for its first fd, then its second...
+        per_session = [
+            [((name, token), entry) for token, entry in session.fds.items()
+             if not entry.problem and (name, token) not in self.vault]
+            for name, session in self.core.sessions.items() if not session.finished
+        ]
+        self.restores.ahead(
+            fd for row in itertools.zip_longest(*per_session) for fd in row if fd is not None
+        )
+
+    async def _restore(
+        self, caller: Caller, missing: Sequence[tuple[Key, FdEntry]]
+    ) -> dict[str, int]:
+        """Rebuild the fds (or take those rebuilt ahead), keep them, and make their
+        restore durable in one group commit; the size of each, by token."""
+        outcomes = await asyncio.gather(
+            *[self.restores.wanted(key, entry) for key, entry in missing],
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        # Ask again: a Finish or Close may have come while the fds were rebuilt (they are
+        # let go then, and closed by the Restores).
+        entries = [self.core.check_retrieve_fd(caller, *key) for key, _ in missing]
+        records: list[Record] = []
+        restored: dict[str, int] = {}
+        for (key, _), entry in zip(missing, entries, strict=True):
+            fd = self.restores.claim(key)
+            if fd is None or key in self.vault:  # a concurrent RetrieveFd kept it first
+                if fd is not None:
+                    os.close(fd)
+                if key not in self.vault:
+                    raise Corrupted(f"{key[0]}/{key[1]} was restored but is not held")
+                continue
+            self.vault.keep(key, fd)
+            restored[key[1]] = entry.size
+            if not entry.restored:
+                records += self.core.fd_restored(*key)
+        if records:
             if self.storage_problem:  # served all the same: the fd is held either way
                 self.journal.enqueue(records)
-                return
-            await self._durable(records)
+            else:
+                # A journal that fails now makes the daemon degraded; the fds are held
+                # and served all the same, as in degraded mode.
+                with contextlib.suppress(Storage):
+                    await self._durable(records)
+        return restored
 
     async def delay_freeze(self, caller: Caller, session: str, enable: bool) -> None:
         await self.writable()
@@ -348,6 +462,8 @@ class LiveUpdate:
         await self.writable()
         records = self.core.finish_session(caller, session)
         await self._durable(records)
+        await self.restores.settle()  # fds let go while being restored: closed
+        self._write_restored_log()
         released = [r.token for r in records if isinstance(r, FdReleased)]
         await asyncio.to_thread(self.backend.finish_session, session, released)
 
@@ -517,6 +633,8 @@ class LiveUpdate:
         records = self.core.finish(caller)
         try:
             await self._durable(records)
+            await self.restores.settle()  # fds let go while being restored: closed
+            self._write_restored_log()
             await asyncio.to_thread(self.backend.finish)
             await self.journal.compact(self.core.snapshot)
         finally:

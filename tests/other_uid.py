@@ -95,6 +95,8 @@ async def _execute(client: Client, op: str, args: dict[str, Any]) -> Any:
                 return digest(fd)
             finally:
                 os.close(fd)
+        case "retrieve_fds":
+            return _digests(await session(args["session"]).retrieve_fds(args["tokens"]))
         case "list_fds":
             return [list(vars(f).values()) for f in await session(args["session"]).list_fds()]
         case "session_properties":
@@ -112,6 +114,15 @@ async def _execute(client: Client, op: str, args: dict[str, Any]) -> Any:
             await session(args["session"]).close()
             return None
     raise ValueError(f"unknown op {op!r}")
+
+
+def _digests(got: list[tuple[str, int]]) -> list[list[Any]]:
+    """[token, digest] of each (token, fd) retrieved; the fds closed."""
+    try:
+        return [[token, digest(fd)] for token, fd in got]
+    finally:
+        for _, fd in got:
+            os.close(fd)
 
 
 async def _serve(address: str) -> None:

@@ -87,9 +87,12 @@ class SimulatedBackend:
         """No evidence but the boot id (and KexecSimulated)."""
         return None
 
+    restores_ahead = True  # retrieve_fd copies data: worth doing before it is asked for
+
     def __init__(self, area: Path) -> None:
         self.area = area
         self._record: KexecRecord | None = None
+        self._carried: dict[Key, CarriedFd] = {}  # the record's fds by key
 
     def _data_file(self, key: Key) -> str:
         return f"{escape_path_label(key[0])}.{escape_path_label(key[1])}"
@@ -119,10 +122,12 @@ class SimulatedBackend:
         try:
             if int(checksum) != zlib.crc32(body):
                 raise ValueError("checksum mismatch")
-            self._record = from_json(KexecRecord, body)
+            record = from_json(KexecRecord, body)
         except ValueError as exc:  # codec.DecodeError is one
             raise Corrupted(f"kexec record {path} fails its checks: {exc}") from exc
-        return self._record
+        self._carried = {(f.session, f.token): f for f in record.fds}
+        self._record = record
+        return record
 
     def prepare_handover(self, fds: Mapping[Key, int], entries: Mapping[Key, FdEntry]) -> None:
         """Nothing to do: memfd content may change until the VMs stop."""
@@ -226,6 +231,7 @@ class SimulatedBackend:
         with contextlib.suppress(OSError):
             fsync_directory(self.area)
         self._record = None
+        self._carried = {}
 
     def _create(self, data_dir: Path, source: _Source) -> None:
         path = data_dir / self._data_file(source.key)
@@ -259,12 +265,12 @@ class SimulatedBackend:
             fsync_directory(self.area)
         _remove_tree(self.area / DATA_DIR)
         self._record = None
+        self._carried = {}
 
     def retrieve_fd(self, key: Key, entry: FdEntry) -> int:
-        record = self._load_record()
-        carried = next(
-            (f for f in record.fds if (f.session, f.token) == key), None
-        ) if record else None
+        """Safe in several threads at once, each for its own key (the workers that
+        restore ahead of RetrieveFd): the record is loaded before the first is asked."""
+        carried = self._carried.get(key) if self._load_record() else None
         if carried is None:
             raise NoSuchToken(f"{key[0]}/{key[1]} is not in the handover of the previous boot")
         path = self.area / DATA_DIR / carried.file
@@ -351,6 +357,9 @@ def _copy_back(src: int, dst: int, carried: CarriedFd) -> bool:
         return memfd.copy_extents(src, dst, carried.extents)[1] == carried.crc32
     if len(carried.crc32s) != len(carried.extents):
         return False
+    if sum(length for _, length in carried.extents) <= PIECE:  # a pool costs more here
+        return [memfd.copy_extents(src, dst, [piece])[1]
+                for piece in carried.extents] == carried.crc32s
     with ThreadPoolExecutor(max_workers=min(COPY_WORKERS, len(carried.extents) or 1)) as pool:
         crcs = list(pool.map(lambda piece: memfd.copy_extents(src, dst, [piece])[1],
                              carried.extents))

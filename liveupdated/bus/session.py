@@ -20,6 +20,7 @@ from liveupdated.service import LiveUpdate
 StringList = Annotated[list[str], Sig("as")]
 FdList = Annotated[list[list[Any]], Sig("a(ssast)")]
 FdsToPreserve = Annotated[list[list[Any]], Sig("a(shas)")]
+RetrievedFds = Annotated[list[list[Any]], Sig("a(sh)")]
 
 
 class SessionObject(ServiceInterface):
@@ -66,6 +67,13 @@ class SessionObject(ServiceInterface):
     async def retrieve_fd(self, token: DBusStr) -> DBusUnixFd:
         caller = await self._callers.current()
         return await self._service.retrieve_fd(caller, self.session_name, token)
+
+    @dbus_method(name="RetrieveFds")
+    @contract
+    async def retrieve_fds(self, tokens: StringList) -> RetrievedFds:
+        caller = await self._callers.current()
+        fds = await self._service.retrieve_fds(caller, self.session_name, tokens, "RetrieveFds")
+        return [[token, fd] for token, fd in zip(tokens, fds, strict=True)]
 
     @dbus_method(name="ListFds")
     @contract

@@ -1,0 +1,65 @@
+"""RetrieveFd without dbus-fast's generic dispatch: after the reboot every VMM asks for
+its fds one call each, inside the blackout.
+
+A well-formed RetrieveFd from a caller already known, on the path of a session, is
+answered by a task of its own (as dbus-fast would, without its argument and reply
+machinery): the service decides and restores, and the reply carries the new fd, which
+the bus closes once it is written. Anything else (an unknown caller first of all) falls
+through to the Session object's method, which answers the same way.
+"""
+
+import asyncio
+
+import structlog
+from dbus_fast import Message, MessageFlag, MessageType
+
+from liveupdated.bus import SESSION_INTERFACE
+from liveupdated.bus.callers import Callers
+from liveupdated.bus.connection import FdOwningBus
+from liveupdated.bus.errors import to_dbus_error
+from liveupdated.bus.session import SessionObjects
+from liveupdated.core.orchestrator import Caller
+from liveupdated.service import LiveUpdate
+
+METHOD = "retrieve_fd"  # the name the Session object's method logs under
+
+
+class RetrieveFdCalls:
+    def __init__(
+        self, bus: FdOwningBus, service: LiveUpdate, callers: Callers, sessions: SessionObjects
+    ) -> None:
+        self._bus = bus
+        self._service = service
+        self._callers = callers
+        self._sessions = sessions
+        self._answering: set[asyncio.Task[None]] = set()
+
+    def handle(self, msg: Message) -> bool:
+        """A message handler: True when the call is taken here (and answered later)."""
+        if (
+            msg.member != "RetrieveFd"
+            or msg.message_type is not MessageType.METHOD_CALL
+            or msg.interface != SESSION_INTERFACE
+            or msg.signature != "s"
+            or msg.unix_fds
+            or msg.flags & MessageFlag.NO_REPLY_EXPECTED
+        ):
+            return False
+        caller = self._callers.known(msg.sender)
+        session = self._sessions.name_at(msg.path or "")
+        if caller is None or session is None:
+            return False
+        task = asyncio.ensure_future(self._answer(msg, caller, session, msg.body[0]))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+        return True
+
+    async def _answer(self, msg: Message, caller: Caller, session: str, token: str) -> None:
+        with structlog.contextvars.bound_contextvars(sender=msg.sender, method=METHOD):
+            try:
+                fd = await self._service.retrieve_fd(caller, session, token)
+            except Exception as exc:
+                error = to_dbus_error(exc)
+                self._bus.send(Message.new_error(msg, error.type, error.text))
+                return
+        self._bus.send(Message.new_method_return(msg, "h", [0], unix_fds=[fd]))

@@ -66,6 +66,12 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def memfds_held(pid: int) -> int:
+    """The VMs' memfds process `pid` holds (not the daemon's own journal watermark)."""
+    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    return sum(link.startswith("/memfd:") and "journal-mark" not in link for link in links)
+
+
 def make_memfd(size: int = 1 << 20, data: bytes = b"guest", name: str = "ram") -> int:
     fd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
     os.ftruncate(fd, size)

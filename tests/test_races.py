@@ -18,7 +18,7 @@ from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import LiveUpdateError, NoSuchSession, WrongState
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
-from tests.conftest import Host, make_memfd
+from tests.conftest import Host, make_memfd, memfds_held
 
 HOST_COMMANDS = ("prepare", "freeze", "cancel", "reboot", "finish")
 # The phases' table, as the model of this file states it.
@@ -123,14 +123,6 @@ async def test_two_host_commands_pipelined(
         os.close(fd)
 
 
-def _memfds_held(pid: int) -> int:
-    return sum(
-        os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
-        and "journal-mark" not in os.readlink(f"/proc/{pid}/fd/{fd}")  # its own
-        for fd in os.listdir(f"/proc/{pid}/fd")
-    )
-
-
 @pytest.mark.parametrize("retrieves", [1, 3])
 async def test_retrieve_fd_pipelined_with_finish_leaks_nothing(
     host: Host, bus: PrivateBus, retrieves: int
@@ -151,7 +143,7 @@ async def test_retrieve_fd_pipelined_with_finish_leaks_nothing(
             else:
                 assert isinstance(result, NoSuchSession | WrongState), repr(result)
         assert await vmm.state() == "normal"
-        assert _memfds_held(host.daemons[-1].pid) == 0
+        assert memfds_held(host.daemons[-1].pid) == 0
         assert host.store.store == {}
     for fd in fds:
         os.close(fd)

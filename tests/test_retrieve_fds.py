@@ -27,7 +27,7 @@ from liveupdated.core.errors import (
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import Notifications
-from tests.conftest import Host, make_memfd
+from tests.conftest import Host, make_memfd, memfds_held
 from tests.other_uid import OtherUid, digest
 
 NOBODY = 65534
@@ -66,13 +66,6 @@ def _whole(fd: int) -> bytes:
 
 def _expected(contents: dict[str, bytes], token: str, size: int) -> bytes:
     return contents[token] + bytes(size - len(contents[token]))
-
-
-def _memfds_held(pid: int) -> int:
-    return sum(
-        os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
-        for fd in os.listdir(f"/proc/{pid}/fd")
-    )
 
 
 SIZES = {"ram": 64 << 10, "state": 4096, "rom": 40 << 20, "empty": 0}
@@ -193,7 +186,7 @@ async def test_one_damaged_fd_fails_the_call_by_name_and_the_others_still_come_b
             assert _whole(fd) == _expected(contents, token, 8192)
             os.close(fd)
         await vmm.finish()
-        assert _memfds_held(daemon.pid) == 0
+        assert memfds_held(daemon.pid) == 0
         assert host.store.store == {}
 
 
@@ -228,7 +221,7 @@ async def test_fds_restored_ahead_and_never_asked_for_are_released_at_finish(
         assert _whole(fd) == _expected(vms["vm2"], "ram7", 16384)
         os.close(fd)
         await vmm.finish()
-        assert _memfds_held(host.daemons[-1].pid) == 0
+        assert memfds_held(host.daemons[-1].pid) == 0
         assert host.store.store == {}
         assert daemon.process is not None and daemon.process.poll() is not None
 

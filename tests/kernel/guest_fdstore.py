@@ -12,6 +12,9 @@ own venv python, beside guest.py (shared helpers).
   guest_fdstore.py vmm SESSION OUT  a VMM (a Type=notify unit): create SESSION, hand over
                                     its memfds, write their fingerprints to OUT, READY=1,
                                     then stay connected until SIGTERM
+
+With `luotest.no_kexec_load` on the kernel command line no kexec kernel is loaded before
+Reboot (what a forgotten `kexec -l` does: systemd reboots plainly and the stores are lost).
 """
 
 from __future__ import annotations
@@ -203,8 +206,9 @@ def stage_before() -> None:
     holders = device_holders()
     if holders:
         raise RuntimeError(f"/dev/liveupdate is held before the kexec: {holders}")
-    subprocess.run([sys.executable, "-m", "liveupdated.backends.luo_uapi", "load",
-                    str(guest.KERNEL)], check=True)  # kexec_file_load, this command line
+    if " luotest.no_kexec_load " not in f" {Path('/proc/cmdline').read_text().strip()} ":
+        subprocess.run([sys.executable, "-m", "liveupdated.backends.luo_uapi", "load",
+                        str(guest.KERNEL)], check=True)  # kexec_file_load, this command line
     (guest.STATE / "stage").write_text(f"after {guest.boot_id()} {kexecs}\n")
     os.sync()
     guest.say("rebooting", kexec_loaded=luo_uapi.kexec_loaded(), holders=holders)

@@ -58,8 +58,12 @@ def test_systemd_carries_the_fd_stores_across_a_real_kexec(
     TIMINGS[f"[{MODE}] first boot to test start, s"] = first.at - guest.started
     TIMINGS[f"[{MODE}] Freeze to every fd back (blackout), s"] = fds_back.at - frozen.at
     TIMINGS[f"[{MODE}] Reboot() to fds back, s"] = fds_back.at - rebooting.at
+    TIMINGS[f"[{MODE}] Freeze to Reboot() (kernel loaded), s"] = rebooting.at - frozen.at
     if new_kernel is not None:
+        ready = guest.first_line_after(new_kernel.at, "Started liveupdated.servic")
         TIMINGS[f"[{MODE}] Reboot() to new kernel, s"] = new_kernel.at - rebooting.at
+        if ready is not None:
+            TIMINGS[f"[{MODE}] new kernel to liveupdated ready, s"] = ready.at - new_kernel.at
         TIMINGS[f"[{MODE}] new kernel to liveupdated updated, s"] = (
             events["updated"].at - new_kernel.at)
 

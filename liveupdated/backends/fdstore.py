@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
-from liveupdated.backends import UNKNOWN_BOOT, Handover, Key, RebootCounts
+from liveupdated.backends import UNKNOWN_BOOT, Handover, Key, RebootCounts, luo_uapi
 from liveupdated.core.errors import Corrupted, NoSuchToken, UnsupportedFd, WrongState
 from liveupdated.core.orchestrator import FdEntry
 from liveupdated.fds import memfd
@@ -38,9 +38,15 @@ class FdStoreBackend:
     name = "fdstore"
     keeps_fd_store = True  # the carried fds come back in LISTEN_FDS, not from here
 
-    def __init__(self, forget_stored: Callable[[str], None] = lambda name: None) -> None:
+    def __init__(
+        self, forget_stored: Callable[[str], None] = lambda name: None, *, kexec: bool = False
+    ) -> None:
         # FDSTOREREMOVE=1 for a name: what Finish does to the fds no one retrieved.
         self._forget_stored = forget_stored
+        # The reboot is systemd's kexec (not a soft-reboot): a kernel must be loaded, or
+        # systemd-shutdown fails the kexec ("Invalid argument") and reboots plainly, and
+        # every fd store, the VMs' memory, is lost.
+        self._kexec = kexec
         self._carried: dict[Key, int] = {}
 
     # ---- before the reboot ---------------------------------------------------------
@@ -91,6 +97,12 @@ class FdStoreBackend:
         """Nothing to write: every fd is in the fd store already. Checked once more (the
         unit may have been changed since Prepare); returns the bytes systemd carries."""
         self.check_carried(fds)
+        if self._kexec and not luo_uapi.kexec_loaded():
+            raise WrongState(
+                "no kexec kernel is loaded (/sys/kernel/kexec_loaded is 0): systemd would "
+                "reboot without kexec and lose every fd store; load the next kernel first "
+                "(kexec -s -l KERNEL --reuse-cmdline)"
+            )
         missing = set(entries) - set(fds)
         if missing:
             session, token = sorted(missing)[0]

@@ -57,3 +57,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("LUO kernel test timings")
         for name, value in TIMINGS.items():
             terminalreporter.write_line(f"{name:58} {value:8.1f}")
+
+
+@pytest.fixture(scope="session")
+def sid_guest_image(luo_kernel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The sid guest's disk (systemd 262 as PID 1): sid_image.py."""
+    from .sid_image import build_sid_image
+
+    work = tmp_path_factory.mktemp("guest-sid")
+    started = time.monotonic()
+    image = build_sid_image(work, luo_kernel / "bzImage")
+    TIMINGS["sid guest image build, s"] = time.monotonic() - started
+    yield image
+    image.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 from dbus_fast import Message, MessageType, NameFlag, RequestNameReply
@@ -56,9 +56,12 @@ def raise_fd_limit() -> None:
 
 
 def make_backend(
-    config: Config, forget_stored: Callable[[str], None] = lambda name: None
+    config: Config,
+    forget_stored: Callable[[str], None] = lambda name: None,
+    inherited: Sequence[str] | None = None,
 ) -> Backend:
-    """The configured backend; `forget_stored` drops a name from the fd store (fdstore)."""
+    """The configured backend; `forget_stored` drops a name from the fd store, and
+    `inherited` are the names systemd passed (fdstore)."""
     resolved = config.resolved_backend()
     if resolved == "kernel":
         from liveupdated.backends.kernel import KernelBackend
@@ -67,7 +70,10 @@ def make_backend(
     if resolved == "fdstore":
         from liveupdated.backends.fdstore import FdStoreBackend
 
-        return FdStoreBackend(forget_stored)
+        return FdStoreBackend(
+            forget_stored, kexec=config.resolved_reboot_action() == "kexec",
+            inherited=inherited,
+        )
     return SimulatedBackend(config.handover_area)
 
 
@@ -239,7 +245,8 @@ class Daemon:
         self.journal_damaged = damaged
         self._keep_mark(journal, mark_fd)
         vault = Vault(self.notifier)
-        backend = make_backend(self.config, _from_any_thread(vault.forget_stored))
+        backend = make_backend(self.config, _from_any_thread(vault.forget_stored),
+                               [name for name, _ in inherited])
         adopt = getattr(backend, "adopt", None) if backend.keeps_fd_store else None
         recovered = recover_handover(core, backend) + reclaim_fds(
             core, vault, inherited, damaged, adopt

@@ -39,8 +39,14 @@ class FdStoreBackend:
     keeps_fd_store = True  # the carried fds come back in LISTEN_FDS, not from here
 
     def __init__(
-        self, forget_stored: Callable[[str], None] = lambda name: None, *, kexec: bool = False
+        self,
+        forget_stored: Callable[[str], None] = lambda name: None,
+        *,
+        kexec: bool = False,
+        inherited: Sequence[str] | None = None,
     ) -> None:
+        # The names systemd passed (LISTEN_FDNAMES), taken by recovery before this looks.
+        self._inherited = inherited
         # FDSTOREREMOVE=1 for a name: what Finish does to the fds no one retrieved.
         self._forget_stored = forget_stored
         # The reboot is systemd's kexec (not a soft-reboot): a kernel must be loaded, or
@@ -119,10 +125,12 @@ class FdStoreBackend:
     def find_handover(self) -> Handover | None:
         """The fd store is the handover: which names came back (LISTEN_FDNAMES, read but
         left for recovery to take). Its boot is the journal's: RebootStarted has it."""
-        names = os.environ.get("LISTEN_FDNAMES", "")
+        names = self._inherited
+        if names is None:
+            names = os.environ.get("LISTEN_FDNAMES", "").split(":")
         keys = frozenset(
             (session, token)
-            for session, _, token in (name.partition("/") for name in names.split(":") if name)
+            for session, _, token in (name.partition("/") for name in names if "/" in name)
         )
         return Handover(boot_id=UNKNOWN_BOOT, keys=keys)
 

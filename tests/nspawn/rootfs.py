@@ -45,7 +45,7 @@ BOOKWORM = Suite(SUITE, PACKAGES)
 SID = Suite(
     "sid",
     ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "procps",
-     "libglib2.0-bin"),
+     "libglib2.0-bin", "polkitd", "libpam-systemd"),
 )
 SUITES = {suite.name: suite for suite in (BOOKWORM, SID)}
 HOSTNAME = "liveupdated-test"

@@ -36,7 +36,7 @@ def test_a_polkit_rule_lets_an_operator_drive_the_update(sid_installed: Installe
 
     box.run(_as("lu-operator", "Prepare"))
     assert installed.prop("State") == "prepared"
-    with pytest.raises(CommandError, match="Cancel is for the host.s administrator"):
+    with pytest.raises(CommandError, match="Cancel is for the host's administrator"):
         box.run(_as("lu-tenant", "Cancel"))
     assert installed.prop("State") == "prepared"
     box.run(_as("lu-operator", "Cancel"))

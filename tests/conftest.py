@@ -1,15 +1,19 @@
 """Fixtures that start real things: a private dbus-daemon and liveupdated processes."""
 
+import asyncio
 import os
 import shutil
-import signal
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Self
 
 import pytest
 
 from liveupdated.client import Client
+from liveupdated.core.records import Record
+from liveupdated.journal import decode
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess, Notifications
 
@@ -34,21 +38,18 @@ def state_dir(tmp_path: Path) -> Path:
 def start_daemon(
     bus: PrivateBus, state_dir: Path, tmp_path: Path
 ) -> Iterator[DaemonFactory]:
-    """Start liveupdated on the test bus (same state dir each time: a restart or a boot)."""
-    started: list[DaemonProcess] = []
-    log = (tmp_path / "daemon.log").open("ab")
+    """Start liveupdated on the test bus through the one harness (`Host`): the same state
+    dir each time, a fresh fd store each start (a new boot, or a daemon without one)."""
+    stores: list[Notifications] = []
+    with Host(bus, tmp_path, state_dir=state_dir) as host:
 
-    def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(
-            bus.address, state_dir, "--backend", "simulated", *args, log=log, env=env
-        )
-        started.append(daemon)
-        return daemon.start()
+        def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+            stores.append(Notifications())
+            return host.start_now(*args, store=stores[-1], env=env)
 
-    yield start
-    for daemon in started:
-        daemon.close()
-    log.close()
+        yield start
+    for store in stores:
+        store.close()
 
 
 @pytest.fixture
@@ -94,41 +95,160 @@ def closes_cycle(requires_of: Mapping[str, Sequence[str]], token: str,
     return False
 
 
-@pytest.fixture
-def store() -> Iterator[Notifications]:
-    notes = Notifications()
-    yield notes
-    notes.close()
-
-
 class Host:
-    """Successive daemon processes sharing one state dir and one fd store."""
+    """The one daemon harness: a machine under test. The test bus, a state directory,
+    systemd's fd store (`sandbox.Notifications`), and the liveupdated processes that run
+    on them in turn: restarts and crashes (same fd store), reboots (a new boot: a fresh
+    fd store); and what a test inspects afterwards: journal, handover area, open fds.
+    Async tests use `start`/`restart`/`reboot`/`stop`; plain ones `start_now`/`crash_now`.
+    """
 
-    def __init__(self, bus: PrivateBus, state: Path, store: Notifications, log: Path) -> None:
-        self.bus, self.state, self.store = bus, state, store
-        self.log = log.open("ab")
-        self.daemons: list[DaemonProcess] = []
+    def __init__(
+        self,
+        bus: PrivateBus,
+        directory: Path,
+        *,
+        state_dir: Path | None = None,
+        notifications: Notifications | None = None,
+    ) -> None:
+        self.bus = bus
+        self.state_dir = state_dir or directory / "state"
+        self._log = (directory / "daemon.log").open("ab")
+        self._own_notifications = notifications is None
+        self.notifications = notifications or Notifications()  # the fd store of this boot
+        self.args: tuple[str, ...] = ()
+        self.daemons: list[DaemonProcess] = []  # every process started, the last running
 
-    def start(self, store: Notifications | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(self.bus.address, self.state, "--backend", "simulated",
-                               log=self.log, notifications=store or self.store)
+    @property
+    def daemon(self) -> DaemonProcess | None:
+        return self.daemons[-1] if self.daemons else None
+
+    # Shorter names of the plain tests.
+    @property
+    def store(self) -> Notifications:
+        return self.notifications
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir
+
+    @property
+    def log(self) -> BinaryIO:
+        return self._log
+
+    def start_now(
+        self, *args: str, store: Notifications | None = None, env: dict[str, str] | None = None
+    ) -> DaemonProcess:
+        """Start liveupdated (simulated backend), blocking until READY=1; `store`: another
+        fd store for this start only; `env`: more environment."""
+        self.args = args
+        daemon = DaemonProcess(
+            self.bus.address, self.state_dir, "--backend", "simulated", *args,
+            log=self._log, notifications=store or self.notifications, env=env,
+        )
         self.daemons.append(daemon)
         return daemon.start()
 
-    def crash(self) -> DaemonProcess:
-        """kill -9 the running daemon and start the next one."""
-        self.daemons[-1].process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-        self.daemons[-1].wait()
-        return self.start()
+    def crash_now(self) -> DaemonProcess:
+        """kill -9 the running daemon and start the next one (same fd store)."""
+        assert self.daemon is not None
+        self.daemon.kill()
+        return self.start_now(*self.args)
+
+    @property
+    def address(self) -> str:
+        return self.bus.address
+
+    @property
+    def handover_dir(self) -> Path:
+        return self.state_dir / "handover"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal"
+
+    @property
+    def pid(self) -> int:
+        assert self.daemon is not None
+        return self.daemon.pid
+
+    async def start(self, *args: str) -> DaemonProcess:
+        """Start liveupdated (simulated backend) and return once it sent READY=1."""
+        return await asyncio.to_thread(self.start_now, *args)
+
+    async def restart(self, *, crash: bool = False) -> DaemonProcess:
+        """Stop (SIGTERM) or kill (SIGKILL) the daemon and start it again, same boot."""
+        await self.stop(crash=crash)
+        return await self.start(*self.args)
+
+    async def reboot(
+        self, client: Client, between: Callable[[], None] | None = None
+    ) -> DaemonProcess:
+        """Reboot() through `client`, wait for the old daemon to exit 0, boot a new one
+        (after calling `between`, to play with what the old kernel left).
+
+        A new boot starts with an empty fd store, as systemd does after a real kexec.
+        """
+        assert self.daemon is not None
+        await client.reboot()
+        status = await asyncio.to_thread(self.daemon.wait, 60)
+        assert status == 0, f"the old daemon exited {status} after Reboot()"
+        self.notifications.close()
+        self.notifications = Notifications()
+        if between is not None:
+            between()
+        return await self.start(*self.args)
+
+    async def stop(self, *, crash: bool = False) -> None:
+        """SIGTERM the daemon and wait for it, or SIGKILL it (a crash)."""
+        assert self.daemon is not None
+        await asyncio.to_thread(self.daemon.kill if crash else self.daemon.stop)
+
+    def connect(self) -> Awaitable[Client]:
+        return Client.connect(self.bus.address)
+
+    async def open_fds(self, client: Client) -> int:
+        """The daemon's open fds, after a round trip through `client`: a reply's fds are
+        closed once it is written, so by the time the daemon answers the next call."""
+        await client.state()
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def journal_records(self) -> list[Record]:
+        """The journal as it is on disk now, read without touching it (daemon running)."""
+        records, damages, _ = decode(self.journal_path.read_bytes())
+        assert damages == [], f"the journal is damaged: {damages}"
+        return records
+
+    def handover_files(self) -> list[str]:
+        """Every file left in the handover area, relative to it."""
+        if not self.handover_dir.exists():
+            return []
+        return sorted(
+            str(p.relative_to(self.handover_dir)) for p in self.handover_dir.rglob("*")
+            if not p.is_dir()
+        )
+
+    def stored_fd_names(self) -> set[str]:
+        with self.notifications.changed:
+            return set(self.notifications.store)
 
     def close(self) -> None:
         for daemon in self.daemons:
             daemon.kill()
-        self.log.close()
+        if self._own_notifications:
+            self.notifications.close()
+        self._log.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 @pytest.fixture
-def host(bus: PrivateBus, tmp_path: Path, store: Notifications) -> Iterator[Host]:
-    h = Host(bus, tmp_path / "state", store, tmp_path / "daemon.log")
-    yield h
-    h.close()
+def host(bus: PrivateBus, tmp_path: Path) -> Iterator[Host]:
+    with Host(bus, tmp_path) as h:
+        yield h

@@ -60,7 +60,7 @@ def test_a_finished_cycle_has_every_phase_in_order() -> None:
 
 
 async def test_a_real_cycle_is_recorded_and_shown(host: Host, bus: PrivateBus) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         session = await vmm.create_session("vm")
         fds = [make_memfd(4096, bytes([i + 1])) for i in range(3)]
@@ -72,7 +72,7 @@ async def test_a_real_cycle_is_recorded_and_shown(host: Host, bus: PrivateBus) -
         await vmm.freeze()
         await vmm.reboot()
         assert host.daemons[-1].wait() == 0
-        host.start()
+        host.start_now()
         back = await vmm.retrieve_session("vm")
         for token in ("t0", "t1"):
             os.close(await back.retrieve_fd(token))
@@ -84,7 +84,7 @@ async def test_a_real_cycle_is_recorded_and_shown(host: Host, bus: PrivateBus) -
             current["handover_written_usec"] <= current["rebooted_usec"] <= \
             current["first_fd_usec"] <= current["last_fd_usec"]
         await vmm.finish()  # compacts the journal
-        host.crash()
+        host.crash_now()
         history = await vmm.get_history()
         assert [c["outcome"] for c in history] == ["cancelled", "finished"]
         assert history[-1]["ended_by"] == 0 and history[-1]["fds_lost"] == 0

@@ -68,7 +68,7 @@ async def _reach(host: Host, vmm: Client, state: str) -> list[int]:
         await getattr(vmm, step)()
     if state == "updated":
         assert host.daemons[-1].wait() == 0
-        host.start()
+        host.start_now()
     return fds
 
 
@@ -103,7 +103,7 @@ async def _check_fds(vmm: Client, state: str) -> None:
 async def test_two_host_commands_pipelined(
     host: Host, bus: PrivateBus, state: str, first: str, second: str
 ) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         fds = await _reach(host, vmm, state)
         errors = await _outcomes([getattr(vmm, first)(), getattr(vmm, second)()])
@@ -114,9 +114,9 @@ async def test_two_host_commands_pipelined(
         assert expected is not None, f"{state}: {first}, {second} -> {errors}"
         if "reboot" in succeeded:
             assert host.daemons[-1].wait() == 0  # the simulated kexec
-            host.start()
+            host.start_now()
         else:
-            host.crash()  # what was answered is durable
+            host.crash_now()  # what was answered is durable
         assert await vmm.state() == expected
         await _check_fds(vmm, expected)
     for fd in fds:
@@ -129,7 +129,7 @@ async def test_retrieve_fd_pipelined_with_finish_leaks_nothing(
 ) -> None:
     """A restore under way when Finish lets the session go: the fd is answered
     byte-exact or refused by name, and the daemon holds no memfd afterwards."""
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         fds = await _reach(host, vmm, "updated")
         session = await vmm.retrieve_session("vm-a")
@@ -156,7 +156,7 @@ async def test_a_session_call_pipelined_with_prepare_is_all_or_nothing(
     """Decided before Prepare, the call counts; after it, it is refused (or, for a
     departed client, its session is carried). Either way the cycle then carries exactly
     what was acknowledged."""
-    host.start()
+    host.start_now()
     admin = await Client.connect(bus.address)
     vmm = await Client.connect(bus.address)
     session = await vmm.create_session("vm")
@@ -179,7 +179,7 @@ async def test_a_session_call_pipelined_with_prepare_is_all_or_nothing(
     await admin.freeze()
     await admin.reboot()
     assert host.daemons[-1].wait() == 0
-    host.start()
+    host.start_now()
     if expected:
         back = await admin.retrieve_session("vm")
         assert sorted(f.token for f in await back.list_fds()) == expected
@@ -200,7 +200,7 @@ async def test_an_interrupted_freeze_cannot_decide_for_the_next_one(
 ) -> None:
     """Freeze waits on a laggard; Cancel, Prepare and a second Freeze follow. When the
     laggard is ready only the second Freeze may freeze: the first was interrupted."""
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         session = await vmm.create_session("vm")
         fd = make_memfd(4096, b"x")
@@ -224,7 +224,7 @@ async def test_an_interrupted_freeze_cannot_decide_for_the_next_one(
 
 
 async def test_drop_session_releases_a_waiting_freeze(host: Host, bus: PrivateBus) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         fds = []
         for name in ("vm-ok", "vm-stuck"):

@@ -21,7 +21,6 @@ from liveupdated.core.errors import (
 from liveupdated.core.names import session_path
 from liveupdated.core.records import SessionCreated
 from liveupdated.privatebus import PrivateBus
-from liveupdated.sandbox import DaemonProcess
 from tests.conftest import Host, make_memfd
 from tests.other_uid import OtherUid
 from tests.test_rules_support import journal_frames
@@ -46,27 +45,20 @@ async def _retrieve(vmm: Client, name: str, token: str = "ram") -> bytes:
         os.close(fd)
 
 
-def _start(host: Host, *args: str) -> DaemonProcess:
-    daemon = DaemonProcess(host.bus.address, host.state, "--backend", "simulated", *args,
-                           log=host.log, notifications=host.store)
-    host.daemons.append(daemon)
-    return daemon.start()
-
-
 @pytest.mark.parametrize("then", ["cancel", "reboot again"])
 async def test_a_restart_between_reboot_and_the_kexec_is_a_crash_in_frozen(
     host: Host, bus: PrivateBus, then: str
 ) -> None:
     """The reboot command ran but no new boot came (same boot id, no KexecSimulated):
     the handover is not taken, the state is frozen, and Cancel or Reboot works."""
-    old = _start(host, "--reboot-action", "true")
+    old = host.start_now("--reboot-action", "true")
     async with await Client.connect(bus.address) as vmm:
         fd = await _vm(vmm, "vm", b"guest memory")
         await vmm.prepare()
         await vmm.freeze()
         await vmm.reboot()
         assert old.wait() == 0
-        host.start()
+        host.start_now()
         assert await vmm.state() == "frozen"
         with pytest.raises(WrongState):
             await vmm.retrieve_session("vm")
@@ -77,7 +69,7 @@ async def test_a_restart_between_reboot_and_the_kexec_is_a_crash_in_frozen(
         else:
             await vmm.reboot()
             assert host.daemons[-1].wait() == 0
-            host.start()
+            host.start_now()
             assert await vmm.state() == "updated"
             await vmm.retrieve_session("vm")
             assert await _retrieve(vmm, "vm") == b"guest memory"
@@ -90,14 +82,14 @@ async def test_a_kill_9_right_after_reboots_reply_is_a_crash_in_frozen(
 ) -> None:
     """The reply is on the wire, the daemon dies before its exit (the simulated kexec):
     no evidence of a new boot, so nothing is taken for one."""
-    old = _start(host, "--reboot-action", "sleep 600")
+    old = host.start_now("--reboot-action", "sleep 600")
     async with await Client.connect(bus.address) as vmm:
         fd = await _vm(vmm, "vm", b"still running")
         await vmm.prepare()
         await vmm.freeze()
         await vmm.reboot()
         old.kill()
-        host.start()
+        host.start_now()
         assert await vmm.state() == "frozen"
         await vmm.cancel()
         assert await _retrieve(vmm, "vm") == b"still running"
@@ -120,7 +112,7 @@ def _damage_session_records(journal: Path, *sessions: str) -> None:
 async def test_fds_the_damaged_journal_cannot_explain_are_quarantined_never_closed(
     host: Host, bus: PrivateBus
 ) -> None:
-    daemon = host.start()
+    daemon = host.start_now()
     async with await Client.connect(bus.address) as vmm, OtherUid(bus.address) as nobody:
         fds = [await _vm(vmm, name, name.encode()) for name in ("vm-a", "vm-b", "vm-c")]
         await nobody.call("create_session", name=f"{NOBODY}-vm")
@@ -128,7 +120,7 @@ async def test_fds_the_damaged_journal_cannot_explain_are_quarantined_never_clos
                           data=b"tenant".hex(), size=4096, keep=True)
         daemon.stop()
         _damage_session_records(host.state / "journal", "vm-b", f"{NOBODY}-vm")
-        host.start()
+        host.start_now()
         # Sessions whose records survived are their owners' as before.
         assert await _retrieve(vmm, "vm-a") == b"vm-a"
         assert await _retrieve(vmm, "vm-c") == b"vm-c"
@@ -157,7 +149,7 @@ async def test_fds_the_damaged_journal_cannot_explain_are_quarantined_never_clos
         salvaged = await vmm.retrieve_quarantined("vm-b", "ram")
         assert os.pread(salvaged, 4, 0) == b"vm-b"
         os.close(salvaged)
-        host.crash()  # quarantine is journaled: it survives a restart unchanged
+        host.crash_now()  # quarantine is journaled: it survives a restart unchanged
         assert len(await vmm.list_quarantined()) == 3
         for session, token in quarantined:
             await vmm.release_quarantined(session, token)
@@ -174,7 +166,7 @@ async def test_fds_the_damaged_journal_cannot_explain_are_quarantined_never_clos
 async def test_a_damaged_journal_header_keeps_every_session(
     host: Host, bus: PrivateBus
 ) -> None:
-    daemon = host.start()
+    daemon = host.start_now()
     async with await Client.connect(bus.address) as vmm:
         fds = [await _vm(vmm, f"vm-{i}", f"vm-{i}".encode()) for i in range(5)]
         daemon.stop()
@@ -182,7 +174,7 @@ async def test_a_damaged_journal_header_keeps_every_session(
         data = bytearray(journal.read_bytes())
         data[3] ^= 0x01
         journal.write_bytes(bytes(data))
-        host.start()
+        host.start_now()
         assert await vmm.list_quarantined() == []
         for i in range(5):
             assert await _retrieve(vmm, f"vm-{i}") == f"vm-{i}".encode()

@@ -32,7 +32,7 @@ async def _preserve_two(vmm: Client) -> dict[str, int]:
 
 @pytest.mark.parametrize("phase", ["normal", "prepared", "frozen"])
 async def test_kill_9_loses_nothing(host: Host, bus: PrivateBus, phase: str) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         fds = await _preserve_two(vmm)
         for step in {"normal": [], "prepared": ["prepare"], "frozen": ["prepare", "freeze"]}[
@@ -40,7 +40,7 @@ async def test_kill_9_loses_nothing(host: Host, bus: PrivateBus, phase: str) -> 
         ]:
             await getattr(vmm, step)()
         assert sorted(host.store.store) == ["vm/ram", "vm/rom"]
-        daemon = host.crash()
+        daemon = host.crash_now()
         assert await vmm.state() == phase
         assert [s.name for s in await vmm.list_sessions()] == ["vm"]
         session = SessionClient(vmm, "vm", "/org/liveupdate1/session/vm")
@@ -59,7 +59,7 @@ async def test_kill_9_loses_nothing(host: Host, bus: PrivateBus, phase: str) -> 
     for fd in fds.values():
         os.close(fd)
     if phase != "normal":
-        host.start()
+        host.start_now()
         async with await Client.connect(bus.address) as vmm:
             session = await vmm.retrieve_session("vm")
             back = await session.retrieve_fd("ram")
@@ -69,14 +69,14 @@ async def test_kill_9_loses_nothing(host: Host, bus: PrivateBus, phase: str) -> 
 
 async def test_one_memfd_under_two_tokens_survives_a_crash(host: Host, bus: PrivateBus) -> None:
     """systemd keeps one fd per open file description: the second token must not vanish."""
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         session = await vmm.create_session("vm")
         fd = make_memfd(4096, b"shared")
         await session.preserve_fd("ram", fd)
         await session.preserve_fd("alias", fd)
         assert host.store.wait_for(lambda n: sorted(n.store) == ["vm/alias", "vm/ram"], 10)
-        host.crash()
+        host.crash_now()
         assert [f.kind for f in await session.list_fds()] == ["memfd", "memfd"]
         for token in ("ram", "alias"):
             back = await session.retrieve_fd(token)
@@ -91,7 +91,7 @@ async def test_a_full_notify_queue_delays_replies_not_the_daemon(
 ) -> None:
     """While the service manager reads nothing, PreserveFd waits for its fd to be stored;
     other calls are answered meanwhile, and every fd reaches the store in the end."""
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         session = await vmm.create_session("vm")
         fds = [make_memfd(4096, bytes([i])) for i in range(40)]
@@ -112,19 +112,19 @@ async def test_a_full_notify_queue_delays_replies_not_the_daemon(
 
 
 async def test_restored_fds_survive_a_crash_after_the_reboot(host: Host, bus: PrivateBus) -> None:
-    old = host.start()
+    old = host.start_now()
     async with await Client.connect(bus.address) as vmm:
         fds = await _preserve_two(vmm)
         await vmm.prepare()
         await vmm.freeze()
         await vmm.reboot()
     assert old.wait() == 0
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         session = await vmm.retrieve_session("vm")
         first = await session.retrieve_fd("ram")
         os.pwrite(first, b"written after boot", 0)
-        host.crash()
+        host.crash_now()
         session = await vmm.retrieve_session("vm")
         again = await session.retrieve_fd("ram")
         assert os.fstat(again).st_ino == os.fstat(first).st_ino
@@ -138,13 +138,13 @@ async def test_restored_fds_survive_a_crash_after_the_reboot(host: Host, bus: Pr
 async def test_without_the_fd_store_lost_fds_are_reported_never_invented(
     host: Host, bus: PrivateBus
 ) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         fds = await _preserve_two(vmm)
         host.daemons[-1].kill()
         empty = Notifications()
         try:
-            host.start(store=empty)
+            host.start_now(store=empty)
             session = SessionClient(vmm, "vm", "/org/liveupdate1/session/vm")
             kinds = {f.token: f.kind for f in await session.list_fds()}
             assert kinds == {"ram": "memfd (lost)", "rom": "memfd (lost)"}
@@ -168,7 +168,7 @@ async def test_fds_the_journal_does_not_know_are_quarantined_not_closed(
     VM's memory whose record was lost, so recovery keeps it for the admin."""
     stray = make_memfd(4096, b"stray")
     host.store.store["ghost/fd"] = os.dup(stray)
-    daemon = host.start()
+    daemon = host.start_now()
     assert sum(
         os.readlink(f"/proc/{daemon.pid}/fd/{n}").startswith("/memfd:ram")
         for n in os.listdir(f"/proc/{daemon.pid}/fd")
@@ -187,7 +187,7 @@ async def test_fds_the_journal_does_not_know_are_quarantined_not_closed(
 
 
 async def test_released_fds_leave_the_fd_store(host: Host, bus: PrivateBus) -> None:
-    daemon = host.start()
+    daemon = host.start_now()
     async with await Client.connect(bus.address) as vmm:
         fds = await _preserve_two(vmm)
         baseline = open_fds(daemon.pid)
@@ -203,14 +203,14 @@ async def test_released_fds_leave_the_fd_store(host: Host, bus: PrivateBus) -> N
 
 async def test_a_torn_journal_tail_is_cut_and_logged(host: Host, bus: PrivateBus,
                                                      tmp_path: Path) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         fds = await _preserve_two(vmm)
         host.daemons[-1].kill()
         journal = tmp_path / "state" / "journal"
         with journal.open("ab") as f:
             f.write(b"\x40\x00\x00\x00\x01\x02")  # a frame header cut short by a crash
-        host.start()
+        host.start_now()
         assert [s.fd_count for s in await vmm.list_sessions()] == [2]
     log = (tmp_path / "daemon.log").read_text()
     assert '"event": "journal_tail_cut"' in log and "torn frame" in log
@@ -221,7 +221,7 @@ async def test_a_torn_journal_tail_is_cut_and_logged(host: Host, bus: PrivateBus
 async def test_sessions_of_departed_clients_are_dropped_at_restart(
     host: Host, bus: PrivateBus
 ) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as stays:
         await stays.create_session("stays")
         leaver = await Client.connect(bus.address)
@@ -239,15 +239,15 @@ async def test_sessions_of_departed_clients_are_dropped_at_restart(
         await stays.add_match(f"type='signal',member='NameOwnerChanged',arg0='{name}'")
         leaver.close()
         await asyncio.wait_for(gone.wait(), 10)
-        host.start()
+        host.start_now()
         assert [s.name for s in await stays.list_sessions()] == ["stays"]
 
 
 async def test_every_start_journals_the_release_and_the_boot(host: Host, bus: PrivateBus) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         await vmm.create_session("vm")
-        host.crash()
+        host.crash_now()
         assert [s.name for s in await vmm.list_sessions()] == ["vm"]
     records, damages, _ = decode((host.state / "journal").read_bytes())
     assert damages == []

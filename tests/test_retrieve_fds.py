@@ -26,7 +26,6 @@ from liveupdated.core.errors import (
 )
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
-from liveupdated.sandbox import Notifications
 from tests.conftest import Host, make_memfd, memfds_held
 from tests.other_uid import OtherUid, digest
 
@@ -57,7 +56,7 @@ async def _reboot(host: Host, admin: Client) -> None:
     await admin.freeze()
     await admin.reboot()
     assert host.daemons[-1].wait() == 0
-    host.start()
+    host.start_now()
 
 
 def _whole(fd: int) -> bytes:
@@ -74,7 +73,7 @@ SIZES = {"ram": 64 << 10, "state": 4096, "rom": 40 << 20, "empty": 0}
 async def test_retrieve_fds_hands_back_each_fd_byte_exact_in_the_order_asked(
     host: Host, bus: PrivateBus, tmp_path: Path
 ) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         contents = await _preserve(vmm, "vm", SIZES)
         session = SessionClient(vmm, "vm", session_path("vm"))
@@ -111,7 +110,7 @@ async def test_retrieve_fds_hands_back_each_fd_byte_exact_in_the_order_asked(
 async def test_retrieve_fds_refuses_what_retrieve_fd_refuses_naming_the_token(
     host: Host, bus: PrivateBus
 ) -> None:
-    daemon = host.start()
+    daemon = host.start_now()
     async with await Client.connect(bus.address) as vmm, OtherUid(bus.address) as nobody:
         await _preserve(vmm, "vm", {"ram": 4096, "state": 4096})
         session = SessionClient(vmm, "vm", session_path("vm"))
@@ -131,7 +130,7 @@ async def test_retrieve_fds_refuses_what_retrieve_fd_refuses_naming_the_token(
         await vmm.freeze()
         await vmm.reboot()
         assert host.daemons[-1].wait() == 0
-        host.start()
+        host.start_now()
         session = await vmm.retrieve_session("vm")
         with pytest.raises(NoSuchToken, match="'nvram'"):
             await session.retrieve_fds(["ram", "nvram"])
@@ -141,7 +140,7 @@ async def test_retrieve_fds_refuses_what_retrieve_fd_refuses_naming_the_token(
 
 
 async def test_a_tenant_retrieves_its_own_fds_together(host: Host, bus: PrivateBus) -> None:
-    host.start()
+    host.start_now()
     async with OtherUid(bus.address) as nobody:
         name = f"{NOBODY}-vm"
         await nobody.call("create_session", name=name)
@@ -167,7 +166,7 @@ def _damage(area: Path, name: str) -> None:
 async def test_one_damaged_fd_fails_the_call_by_name_and_the_others_still_come_back(
     host: Host, bus: PrivateBus
 ) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         contents = await _preserve(vmm, "vm", {"ram": 8192, "state": 8192, "rom": 8192})
         await vmm.prepare()
@@ -175,7 +174,7 @@ async def test_one_damaged_fd_fails_the_call_by_name_and_the_others_still_come_b
         await vmm.reboot()
         assert host.daemons[-1].wait() == 0
         _damage(host.state / "handover", "state")
-        daemon = host.start()
+        daemon = host.start_now()
         session = await vmm.retrieve_session("vm")
         with pytest.raises(Corrupted, match="vm/state"):
             await session.retrieve_fds(["ram", "state", "rom"])
@@ -195,7 +194,7 @@ async def test_fds_restored_ahead_and_never_asked_for_are_released_at_finish(
 ) -> None:
     """RetrieveSession starts restoring every fd; what nobody claims is closed by the
     Session.Finish or Finish that lets it go, never stored or journaled as restored."""
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         vms = {f"vm{i}": await _preserve(vmm, f"vm{i}", {f"ram{j}": 16384 for j in range(8)})
                for i in range(3)}
@@ -215,7 +214,7 @@ async def test_fds_restored_ahead_and_never_asked_for_are_released_at_finish(
         assert sorted(host.store.store) == sorted(f"vm0/ram{j}" for j in range(8))
         # A restart now: the restored fds come back from the store, the others from the
         # handover, byte-exact either way.
-        host.crash()
+        host.crash_now()
         third = await vmm.retrieve_session("vm2")
         fd = await third.retrieve_fd("ram7")
         assert _whole(fd) == _expected(vms["vm2"], "ram7", 16384)
@@ -231,7 +230,7 @@ async def test_retrieve_fd_of_a_known_caller_answers_as_the_method(
 ) -> None:
     """Once the caller is known, RetrieveFd is answered outside dbus-fast's dispatch:
     the same fds, the same errors, and calls pipelined on one connection all answered."""
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm, OtherUid(bus.address) as nobody:
         contents = await _preserve(vmm, "vm", {f"ram{j}": 8192 for j in range(20)})
         await nobody.call("state")  # known to the daemon from now on
@@ -269,13 +268,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 async def test_a_disk_that_fills_after_the_reboot_still_gets_every_fd_back(
-    bus: PrivateBus, small_disk: Path, tmp_path: Path, store: Notifications
+    bus: PrivateBus, small_disk: Path, tmp_path: Path
 ) -> None:
     """The journal refuses the restores' records: the daemon is degraded, and every fd
     is handed back byte-exact all the same, one at a time or together."""
-    host = Host(bus, small_disk / "state", store, tmp_path / "daemon.log")
+    host = Host(bus, tmp_path, state_dir=small_disk / "state")
     try:
-        host.start()
+        host.start_now()
         async with await Client.connect(bus.address) as vmm:
             sizes = {f"ram{j}": 4096 for j in range(64)}
             contents = await _preserve(vmm, "vm", sizes)

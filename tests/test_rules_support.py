@@ -1,13 +1,10 @@
-"""The harness of the session-rule tests (tests/test_rules_*.py); it holds no tests itself.
+"""Helpers of the session-rule tests (tests/test_rules_*.py); it holds no tests itself.
 
-A `Host` is one machine under test: the test bus, a state directory, liveupdated
-processes that restart (same fd store) or reboot (a new boot: a fresh fd store), and the
-leftovers a test inspects afterwards: journal, handover area, the daemon's open fds.
+The one daemon harness, `Host`, lives in tests/conftest.py; it is re-exported here.
 """
 
 import asyncio
 import contextlib
-import os
 import pwd
 import struct
 import time
@@ -15,7 +12,6 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from dbus_fast import Message, MessageType
@@ -23,9 +19,10 @@ from dbus_fast import Message, MessageType
 from liveupdated.bus import BUS_NAME, MANAGER_INTERFACE
 from liveupdated.client import Client
 from liveupdated.core.records import Record, decode_group
-from liveupdated.journal import MAGIC, decode
-from liveupdated.privatebus import PrivateBus
-from liveupdated.sandbox import DaemonProcess, Notifications
+from liveupdated.journal import MAGIC
+from tests.conftest import Host
+
+__all__ = ["NOBODY", "OTHER_UID", "Host"]
 
 NOBODY = 65534
 
@@ -40,116 +37,6 @@ def _third_uid() -> int:
 
 
 OTHER_UID = _third_uid()
-
-
-class Host:
-    """The test bus plus one liveupdated at a time, in one state directory."""
-
-    def __init__(self, bus: PrivateBus, directory: Path) -> None:
-        self.bus = bus
-        self.state_dir = directory / "state"
-        self._log = (directory / "daemon.log").open("ab")
-        self.notifications = Notifications()  # systemd's fd store for this boot
-        self.args: tuple[str, ...] = ()
-        self.daemon: DaemonProcess | None = None
-
-    @property
-    def address(self) -> str:
-        return self.bus.address
-
-    @property
-    def handover_dir(self) -> Path:
-        return self.state_dir / "handover"
-
-    @property
-    def journal_path(self) -> Path:
-        return self.state_dir / "journal"
-
-    @property
-    def pid(self) -> int:
-        assert self.daemon is not None
-        return self.daemon.pid
-
-    async def start(self, *args: str) -> DaemonProcess:
-        """Start liveupdated (simulated backend) and return once it sent READY=1."""
-        self.args = args
-        daemon = DaemonProcess(
-            self.bus.address, self.state_dir, "--backend", "simulated", *args,
-            log=self._log, notifications=self.notifications,
-        )
-        self.daemon = daemon
-        await asyncio.to_thread(daemon.start)
-        return daemon
-
-    async def restart(self, *, crash: bool = False) -> DaemonProcess:
-        """Stop (SIGTERM) or kill (SIGKILL) the daemon and start it again, same boot."""
-        await self.stop(crash=crash)
-        return await self.start(*self.args)
-
-    async def reboot(
-        self, client: Client, between: Callable[[], None] | None = None
-    ) -> DaemonProcess:
-        """Reboot() through `client`, wait for the old daemon to exit 0, boot a new one
-        (after calling `between`, to play with what the old kernel left).
-
-        A new boot starts with an empty fd store, as systemd does after a real kexec.
-        """
-        assert self.daemon is not None
-        await client.reboot()
-        status = await asyncio.to_thread(self.daemon.wait, 60)
-        assert status == 0, f"the old daemon exited {status} after Reboot()"
-        self.notifications.close()
-        self.notifications = Notifications()
-        if between is not None:
-            between()
-        return await self.start(*self.args)
-
-    async def stop(self, *, crash: bool = False) -> None:
-        """SIGTERM the daemon and wait for it, or SIGKILL it (a crash)."""
-        assert self.daemon is not None
-        await asyncio.to_thread(self.daemon.kill if crash else self.daemon.stop)
-
-    def connect(self) -> Awaitable[Client]:
-        return Client.connect(self.bus.address)
-
-    async def open_fds(self, client: Client) -> int:
-        """The daemon's open fds, after a round trip through `client`: a reply's fds are
-        closed once it is written, so by the time the daemon answers the next call."""
-        await client.state()
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def journal_records(self) -> list[Record]:
-        """The journal as it is on disk now, read without touching it (daemon running)."""
-        records, damages, _ = decode(self.journal_path.read_bytes())
-        assert damages == [], f"the journal is damaged: {damages}"
-        return records
-
-    def handover_files(self) -> list[str]:
-        """Every file left in the handover area, relative to it."""
-        if not self.handover_dir.exists():
-            return []
-        return sorted(
-            str(p.relative_to(self.handover_dir)) for p in self.handover_dir.rglob("*")
-            if not p.is_dir()
-        )
-
-    def stored_fd_names(self) -> set[str]:
-        with self.notifications.changed:
-            return set(self.notifications.store)
-
-    def close(self) -> None:
-        if self.daemon is not None:
-            self.daemon.kill()
-        self.notifications.close()
-        self._log.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def journal_frames(path: Path) -> list[tuple[int, int, list[Record]]]:

@@ -18,8 +18,7 @@ from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import Storage
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
-from liveupdated.sandbox import DaemonProcess, Notifications
-from tests.conftest import make_memfd
+from tests.conftest import Host, make_memfd
 
 
 @pytest.fixture
@@ -73,11 +72,8 @@ async def _retrieve(vmm: Client, name: str) -> bytes:
 async def test_a_full_disk_refuses_changes_serves_the_rest_and_recovers(
     bus: PrivateBus, small_disk: Path, tmp_path: Path
 ) -> None:
-    store = Notifications()
-    log = (tmp_path / "daemon.log").open("ab")
-    state = small_disk / "state"
-    daemon = DaemonProcess(bus.address, state, "--backend", "simulated", log=log,
-                           notifications=store).start()
+    host = Host(bus, tmp_path, state_dir=small_disk / "state")
+    daemon = host.start_now()
     fds = []
     try:
         async with await Client.connect(bus.address) as vmm:
@@ -99,17 +95,13 @@ async def test_a_full_disk_refuses_changes_serves_the_rest_and_recovers(
             session_b = await vmm.create_session("vm-b")  # back by itself
             fds.append(make_memfd(4096, b"after"))
             await session_b.preserve_fd("ram", fds[-1])
-            daemon.kill()
-            daemon = DaemonProcess(bus.address, state, "--backend", "simulated", log=log,
-                                   notifications=store).start()
+            host.crash_now()
             assert await _retrieve(vmm, "vm-a") == b"before"
             assert await _retrieve(vmm, "vm-b") == b"after"
     finally:
-        daemon.close()
+        host.close()
         for fd in fds:
             os.close(fd)
-        store.close()
-        log.close()
 
 
 async def test_cancel_is_served_on_a_full_disk(
@@ -117,11 +109,8 @@ async def test_cancel_is_served_on_a_full_disk(
 ) -> None:
     """The operator can always back out of an update; a restart before the disk has
     room again comes back frozen, never with anything lost."""
-    store = Notifications()
-    log = (tmp_path / "daemon.log").open("ab")
-    state = small_disk / "state"
-    daemon = DaemonProcess(bus.address, state, "--backend", "simulated", log=log,
-                           notifications=store).start()
+    host = Host(bus, tmp_path, state_dir=small_disk / "state")
+    host.start_now()
     fd = make_memfd(4096, b"guest")
     try:
         async with await Client.connect(bus.address) as vmm:
@@ -134,18 +123,14 @@ async def test_cancel_is_served_on_a_full_disk(
             await vmm.cancel()
             assert await vmm.state() == "normal"
             assert await _retrieve(vmm, "vm") == b"guest"
-            daemon.kill()
-            daemon = DaemonProcess(bus.address, state, "--backend", "simulated", log=log,
-                                   notifications=store).start()
+            host.crash_now()
             assert await vmm.state() == "frozen"  # the Cancel could not be recorded
             filler.unlink()
             await vmm.cancel()
             assert await _retrieve(vmm, "vm") == b"guest"
     finally:
-        daemon.close()
+        host.close()
         os.close(fd)
-        store.close()
-        log.close()
 
 
 async def test_a_vmm_that_only_calls_preserve_fd_sees_the_daemon_recover(
@@ -153,9 +138,8 @@ async def test_a_vmm_that_only_calls_preserve_fd_sees_the_daemon_recover(
 ) -> None:
     """PreserveFd from a known caller takes a fast path; degraded, it must still be the
     call that brings the daemon back once the disk has room."""
-    log = (tmp_path / "daemon.log").open("ab")
-    daemon = DaemonProcess(bus.address, small_disk / "state", "--backend", "simulated",
-                           log=log).start()
+    host = Host(bus, tmp_path, state_dir=small_disk / "state")
+    host.start_now()
     fd = make_memfd(4096, b"x")
     try:
         async with await Client.connect(bus.address) as vmm:
@@ -169,6 +153,5 @@ async def test_a_vmm_that_only_calls_preserve_fd_sees_the_daemon_recover(
             await session.preserve_fd("after", fd)
             assert "after" in [f.token for f in await session.list_fds()]
     finally:
-        daemon.close()
+        host.close()
         os.close(fd)
-        log.close()

@@ -40,7 +40,7 @@ async def test_a_requires_over_the_bound_is_refused_and_harms_no_later_session(
 ) -> None:
     """20,000 names in one requires once made a 1.3 MB journal frame that the next
     start took for a torn tail, cutting off root's session recorded after it."""
-    host.start()
+    host.start_now()
     async with OtherUid(bus.address) as nobody, await Client.connect(bus.address) as vmm:
         await nobody.call("create_session", name=f"{NOBODY}-vm")
         names = [f"t{i:05d}".ljust(63, "x") for i in range(count)]
@@ -50,7 +50,7 @@ async def test_a_requires_over_the_bound_is_refused_and_harms_no_later_session(
         await nobody.call("preserve_fd", session=f"{NOBODY}-vm", token="ok", data="01",
                           size=4096, requires=names[:MAX_REQUIRES])
         _, fd = await _root_vm(vmm)
-        host.crash()
+        host.crash_now()
         session = SessionClient(vmm, "vm-root", session_path("vm-root"))
         back = await session.retrieve_fd("ram")
         assert os.pread(back, 19, 0) == b"root's guest memory"

@@ -111,7 +111,7 @@ async def call(bus: PrivateBus, *members: str) -> None:
 
 async def frozen(host: Host, vm: Vm) -> tuple[subprocess.Popen[bytes], int]:
     """Boot the VM under a daemon, Prepare and Freeze: the adapter saved it, QEMU exited."""
-    host.start()
+    host.start_now()
     adapter = vm.start()
     vm.wait("joined")
     vm.wait_count(5)
@@ -128,7 +128,7 @@ async def rebooted(host: Host, vm: Vm, adapter: subprocess.Popen[bytes]) -> None
     assert host.daemons[-1].wait() == 0
     assert adapter.wait(20) == 0
     assert vm.entries("handed_over")
-    host.start()
+    host.start_now()
 
 
 async def test_the_guest_goes_on_across_the_update(host: Host, vm: Vm) -> None:
@@ -177,7 +177,7 @@ async def test_a_rejected_state_never_continues_the_guest(host: Host, vm: Vm) ->
 
 async def session_without_save(host: Host, tokens: tuple[str, ...]) -> None:
     """A session of the VM's name carried across a reboot with no adapter behind it."""
-    host.start()
+    host.start_now()
     async with await Client.connect(host.bus.address) as client:
         session = await client.create_session(SESSION)
         await session.preserve_fds([(t, make_memfd(1 << 20, b"", name=t), ()) for t in tokens])
@@ -185,7 +185,7 @@ async def session_without_save(host: Host, tokens: tuple[str, ...]) -> None:
         await client.freeze()
         await client.reboot()
     host.daemons[-1].wait()
-    host.start()
+    host.start_now()
 
 
 async def test_no_saved_state_is_refused(host: Host, vm: Vm) -> None:

@@ -391,7 +391,6 @@ def test_cancel_after_reboot_ends_the_holder(luo: FakeLuo) -> None:
         assert holder.poll() is not None
         assert backend.holder_process is None
         assert luo._live_outgoing() == {}
-        assert kernel.holder_pids() == [] or holder.pid not in kernel.holder_pids()
     finally:
         if holder.poll() is None:
             holder.kill()

@@ -259,6 +259,12 @@ class SessionClient:
         (rows,) = await self._call("ListFds")
         return [FdInfo(*row) for row in rows]
 
+    async def fd_names(self) -> dict[str, str]:
+        """Token -> the memfd's name as preserved ("" for none): after a kexec through
+        the kernel backend the memfd itself comes back nameless."""
+        (names,) = await self._call("FdNames")
+        return {str(token): str(name) for token, name in names.items()}
+
     async def delay_freeze(self, enable: bool = True) -> None:
         await self._call("DelayFreeze", "b", [enable])
 

@@ -64,6 +64,7 @@ FAILS_WITH: dict[str, tuple[str, ...]] = {
         "InvalidArgument", "NoSuchToken", "Corrupted", "AccessDenied", "NoSuchSession",
         "WrongState"),
     "Session.ListFds": ("AccessDenied", "NoSuchSession"),
+    "Session.FdNames": ("AccessDenied", "NoSuchSession"),
     "Session.DelayFreeze": _SESSION_CHANGE,
     "Session.ReadyForFreeze": _SESSION_CHANGE,
     "Session.Finish": _SESSION_CHANGE,

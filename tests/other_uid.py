@@ -99,6 +99,8 @@ async def _execute(client: Client, op: str, args: dict[str, Any]) -> Any:
             return _digests(await session(args["session"]).retrieve_fds(args["tokens"]))
         case "list_fds":
             return [list(vars(f).values()) for f in await session(args["session"]).list_fds()]
+        case "fd_names":
+            return await session(args["session"]).fd_names()
         case "session_properties":
             return await session(args["session"]).properties()
         case "delay_freeze":

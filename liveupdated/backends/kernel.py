@@ -4,13 +4,16 @@ Each liveupdated session becomes a kernel session of the same name and its fds k
 tokens 1..n; token 0 is a sealed manifest memfd recording what the kernel does not keep
 (token strings, requires, names, seals). The kernel cannot list sessions, so an index
 session, `liveupdated:index` (a name no liveupdated session can have), names them for the
-next boot. Guest memory is never copied before the kexec: the kernel carries the pages.
+next boot. Guest memory is never copied, before the kexec or after it: the kernel carries
+the pages, and a memfd comes back as the kernel restores it (nameless, every page
+allocated); the name it had is in the journal (Session.FdNames).
 """
 
 import errno
 import fcntl
 import mmap
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +38,7 @@ from liveupdated.core.errors import (
 )
 from liveupdated.core.orchestrator import FdEntry
 from liveupdated.fds import memfd
+from liveupdated.systemd import Pid1Error, pid1, systemd_version, under_systemd
 from liveupdated.systemd import boot_id as current_boot_id
 
 log = structlog.get_logger("liveupdated")
@@ -44,6 +48,10 @@ MANIFEST_TOKEN = 0
 MANIFEST_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 HOLDER_ARGV0 = "@liveupdated-luo-holder"  # '@': systemd-shutdown does not kill it
 HOLDER_START_TIMEOUT = 10.0
+HOLDER_STOP_TIMEOUT = 5.0
+# systemd-shutdown of this version and later preserves every unit's fd store through LUO
+# itself: it must open /dev/liveupdate, which a holder would keep busy (every store lost).
+PID1_PRESERVES_SINCE = 261
 _SCAN_CHUNK = 1 << 20
 _PAGE = mmap.PAGESIZE
 
@@ -113,6 +121,18 @@ def kernel_error(
 
 
 def open_device(path: str = luo_uapi.DEVICE) -> int:
+    """The device; a holder left by an earlier daemon whose kexec never came (a failed
+    reboot action, a crash after Reboot) is stopped first: its sessions are unpreserved,
+    as a restart in FROZEN discards the handover anyway, and the fds are still held."""
+    try:
+        return luo_uapi.open_device(path)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            stop_holders(holder_pids(path))
+    return _open_device(path)
+
+
+def _open_device(path: str) -> int:
     try:
         return luo_uapi.open_device(path)
     except FileNotFoundError:
@@ -149,6 +169,63 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def holder_pids(device: str = luo_uapi.DEVICE) -> list[int]:
+    """The session holders (argv[0] `@liveupdated-luo-holder`) holding `device` open."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or not _cmdline(int(entry)).startswith(
+                HOLDER_ARGV0.encode() + b"\0"):
+            continue
+        try:
+            links = [os.readlink(f"/proc/{entry}/fd/{n}")
+                     for n in os.listdir(f"/proc/{entry}/fd")]
+        except OSError:
+            continue
+        if os.path.realpath(device) in links:
+            found.append(int(entry))
+    return found
+
+
+def stop_holders(pids: Sequence[int]) -> list[int]:
+    """SIGKILL these holders and wait until they are gone; the pids stopped. Their
+    session fds close with them: the kernel unpreserves the sessions."""
+    stopped = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        stopped.append(pid)
+        log.warning("kernel_session_holder_stopped", pid=pid,
+                    reason="no kexec came after Reboot: its sessions are discarded")
+    deadline = time.monotonic() + HOLDER_STOP_TIMEOUT
+    while any(_alive(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie whose fds are already closed)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def pid1_preserves_fd_stores() -> int | None:
+    """systemd's version when PID 1 is systemd >= 261, which preserves fd stores through
+    LUO in systemd-shutdown (and needs /dev/liveupdate free for it); else None."""
+    if not under_systemd():
+        return None
+    try:
+        version = systemd_version(str(pid1(manager_props=("Version",)).get("Version", "")))
+    except Pid1Error as exc:
+        log.info("systemd_version_unknown", reason=str(exc))
+        return None
+    return version if version >= PID1_PRESERVES_SINCE else None
+
+
 def _read_all(fd: int) -> bytes:
     size = os.fstat(fd).st_size
     return os.pread(fd, size, 0) if size else b""
@@ -180,12 +257,15 @@ def nonzero_extents(fd: int, size: int) -> list[tuple[int, int]]:
 class KernelBackend:
     """Drives /dev/liveupdate; opens it once, at construction, and keeps it.
 
-    `exact_names`: the kernel restores a memfd nameless and with every hole allocated;
-    True copies it (kernel-side, zero pages left as holes) into a memfd of the original
-    name, which needs the memory twice until Finish (the kernel keeps its file until
-    then); False hands the kernel's memfd back as it is: no copy, the choice for big VMs.
+    `exact_names`: the kernel restores a memfd nameless and with every hole allocated.
+    False (the default) hands the kernel's memfd back as it is: no copy; the original
+    name stays in the journal for Session.FdNames. True copies it (zero pages left as
+    holes) into a memfd of the original name, which needs the memory twice until Finish
+    (the kernel keeps its file until then): only for small memfds.
     `holder`: at Reboot, leave the session fds with a process that `systemctl kexec`
-    does not kill, so that they outlive the daemon until the kernel's kexec.
+    does not kill, so that they outlive the daemon until the kernel's kexec. Refused at
+    Prepare where PID 1 preserves fd stores itself (systemd >= 261: use the fdstore
+    backend); stopped by Cancel, a failed Reboot and the next start of the daemon.
     """
 
     name = "kernel"
@@ -196,7 +276,7 @@ class KernelBackend:
         return None
 
     def __init__(
-        self, device: str = luo_uapi.DEVICE, *, exact_names: bool = True, holder: bool = True
+        self, device: str = luo_uapi.DEVICE, *, exact_names: bool = False, holder: bool = True
     ) -> None:
         self._device = open_device(device)
         self.exact_names = exact_names
@@ -212,6 +292,8 @@ class KernelBackend:
     def prepare_handover(self, fds: Mapping[Key, int], entries: Mapping[Key, FdEntry]) -> None:
         """Preserve every fd now: the kernel pins (and allocates) its pages, the VMs run on."""
         self._close_outgoing()
+        if self.holder:
+            self._check_no_pid1_preservation()
         by_session: dict[str, list[str]] = {}
         for session, token in fds:
             by_session.setdefault(session, []).append(token)
@@ -274,8 +356,10 @@ class KernelBackend:
         return carried_bytes
 
     def discard_handover(self) -> None:
-        """Cancel: closing a session fd makes the kernel unpreserve its files. A stale
-        handover of the previous boot is finished, which releases it."""
+        """Cancel (or a failed Reboot): closing a session fd makes the kernel unpreserve
+        its files, once the holder, which has them too, is stopped. A stale handover of
+        the previous boot is finished, which releases it."""
+        self._stop_holder()
         self._close_outgoing()
         if self._incoming:
             self.finish()
@@ -314,11 +398,29 @@ class KernelBackend:
         self._outgoing.clear()
         self._prepared.clear()
 
+    def _check_no_pid1_preservation(self) -> None:
+        version = pid1_preserves_fd_stores()
+        if version is not None:
+            raise WrongState(
+                f"systemd {version} preserves fd stores through LUO itself at kexec, and "
+                "needs /dev/liveupdate free for it: the kernel backend's session holder "
+                "would make it lose every store. Run liveupdated with --backend fdstore "
+                "(or auto) on this host"
+            )
+
+    def _stop_holder(self) -> None:
+        child, self.holder_process = self.holder_process, None
+        if child is not None and child.poll() is None:
+            stop_holders([child.pid])
+        if child is not None:
+            child.wait()
+
     def _spawn_holder(self) -> None:
         """A process holding the device and the session fds until the kexec: `sleep` with
         '@' as the first character of argv[0] (systemd-shutdown's final kill spares it), in
         a scope of its own with KillMode=none when run by systemd (the stop of this service
         spares it). Without it, the daemon's exit would close the sessions."""
+        self._stop_holder()  # a retried Reboot: one holder, of the sessions of now
         held = [self._device, *self._outgoing.values()]
         command = ["/bin/bash", "-c", f"exec -a {HOLDER_ARGV0} /bin/sleep infinity"]
         if os.environ.get("INVOCATION_ID"):

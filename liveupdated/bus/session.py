@@ -21,6 +21,7 @@ StringList = Annotated[list[str], Sig("as")]
 FdList = Annotated[list[list[Any]], Sig("a(ssast)")]
 FdsToPreserve = Annotated[list[list[Any]], Sig("a(shas)")]
 RetrievedFds = Annotated[list[list[Any]], Sig("a(sh)")]
+FdNameMap = Annotated[dict[str, str], Sig("a{ss}")]
 
 
 class SessionObject(ServiceInterface):
@@ -88,6 +89,15 @@ class SessionObject(ServiceInterface):
             kind = f"{entry.kind} ({entry.problem})" if entry.problem else entry.kind
             rows.append([token, kind, list(entry.requires), size])
         return rows
+
+    @dbus_method(name="FdNames")
+    @contract
+    async def fd_names(self) -> FdNameMap:
+        """Token -> the memfd's name as it was preserved ("" for none), from the journal:
+        a kernel that restores a memfd nameless does not take it from its owner."""
+        caller = await self._callers.current()
+        session = self._service.core.owned_session(caller, self.session_name)
+        return {token: entry.name for token, entry in sorted(session.fds.items())}
 
     @dbus_method(name="DelayFreeze")
     @contract

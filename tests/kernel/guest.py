@@ -115,18 +115,25 @@ async def vmm(out: Path) -> None:
         await stop.wait()
 
 
-async def fds_back() -> dict[str, Any]:
+async def fds_back() -> tuple[dict[str, Any], dict[str, str]]:
+    """The facts of every fd retrieved, and the names Session.FdNames gives for them."""
     async with await Client.connect("system") as client:
-        prints = {}
+        prints, names = {}, {}
         for name, tokens in SESSIONS.items():
             session = await client.retrieve_session(name)
+            names.update({f"{name}/{t}": n for t, n in (await session.fd_names()).items()})
             for token in tokens:
                 fd = await session.retrieve_fd(token)
                 try:
                     prints[f"{name}/{token}"] = facts(fd)
                 finally:
                     os.close(fd)
-        return prints
+        return prints, names
+
+
+# What LUO does not carry, and the kernel backend no longer hides with a copy: the name
+# (the memfd comes back nameless; FdNames has it) and the holes (every page allocated).
+NOT_CARRIED = ("name", "extents")
 
 
 # ---- the host's side of the update, and the checks -----------------------------------------
@@ -201,20 +208,31 @@ def stage_after(previous_boot: str) -> dict[str, Any]:
     say("boot", stage="after", boot_id=boot_id(), previous_boot=previous_boot)
     wait_for_state("updated")
     say("updated")
-    after = json.loads(json.dumps(asyncio.run(fds_back())))  # as JSON, like `before`
+    back, names = asyncio.run(fds_back())
+    after = json.loads(json.dumps(back))  # as JSON, like `before`
     say("fds_back", fds=len(after))
     before = json.loads((STATE / "before.json").read_text())
+
+    def carried(fd_facts: dict[str, Any] | None) -> dict[str, Any] | None:
+        if fd_facts is None:
+            return None
+        return {k: v for k, v in fd_facts.items() if k not in NOT_CARRIED}
+
     mismatches = {
         key: {"before": before.get(key), "after": after.get(key)}
         for key in sorted(set(before) | set(after))
-        if before.get(key) != after.get(key)
+        if carried(before.get(key)) != carried(after.get(key))
     }
+    say("not_carried", **{key: {k: after[key][k] for k in NOT_CARRIED} for key in after})
+    names_wrong = {key: {"before": facts_["name"], "fd_names": names.get(key)}
+                   for key, facts_ in before.items() if names.get(key) != facts_["name"]}
     busctl("Finish")
     wait_for_state("normal")
     say("finished")
     subprocess.run(["systemctl", "stop", "liveupdated.service"], check=True)
     left = kernel_sessions_left()
     return {"boot_changed": previous_boot != boot_id(), "mismatches": mismatches,
+            "names_wrong": names_wrong,
             "kernel_sessions_left": left, "fds": sorted(after)}
 
 

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import itertools
 import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -153,6 +154,7 @@ def luo(monkeypatch: pytest.MonkeyPatch) -> FakeLuo:
     for call in ("open_device", "create_session", "preserve_fd", "retrieve_session",
                  "retrieve_fd", "finish_session", "kexec_loaded"):
         monkeypatch.setattr(luo_uapi, call, getattr(fake, call))
+    monkeypatch.setattr(kernel, "pid1_preserves_fd_stores", lambda: None)  # not this host's
     return fake
 
 
@@ -250,13 +252,23 @@ def test_a_damaged_index_is_reported_and_released_by_finish(luo: FakeLuo) -> Non
     assert kernel.INDEX_SESSION not in luo.incoming
 
 
-def test_without_exact_names_the_kernels_memfd_comes_back_uncopied(luo: FakeLuo) -> None:
+def test_by_default_the_kernels_memfd_comes_back_uncopied(luo: FakeLuo) -> None:
+    """No copy (which would need the guest memory twice until Finish): the memfd as the
+    kernel restores it, nameless and fully allocated, with its content, seals and
+    position; the name it had is the journal's (Session.FdNames)."""
+    fds, _ = held()
+    before = facts(fds["vm1", "ram"])
     entries = handed_over(luo)
-    new = backend_(exact_names=False)
+    new = kernel.KernelBackend(holder=False)
+    assert new.exact_names is False
     new.find_handover()
     fd = new.retrieve_fd(("vm1", "ram"), entries["vm1", "ram"])
-    assert memfd.memfd_name(os.readlink(f"/proc/self/fd/{fd}")) == ""
-    assert os.pread(fd, 8, MIB) == b"\x5a" * 8
+    after = facts(fd)
+    assert after[5] == ""  # the name: the kernel's memfd, not a copy
+    assert after[3] == [(0, after[0])]  # every page allocated
+    assert (after[0], after[1], after[2], after[4]) == (
+        before[0], before[1], before[2], before[4])
+    os.close(fd)
 
 
 def test_cancel_leaves_nothing_preserved(luo: FakeLuo) -> None:
@@ -360,3 +372,98 @@ def test_the_holder_keeps_the_sessions_after_the_daemon_is_gone(luo: FakeLuo) ->
     finally:
         holder.kill()
         holder.wait()
+
+
+def _spawned_holder(luo: FakeLuo) -> tuple[kernel.KernelBackend, subprocess.Popen[bytes]]:
+    fds, entries = held()
+    backend = kernel.KernelBackend(holder=True)
+    backend.prepare_handover(fds, entries)
+    backend.write_handover(fds, entries, "old-boot", lambda n: None)
+    assert backend.holder_process is not None
+    return backend, backend.holder_process
+
+
+def test_cancel_after_reboot_ends_the_holder(luo: FakeLuo) -> None:
+    """Cancel, or a Reboot whose kexec fails: no holder is left owning /dev/liveupdate."""
+    backend, holder = _spawned_holder(luo)
+    try:
+        backend.discard_handover()
+        assert holder.poll() is not None
+        assert backend.holder_process is None
+        assert luo._live_outgoing() == {}
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_retried_reboot_leaves_one_holder(luo: FakeLuo) -> None:
+    backend, first = _spawned_holder(luo)
+    fds, entries = held()
+    try:
+        backend.prepare_handover(fds, entries)
+        backend.write_handover(fds, entries, "old-boot", lambda n: None)
+        assert first.poll() is not None
+        assert backend.holder_process is not None
+        assert backend.holder_process.poll() is None
+    finally:
+        backend.discard_handover()
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def test_the_next_daemon_stops_a_holder_whose_kexec_never_came(
+    luo: FakeLuo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reboot action failed (or the daemon crashed after Reboot): the restarted
+    daemon finds the device busy with the old holder, stops it and opens the device."""
+    old, holder = _spawned_holder(luo)
+    old.holder_process = None  # the old daemon is gone; its holder is not
+    assert luo.device is not None
+    device = os.readlink(f"/proc/self/fd/{luo.device}")
+    for fd in [luo.device, *luo.outgoing]:
+        os.close(fd)
+    find = kernel.holder_pids
+    monkeypatch.setattr(kernel, "holder_pids", lambda path: find(device))
+    opened = luo.open_device
+
+    def busy_while_held(path: str = luo_uapi.DEVICE) -> int:
+        if holder.poll() is None:
+            raise _fail(errno.EBUSY)
+        return opened(path)
+
+    monkeypatch.setattr(luo_uapi, "open_device", busy_while_held)
+    try:
+        assert find(device) == [holder.pid]
+        new = kernel.KernelBackend(holder=False)
+        assert holder.poll() is not None
+        assert new.find_handover() is None
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_no_holder_where_pid1_preserves_fd_stores(
+    luo: FakeLuo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd >= 261 preserves fd stores through LUO in systemd-shutdown, which needs
+    /dev/liveupdate: the kernel backend refuses at Prepare instead of spawning a holder
+    that would make every store be lost."""
+    monkeypatch.setattr(kernel, "pid1_preserves_fd_stores", lambda: 262)
+    fds, entries = held()
+    with pytest.raises(WrongState, match=r"systemd 262 .*--backend fdstore"):
+        kernel.KernelBackend(holder=True).prepare_handover(fds, entries)
+    assert luo._live_outgoing() == {}
+    luo.device = None  # that backend is dropped; its device with it
+    kernel.KernelBackend(holder=False).prepare_handover(fds, entries)  # no holder: no risk
+
+
+def test_pid1_preservation_is_only_systemds_from_261(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel, "under_systemd", lambda: True)
+    for version, expected in (("260.1-1", None), ("261", 261), ("262.1-1", 262)):
+        monkeypatch.setattr(kernel, "pid1", lambda manager_props, v=version: {"Version": v})
+        assert kernel.pid1_preserves_fd_stores() == expected
+    monkeypatch.setattr(kernel, "under_systemd", lambda: False)
+    assert kernel.pid1_preserves_fd_stores() is None

@@ -7,8 +7,10 @@ One QEMU guest per reboot action boots the LUO kernel (scripts/kernel/build-kern
 cached) from a Debian root with liveupdated installed (image.py); tests/kernel/guest.py
 plays the VMM and, through busctl, the host: Prepare, Cancel, Prepare, Freeze, load the
 same kernel for kexec, Reboot. The daemon then runs `systemctl kexec` (the default) or the
-kexec syscall itself. After the kexec the guest retrieves and checks every fd, calls
-Finish and asks the kernel which sessions are left. Timings go to the terminal summary.
+kexec syscall itself. After the kexec the guest retrieves and checks every fd (content, size, seals,
+position; its name from Session.FdNames, since the memfd comes back as the kernel
+restores it, nameless and fully allocated), calls Finish and asks the kernel which
+sessions are left. Timings go to the terminal summary.
 """
 
 from __future__ import annotations
@@ -93,5 +95,6 @@ def test_memfds_come_back_byte_exact_after_a_real_kexec(
     assert result.fields["boot_changed"], "the guest did not boot a new kernel"
     assert kho is not None, "the new kernel found no KHO data"
     assert result.fields["fds"] == ["vm1/guest-ram", "vm1/vm-state", "vm2/guest-ram"]
-    assert result.fields["mismatches"] == {}
+    assert result.fields["mismatches"] == {}  # content, size, seals, position
+    assert result.fields["names_wrong"] == {}  # Session.FdNames: the names as preserved
     assert result.fields["kernel_sessions_left"] == []

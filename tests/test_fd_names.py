@@ -18,7 +18,7 @@ NAMES = {"ram": "guest-ram-0", "state": "vm-state", "rom": ""}
 async def test_fd_names_are_the_names_as_preserved_before_and_after_the_reboot(
     host: Host, bus: PrivateBus
 ) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm:
         session = await vmm.create_session("vm")
         assert await session.fd_names() == {}
@@ -34,7 +34,7 @@ async def test_fd_names_are_the_names_as_preserved_before_and_after_the_reboot(
         await vmm.freeze()
         await vmm.reboot()
         assert host.daemons[-1].wait() == 0
-        host.start()
+        host.start_now()
         session = await vmm.retrieve_session("vm")
         assert await session.fd_names() == NAMES  # from the journal
         os.close(await session.retrieve_fd("ram"))
@@ -43,7 +43,7 @@ async def test_fd_names_are_the_names_as_preserved_before_and_after_the_reboot(
 
 
 async def test_fd_names_are_the_owners_only(host: Host, bus: PrivateBus) -> None:
-    host.start()
+    host.start_now()
     async with await Client.connect(bus.address) as vmm, OtherUid(bus.address) as nobody:
         session = await vmm.create_session("vm")
         fd = make_memfd(4096, b"ram", name="guest-ram")

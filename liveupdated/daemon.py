@@ -16,7 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 import structlog
 from dbus_fast import Message, MessageType, NameFlag, RequestNameReply
@@ -45,8 +46,10 @@ from liveupdated.systemd import Notifier, boot_id, take_listen_fds
 from liveupdated.vault import Vault
 
 log = structlog.get_logger("liveupdated")
+T = TypeVar("T")
 
 JOURNAL_MARK = "@journal-mark"  # FDNAME of the watermark: no session/token has an "@"
+LUO_STORE_PREFIX = "@luo/"  # the kernel backend's own fds (backends.kernel.STORE_PREFIX)
 
 
 def raise_fd_limit() -> None:
@@ -59,14 +62,17 @@ def make_backend(
     config: Config,
     forget_stored: Callable[[str], None] = lambda name: None,
     inherited: Sequence[str] | None = None,
+    store: Callable[[str, int], None] = lambda name, fd: None,
+    adopted: Mapping[str, int] | None = None,
 ) -> Backend:
-    """The configured backend; `forget_stored` drops a name from the fd store, and
-    `inherited` are the names systemd passed (fdstore)."""
+    """The configured backend; `forget_stored` drops a name from the fd store, `store`
+    puts an fd of the backend's own there, `inherited` are the names systemd passed
+    (fdstore), `adopted` the backend's own fds it passed back (kernel)."""
     resolved = config.resolved_backend()
     if resolved == "kernel":
         from liveupdated.backends.kernel import KernelBackend
 
-        return KernelBackend()
+        return KernelBackend(store=store, forget=forget_stored, adopted=adopted)
     if resolved == "fdstore":
         from liveupdated.backends.fdstore import FdStoreBackend
 
@@ -230,6 +236,9 @@ class Daemon:
         inherited = take_listen_fds()
         mark_fd = next((fd for name, fd in inherited if name == JOURNAL_MARK), -1)
         inherited = [(name, fd) for name, fd in inherited if name != JOURNAL_MARK]
+        # The kernel backend's retrieved sessions (and manifests): its own, not the VMs'.
+        adopted = {name: fd for name, fd in inherited if name.startswith(LUO_STORE_PREFIX)}
+        inherited = [(name, fd) for name, fd in inherited if name not in adopted]
         mark = Watermark.read(mark_fd) if mark_fd >= 0 else None
         lost_tail = mark.disagrees(self.config.state_dir / "journal") if mark else ""
         if lost_tail:  # a cut at a frame boundary reads as a whole, shorter journal
@@ -246,7 +255,12 @@ class Daemon:
         self._keep_mark(journal, mark_fd)
         vault = Vault(self.notifier)
         backend = make_backend(self.config, _from_any_thread(vault.forget_stored),
-                               [name for name, _ in inherited])
+                               [name for name, _ in inherited],
+                               _store_from_any_thread(self.notifier), adopted)
+        if not isinstance(backend, _KernelBackendType()):
+            for name, fd in adopted.items():  # another backend now: nothing to adopt
+                log.warning("kernel_session_fd_closed", fdname=name)
+                vault.refuse(name, fd)
         adopt = getattr(backend, "adopt", None) if backend.keeps_fd_store else None
         recovered = recover_handover(core, backend) + reclaim_fds(
             core, vault, inherited, damaged, adopt
@@ -425,7 +439,31 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
-def _from_any_thread(fn: Callable[[str], None]) -> Callable[[str], None]:
+def _KernelBackendType() -> type:
+    from liveupdated.backends.kernel import KernelBackend
+
+    return KernelBackend
+
+
+def _store_from_any_thread(notifier: Notifier) -> Callable[[str, int], None]:
+    """Notifier.store_fd on the loop running now, with a dup of the fd taken at once
+    (the caller may close its own before the loop gets to it)."""
+    def send(item: tuple[str, int]) -> None:
+        name, held = item
+        try:
+            notifier.store_fd(name, held)
+        finally:
+            os.close(held)
+
+    on_the_loop = _from_any_thread(send)
+
+    def store(name: str, fd: int) -> None:
+        on_the_loop((name, os.dup(fd)))
+
+    return store
+
+
+def _from_any_thread(fn: Callable[[T], None]) -> Callable[[T], None]:
     """`fn` run on the loop running now (backends call from worker threads), or at once
     where there is no loop."""
     try:
@@ -433,7 +471,7 @@ def _from_any_thread(fn: Callable[[str], None]) -> Callable[[str], None]:
     except RuntimeError:
         return fn
 
-    def call(arg: str) -> None:
+    def call(arg: T) -> None:
         try:
             here = asyncio.get_running_loop()
         except RuntimeError:

@@ -44,6 +44,15 @@ from liveupdated.systemd import boot_id as current_boot_id
 log = structlog.get_logger("liveupdated")
 
 INDEX_SESSION = "liveupdated:index"
+STORE_PREFIX = "@luo/"  # fd store names of retrieved kernel sessions and their manifests
+
+
+def session_store_name(session: str) -> str:
+    return f"{STORE_PREFIX}{session.replace(':', '.')}"  # FDNAME may not hold ':'
+
+
+def manifest_store_name(session: str) -> str:
+    return f"{session_store_name(session)}/manifest"
 MANIFEST_TOKEN = 0
 MANIFEST_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 HOLDER_ARGV0 = "@liveupdated-luo-holder"  # '@': systemd-shutdown does not kill it
@@ -276,8 +285,22 @@ class KernelBackend:
         return None
 
     def __init__(
-        self, device: str = luo_uapi.DEVICE, *, exact_names: bool = False, holder: bool = True
+        self,
+        device: str = luo_uapi.DEVICE,
+        *,
+        exact_names: bool = False,
+        holder: bool = True,
+        store: Callable[[str, int], None] = lambda name, fd: None,
+        forget: Callable[[str], None] = lambda name: None,
+        adopted: Mapping[str, int] | None = None,
     ) -> None:
+        # A retrieved kernel session lives only as long as its fd (closing it finishes the
+        # session): each one, and its manifest, is kept in the fd store too (`store`, names
+        # under STORE_PREFIX), so that a restart of the daemon in UPDATED loses nothing;
+        # the next start hands them back (`adopted`) instead of retrieving them again.
+        self._store = store
+        self._forget = forget
+        self._adopted = dict(adopted or {})
         self._device = open_device(device)
         self.exact_names = exact_names
         self.holder = holder
@@ -449,7 +472,7 @@ class KernelBackend:
         if self._handover is not None:
             return self._handover
         try:
-            index_fd = luo_uapi.retrieve_session(self._device, INDEX_SESSION)
+            index_fd = self._session_fd(INDEX_SESSION)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return None
@@ -485,7 +508,7 @@ class KernelBackend:
         if session in self._incoming:
             return self._incoming[session]
         try:
-            session_fd = luo_uapi.retrieve_session(self._device, session)
+            session_fd = self._session_fd(session)
         except OSError as exc:
             raise kernel_error(exc, f"retrieving kernel session {session!r}", {
                 errno.ENOENT: NoSuchSession,
@@ -499,10 +522,23 @@ class KernelBackend:
         self._incoming[session] = Incoming(session_fd, manifest)
         return self._incoming[session]
 
+    def _session_fd(self, session: str) -> int:
+        """The session's fd: the one an earlier start of this boot kept in the fd store,
+        else retrieved from the kernel now (and kept there)."""
+        adopted = self._adopted.pop(session_store_name(session), None)
+        if adopted is not None:
+            return adopted
+        fd = luo_uapi.retrieve_session(self._device, session)
+        self._store(session_store_name(session), fd)
+        return fd
+
     def _read_record(self, session_fd: int, session: str, model: type[R]) -> R:
-        fd = self._retrieve(session_fd, MANIFEST_TOKEN, session, "<manifest>")
+        fd = self._adopted.pop(manifest_store_name(session), None)
+        if fd is None:  # retrieved once only: kept in the fd store for a restart
+            fd = self._retrieve(session_fd, MANIFEST_TOKEN, session, "<manifest>")
+            self._store(manifest_store_name(session), fd)
         try:
-            return from_json(model, _read_all(fd))
+            return from_json(model, os.pread(fd, os.fstat(fd).st_size, 0))
         except DecodeError as exc:
             raise Corrupted(f"the manifest of kernel session {session!r} fails its checks: "
                             f"{exc}") from exc
@@ -584,3 +620,5 @@ class KernelBackend:
             raise WrongState(str(error)) from exc
         os.close(incoming.fd)
         del self._incoming[session]
+        self._forget(session_store_name(session))
+        self._forget(manifest_store_name(session))

@@ -208,6 +208,7 @@ def stage_after(previous_boot: str) -> dict[str, Any]:
     say("boot", stage="after", boot_id=boot_id(), previous_boot=previous_boot)
     wait_for_state("updated")
     say("updated")
+    say("crashed", restarts=crash_daemon())  # before any fd is back: they must survive it
     back, names = asyncio.run(fds_back())
     after = json.loads(json.dumps(back))  # as JSON, like `before`
     say("fds_back", fds=len(after))
@@ -234,6 +235,27 @@ def stage_after(previous_boot: str) -> dict[str, Any]:
     return {"boot_changed": previous_boot != boot_id(), "mismatches": mismatches,
             "names_wrong": names_wrong,
             "kernel_sessions_left": left, "fds": sorted(after)}
+
+
+def crash_daemon(timeout: float = 120.0) -> int:
+    """kill -9 liveupdated in UPDATED; systemd restarts it with its fd store, which holds
+    the kernel sessions it retrieved (closing them would finish them). Its NRestarts."""
+    def restarts() -> int:
+        out = subprocess.run(["systemctl", "show", "--property=NRestarts", "--value",
+                              "liveupdated.service"], check=True, capture_output=True,
+                             text=True).stdout
+        return int(out.strip() or 0)
+
+    before = restarts()
+    subprocess.run(["systemctl", "kill", "--kill-who=main", "--signal=KILL",
+                    "liveupdated.service"], check=True)
+    deadline = time.monotonic() + timeout
+    while restarts() == before:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"liveupdated not restarted within {timeout}s of a kill -9")
+        time.sleep(0.1)
+    wait_for_state("updated", timeout)
+    return restarts()
 
 
 def holders() -> dict[str, list[str]]:

@@ -249,8 +249,10 @@ class Journal:
         self.mark_fd = -1  # a memfd kept outside the disk: see `Watermark`
         # Bytes in the file: what replay would read. Kept by the one writer at a time.
         self.size = os.fstat(fd).st_size if fd >= 0 else 0
-        self._compacted_size = 0  # what the last compaction left: the live state's size
-
+        # What the last compaction left (the live state's size); at open, what replay
+        # read: a journal just replayed is not rewritten until it has doubled, so that no
+        # compaction holds the restores' records back right after a reboot (the blackout).
+        self._compacted_size = self.size
 
     @classmethod
     def open(

@@ -100,14 +100,16 @@ class Restores:
         return wait
 
     def _pump(self) -> None:
-        """Start jobs while a worker is free: an fd asked for alone, else a few of the
-        queue at once (one thread hop and one wake-up of the loop for several small fds)."""
+        """Start jobs while a worker is free: the fds asked for first, else the queue's,
+        a few small ones a job (one thread hop and one wake-up of the loop for several).
+        Fds asked for go in batches too: when many VMMs ask at once, faster than the
+        workers rebuild, a job per fd cost each reply a thread hop (measured: a third of
+        the throughput with 100 VMMs asking at once)."""
         while len(self._jobs) < self._workers and (self._urgent or self._queue):
             pending = self._urgent or self._queue
             batch: list[tuple[Key, FdEntry, asyncio.Future[None]]] = []
             size = 0
-            while pending and (not batch or (
-                    pending is self._queue and len(batch) < JOB_FDS and size < JOB_BYTES)):
+            while pending and (not batch or (len(batch) < JOB_FDS and size < JOB_BYTES)):
                 key = next(iter(pending))
                 entry = pending.pop(key)
                 batch.append((key, entry, self._waits[key]))

@@ -257,7 +257,7 @@ class Daemon:
         backend = make_backend(self.config, _from_any_thread(vault.forget_stored),
                                [name for name, _ in inherited],
                                _store_from_any_thread(self.notifier), adopted)
-        if not isinstance(backend, _KernelBackendType()):
+        if backend.name != "kernel":
             for name, fd in adopted.items():  # another backend now: nothing to adopt
                 log.warning("kernel_session_fd_closed", fdname=name)
                 vault.refuse(name, fd)
@@ -437,12 +437,6 @@ class Daemon:
         while True:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
-
-
-def _KernelBackendType() -> type:
-    from liveupdated.backends.kernel import KernelBackend
-
-    return KernelBackend
 
 
 def _store_from_any_thread(notifier: Notifier) -> Callable[[str, int], None]:

@@ -478,10 +478,6 @@ class Orchestrator:
                 f"allows org.liveupdate1.{action}"
             )
 
-    def check_transition(self, caller: Caller, command: str) -> None:
-        """Raise what `command` (Prepare, Freeze, Cancel, Finish) would raise; no change."""
-        self._transition(caller, command)
-
     def _transition(self, caller: Caller, command: str) -> list[Record]:
         self._require_admin(caller, command)
         allowed, new = PHASE_TRANSITIONS[command]
@@ -884,11 +880,6 @@ class Orchestrator:
                 f"the state is {self.phase.value}")
             raise WrongState(f"Freeze was interrupted while it waited: {moved}")
 
-    def check_freeze(self, caller: Caller) -> None:
-        """Everything Freeze checks before it waits on the barrier; raises, never mutates."""
-        self._transition(caller, "Freeze")
-        self._check_freezable()
-
     def _check_carried_bytes(self, sizes: Mapping[tuple[str, str], int]) -> None:
         """The fds' sizes now (a memfd may have grown since PreserveFd) against each
         uid's budget and the host's: whoever grew past its own budget blocks, by name."""
@@ -947,9 +938,7 @@ class Orchestrator:
     ) -> list[Record]:
         """Reboot decided and journaled before the handover is written, with systemd's
         reboot counts where the backend has them (evidence for is_new_boot)."""
-        self._require_admin(caller, "Reboot")
-        self._require_phase("Reboot", {Phase.FROZEN})
-        self._require_idle("Reboot")
+        self.check_reboot(caller)  # again: the service awaited systemd's counts since
         records = self._commit([RebootStarted(
             boot_id=boot_id, at_usec=self._clock_usec(), soft_reboots=soft_reboots,
             kexecs=kexecs, by_uid=caller.uid,
@@ -958,6 +947,7 @@ class Orchestrator:
         return records
 
     def check_reboot(self, caller: Caller) -> None:
+        """Reboot's checks, before the service asks the backend anything."""
         self._require_admin(caller, "Reboot")
         self._require_phase("Reboot", {Phase.FROZEN})
         self._require_idle("Reboot")

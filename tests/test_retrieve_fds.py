@@ -5,12 +5,9 @@ Prepare, Freeze, Reboot and the next daemon's start on the same state dir and fd
 """
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ from liveupdated.core.errors import (
 )
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
-from tests.conftest import Host, make_memfd, memfds_held
+from tests.conftest import Host, fill_disk, make_memfd, memfds_held
 from tests.other_uid import OtherUid, digest
 
 NOBODY = 65534
@@ -253,20 +250,6 @@ async def test_retrieve_fd_of_a_known_caller_answers_as_the_method(
             await session.retrieve_fd("ram0")
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
-                   check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 async def test_a_disk_that_fills_after_the_reboot_still_gets_every_fd_back(
     bus: PrivateBus, small_disk: Path, tmp_path: Path
 ) -> None:
@@ -279,12 +262,7 @@ async def test_a_disk_that_fills_after_the_reboot_still_gets_every_fd_back(
             sizes = {f"ram{j}": 4096 for j in range(64)}
             contents = await _preserve(vmm, "vm", sizes)
             await _reboot(host, vmm)
-            filler = small_disk / "filler"
-            fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\xff" * 4096)
-            os.close(fd)
+            filler = fill_disk(small_disk)
             session = await vmm.retrieve_session("vm")
             for j in range(32):
                 fd = await session.retrieve_fd(f"ram{j}")

@@ -6,10 +6,8 @@ Cancel are still served and every held fd stays held; with room again the daemon
 back by itself and what it answered is durable.
 """
 
-import contextlib
 import os
-import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -18,34 +16,7 @@ from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import Storage
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
-from tests.conftest import Host, make_memfd
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
-                   check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _fill(disk: Path) -> Path:
-    """Take every free byte of the disk; the file that did it."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\xff" * 4096)
-    finally:
-        os.close(fd)
-    return filler
+from tests.conftest import Host, fill_disk, make_memfd
 
 
 async def _until_the_journal_is_refused(change: Callable[[int], Awaitable[object]]) -> None:
@@ -80,7 +51,7 @@ async def test_a_full_disk_refuses_changes_serves_the_rest_and_recovers(
             session = await vmm.create_session("vm-a")
             fds.append(make_memfd(4096, b"before"))
             await session.preserve_fd("ram", fds[-1])
-            filler = _fill(small_disk)
+            filler = fill_disk(small_disk)
             fds.append(make_memfd(4096, b"during"))
             await _until_the_journal_is_refused(
                 lambda i: session.preserve_fd(f"more{i}", fds[-1])
@@ -118,7 +89,7 @@ async def test_cancel_is_served_on_a_full_disk(
             await session.preserve_fd("ram", fd)
             await vmm.prepare()
             await vmm.freeze()
-            filler = _fill(small_disk)
+            filler = fill_disk(small_disk)
             await _until_the_journal_is_refused(lambda _: vmm.reboot())
             await vmm.cancel()
             assert await vmm.state() == "normal"
@@ -145,7 +116,7 @@ async def test_a_vmm_that_only_calls_preserve_fd_sees_the_daemon_recover(
         async with await Client.connect(bus.address) as vmm:
             session = await vmm.create_session("vm")
             await session.preserve_fd("first", fd)  # the caller is known from here on
-            filler = _fill(small_disk)
+            filler = fill_disk(small_disk)
             await _until_the_journal_is_refused(lambda i: session.preserve_fd(f"t{i}", fd))
             with pytest.raises(Storage):
                 await session.preserve_fd("refused", fd)

@@ -273,7 +273,7 @@ class SimulatedBackend:
         carried = self._carried.get(key) if self._load_record() else None
         if carried is None:
             raise NoSuchToken(f"{key[0]}/{key[1]} is not in the handover of the previous boot")
-        path = self.area / DATA_DIR / carried.file
+        path = f"{self.area}/{DATA_DIR}/{carried.file}"
         try:
             src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -282,18 +282,19 @@ class SimulatedBackend:
             raise Corrupted(f"handover data of {key[0]}/{key[1]} at {path}: "
                             f"{describe(exc)}") from None
         try:
-            if os.fstat(src).st_size != carried.size:
-                raise Corrupted(
-                    f"handover data of {key[0]}/{key[1]} has {os.fstat(src).st_size} bytes, "
-                    f"its record says {carried.size}"
-                )
-            fd = memfd.create(carried.name, carried.size)
+            size = os.fstat(src).st_size
+            if size != carried.size:
+                raise Corrupted(f"handover data of {key[0]}/{key[1]} has {size} bytes, "
+                                f"its record says {carried.size}")
+            fd = os.memfd_create(carried.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 if not _copy_back(src, fd, carried):
                     raise Corrupted(
                         f"handover data of {key[0]}/{key[1]} fails its checksum; "
                         "it is not handed out"
                     )
+                if os.fstat(fd).st_size != size:  # a hole at the end: not written
+                    os.ftruncate(fd, size)
                 memfd.finish_restore(fd, carried.position, carried.seals)
             except BaseException:
                 os.close(fd)
@@ -358,8 +359,12 @@ def _copy_back(src: int, dst: int, carried: CarriedFd) -> bool:
     if len(carried.crc32s) != len(carried.extents):
         return False
     if sum(length for _, length in carried.extents) <= PIECE:  # a pool costs more here
-        return [memfd.copy_extents(src, dst, [piece])[1]
-                for piece in carried.extents] == carried.crc32s
+        for (offset, length), crc in zip(carried.extents, carried.crc32s, strict=True):
+            data = os.pread(src, length, offset)
+            if len(data) != length or zlib.crc32(data) != crc:
+                return False
+            memfd.write_all(dst, data, offset)
+        return True
     with ThreadPoolExecutor(max_workers=min(COPY_WORKERS, len(carried.extents) or 1)) as pool:
         crcs = list(pool.map(lambda piece: memfd.copy_extents(src, dst, [piece])[1],
                              carried.extents))

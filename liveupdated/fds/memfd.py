@@ -134,12 +134,17 @@ def copy_extents(src: int, dst: int, extents: list[tuple[int, int]]) -> tuple[in
                 raise Corrupted(f"source ended at byte {offset}, expected data up to {end}")
             data = chunk[:got]
             crc = zlib.crc32(data, crc)
-            written = 0
-            while written < got:
-                written += os.pwrite(dst, data[written:], offset + written)
+            write_all(dst, data, offset)
             offset += got
             copied += got
     return copied, crc
+
+
+def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite all of `data` at `offset` (a write may be short)."""
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
 
 
 def create(name: str, size: int) -> int:

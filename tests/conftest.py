@@ -13,7 +13,9 @@ from typing import BinaryIO, Self
 
 import pytest
 
+from liveupdated.backends.simulated import DATA_DIR, RECORD_NAME, KexecRecord
 from liveupdated.client import Client
+from liveupdated.core.codec import from_json
 from liveupdated.core.records import Record
 from liveupdated.journal import decode
 from liveupdated.privatebus import PrivateBus
@@ -281,3 +283,12 @@ class Host:
 def host(bus: PrivateBus, tmp_path: Path) -> Iterator[Host]:
     with Host(bus, tmp_path) as h:
         yield h
+
+
+def carried_data(area: Path, session: str, token: str) -> tuple[Path, int]:
+    """Where the handover area (simulated backend) keeps an fd's data: its file, and
+    the offset of the fd's byte 0 in it (small fds share their session's pack)."""
+    body = (area / RECORD_NAME).read_bytes().rpartition(b"\n")[0]
+    (carried,) = [f for f in from_json(KexecRecord, body).fds
+                  if (f.session, f.token) == (session, token)]
+    return area / DATA_DIR / carried.file, carried.offset

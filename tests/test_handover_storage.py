@@ -16,7 +16,7 @@ from liveupdated.core.errors import Storage
 from liveupdated.core.orchestrator import FdEntry
 from liveupdated.demo import fingerprint
 from liveupdated.privatebus import PrivateBus
-from tests.conftest import DaemonFactory, make_memfd
+from tests.conftest import DaemonFactory, carried_data, make_memfd
 
 
 def mount(*args: str) -> None:
@@ -167,7 +167,7 @@ def test_symlinks_planted_in_the_handover_area_are_not_followed(tmp_path: Path) 
     assert sorted(os.listdir(victims / "dir")) == ["file"]
     assert sorted(os.listdir(area)) == sorted([DATA_DIR, RECORD_NAME])
     for path, mode in ((area / RECORD_NAME, 0o600), (area / DATA_DIR, 0o700),
-                       (area / DATA_DIR / "vm.ram", 0o600)):
+                       (carried_data(area, "vm", "ram")[0], 0o600)):
         st = os.lstat(path)
         assert not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) == mode, path
     handover = SimulatedBackend(area).find_handover()

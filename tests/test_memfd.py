@@ -8,12 +8,21 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from liveupdated.backends.simulated import RECORD_NAME, SimulatedBackend, _runs
+from liveupdated.backends.simulated import (
+    PACK_BYTES,
+    PACK_SUFFIX,
+    RECORD_NAME,
+    SimulatedBackend,
+    _runs,
+)
 from liveupdated.core.errors import Corrupted, UnsupportedFd
 from liveupdated.core.orchestrator import FdEntry
 from liveupdated.demo import fingerprint, make_guest_memory
 from liveupdated.fds import memfd
+from tests.conftest import carried_data
 
 
 def entry(token: str, name: str = "ram") -> FdEntry:
@@ -254,6 +263,7 @@ def test_a_kexec_record_of_the_previous_version_still_carries(tmp_path: Path) ->
     for start, length in carried.pop("extents"):
         whole = zlib.crc32(os.pread(fd, length, start), whole)
     carried.pop("crc32s")
+    carried.pop("offset")
     carried["extents"] = [[1 << 20, 10000]]
     carried["crc32"] = whole
     body = json.dumps(record, separators=(",", ":")).encode()
@@ -262,3 +272,98 @@ def test_a_kexec_record_of_the_previous_version_still_carries(tmp_path: Path) ->
     assert os.pread(back, 10000, 1 << 20) == b"old format" * 1000
     os.close(back)
     os.close(fd)
+
+
+SEALS = [0, fcntl.F_SEAL_GROW, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL]
+sizes = st.sampled_from([0, 1, 4095, 4096, 9000, PACK_BYTES, PACK_BYTES + 1, 3 << 20])
+
+
+@st.composite
+def guest_fd(draw: st.DrawFn) -> tuple[int, list[tuple[int, int]], int, int]:
+    """(size, data written as (offset, length), seals, position) of one memfd."""
+    size = draw(sizes)
+    pieces = draw(st.lists(st.tuples(st.integers(0, max(size - 1, 0)),
+                                     st.integers(1, 20000)), max_size=3)) if size else []
+    return (size, [(o, min(n, size - o)) for o, n in pieces], draw(st.sampled_from(SEALS)),
+            draw(st.integers(0, size)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sessions=st.lists(st.lists(guest_fd(), min_size=1, max_size=5), min_size=1, max_size=3))
+def test_small_fds_share_their_sessions_pack_and_each_comes_back_exactly(
+    tmp_path_factory: pytest.TempPathFactory,
+    sessions: list[list[tuple[int, list[tuple[int, int]], int, int]]],
+) -> None:
+    """A file per large fd, one per session for its small ones, each at its own offset;
+    holes stay holes; every fd rebuilt exactly (size, data, holes, seals, position, name);
+    a byte damaged in one fd's part of a pack fails that fd only."""
+    area = tmp_path_factory.mktemp("packs") / "handover"
+    fds: dict[tuple[str, str], int] = {}
+    for s, layouts in enumerate(sessions):
+        for t, (size, pieces, seals, position) in enumerate(layouts):
+            fd = os.memfd_create(f"s{s}t{t}", os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, size)
+            for offset, length in pieces:
+                os.pwrite(fd, bytes([s * 16 + t + 1]) * length, offset)
+            os.lseek(fd, position, os.SEEK_SET)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            fds[(f"vm{s}", f"ram{t}")] = fd
+    before = {key: fingerprint(fd) for key, fd in fds.items()}
+    SimulatedBackend(area).write_handover(
+        fds, {k: entry(k[1], str(before[k].name)) for k in fds}, "boot", lambda n: None)
+    for fd in fds.values():
+        os.close(fd)
+
+    large = {k for k, f in before.items() if f.size > PACK_BYTES}
+    packs = {f"vm{s}{PACK_SUFFIX}" for s in range(len(sessions))
+             if any(k[0] == f"vm{s}" and k not in large for k in fds)}
+    files = {p.name for p in (area / "data").iterdir()}
+    assert files == packs | {f"{k[0]}.{k[1]}" for k in large}
+    data = sum(f.data_bytes for f in before.values())
+    blocks = sum(os.stat(area / "data" / name).st_blocks * 512 for name in files)
+    assert blocks <= data + 4096 * (2 * len(fds) + 8)  # holes stay holes
+    backend = SimulatedBackend(area)
+    for key in fds:
+        back = backend.retrieve_fd(key, entry(key[1]))
+        assert fingerprint(back) == before[key], key
+        os.close(back)
+
+    damaged = next((k for k in fds if k not in large and before[k].data_bytes), None)
+    if damaged is not None:
+        path, offset = carried_data(area, *damaged)
+        start = before[damaged].extents[0][0]
+        with path.open("r+b") as f:
+            f.seek(offset + start)
+            byte = f.read(1)
+            f.seek(offset + start)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        backend = SimulatedBackend(area)
+        for key in fds:
+            if key == damaged:
+                with pytest.raises(Corrupted, match="fails its checksum"):
+                    backend.retrieve_fd(key, entry(key[1]))
+            else:
+                os.close(backend.retrieve_fd(key, entry(key[1])))
+
+
+def test_a_finished_session_leaves_no_data_behind(tmp_path: Path) -> None:
+    """Session.Finish: its pack goes, and the files of the large fds it released."""
+    small, big = make_memfd_with(4096), make_memfd_with(PACK_BYTES + 4096)
+    other = make_memfd_with(4096)
+    fds = {("vm", "small"): small, ("vm", "big"): big, ("vm2", "small"): other}
+    area = tmp_path / "handover"
+    SimulatedBackend(area).write_handover(fds, {k: entry(k[1]) for k in fds}, "boot",
+                                          lambda n: None)
+    backend = SimulatedBackend(area)
+    os.close(backend.retrieve_fd(("vm", "small"), entry("small")))
+    backend.finish_session("vm", ["big"])
+    assert sorted(p.name for p in (area / "data").iterdir()) == [f"vm2{PACK_SUFFIX}"]
+    os.close(backend.retrieve_fd(("vm2", "small"), entry("small")))
+    for fd in fds.values():
+        os.close(fd)
+
+
+def make_memfd_with(size: int) -> int:
+    fd = os.memfd_create("ram")
+    os.pwrite(fd, b"x" * size, 0)
+    return fd

@@ -23,7 +23,7 @@ from liveupdated.core.errors import (
 )
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
-from tests.conftest import Host, fill_disk, make_memfd, memfds_held
+from tests.conftest import Host, carried_data, fill_disk, make_memfd, memfds_held
 from tests.other_uid import OtherUid, digest
 
 NOBODY = 65534
@@ -154,9 +154,9 @@ async def test_a_tenant_retrieves_its_own_fds_together(host: Host, bus: PrivateB
 
 def _damage(area: Path, name: str) -> None:
     """Flip one byte of the handover data of one fd, its size kept."""
-    (path,) = [p for p in (area / "data").iterdir() if p.name.endswith("." + name)]
+    path, offset = carried_data(area, "vm", name)
     data = bytearray(path.read_bytes())
-    data[0] ^= 0xFF
+    data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
 
 

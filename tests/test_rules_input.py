@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 
-from liveupdated.backends.simulated import DATA_DIR, RECORD_NAME, KexecRecord
+from liveupdated.backends.simulated import RECORD_NAME
 from liveupdated.client import Client, SessionClient
-from liveupdated.core.codec import from_json
 from liveupdated.core.errors import Corrupted, InvalidArgument, UnsupportedFd
 from liveupdated.core.records import FdPreserved
 from liveupdated.privatebus import PrivateBus
-from tests.conftest import make_memfd
+from tests.conftest import carried_data, make_memfd
 from tests.other_uid import OtherUid, content_digest, digest
 from tests.test_rules_support import NOBODY, Host, journal_frames
 
@@ -160,13 +159,6 @@ async def _prepare_reboot(host: Host, root: Client, nobody: OtherUid) -> dict[st
     return want
 
 
-def carried_file(host: Host, session: str, token: str) -> Path:
-    body = (host.handover_dir / RECORD_NAME).read_bytes().rpartition(b"\n")[0]
-    record = from_json(KexecRecord, body)
-    (carried,) = [f for f in record.fds if (f.session, f.token) == (session, token)]
-    return host.handover_dir / DATA_DIR / carried.file
-
-
 async def test_a_damaged_kexec_record_gives_corrupted_and_hands_nothing_out(
     host: Host,
 ) -> None:
@@ -207,8 +199,9 @@ async def test_damaged_handover_data_gives_corrupted_for_that_fd_only(host: Host
         want = await _prepare_reboot(host, root, nobody)
 
         def damage() -> None:
-            os.truncate(carried_file(host, "vm-a", "disk"), 100)
-            flip_byte(carried_file(host, "vm-a", "ram"), 0)
+            ram, disk = (carried_data(host.handover_dir, "vm-a", t) for t in ("ram", "disk"))
+            flip_byte(*ram)
+            os.truncate(disk[0], disk[1] + 100)  # ram too, if it lies after disk
 
         await host.reboot(root, between=damage)
 

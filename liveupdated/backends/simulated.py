@@ -1,8 +1,10 @@
 """The simulated kernel: a handover area on disk stands in for kexec-preserved memory.
 
 At Reboot each memfd's data extents are copied into a sparse file, checksummed on the
-way, and the kexec record (metadata and checksum of every fd) is written last, atomically
-and fsync'd: it is the commit point. The data files are left to the page cache, as the
+way: a large memfd (over PACK_BYTES) into a file of its own, the small ones of a session
+together into the session's pack, each at its own page-aligned offset. The kexec record
+(metadata and checksum of every fd) is written last, atomically and fsync'd: it is the
+commit point. The data files are left to the page cache, as the
 memory they stand for is: an orderly reboot or kexec writes them out (systemd-shutdown
 syncs), and a crash, which would have lost the VMs' memory anyway, leaves files whose
 checksums fail, so that nothing damaged is ever handed out. The next start finds the
@@ -56,6 +58,7 @@ class CarriedFd:
     extents: list[tuple[int, int]]  # the data, in pieces of at most PIECE bytes
     crc32s: list[int] | None = None  # one per piece of `extents`
     crc32: int | None = None  # of all the extents: records written before crc32s
+    offset: int = 0  # where its byte 0 lies in `file` (a session's pack holds small fds)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +70,11 @@ class KexecRecord:
 
 COPY_WORKERS = min(4, os.cpu_count() or 1)  # pieces copied at once, one per core
 PIECE = 16 << 20  # bytes: a large memfd is copied by all workers, a piece each
+PACK_BYTES = 1 << 20  # apparent size up to which an fd goes into its session's pack
+PACK_ALIGN = 4096  # each fd in a pack starts on a page: its holes stay holes
+
+
+PACK_SUFFIX = "-pack"  # never in a `session.token` file name: escapes are [A-Za-z0-9_]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,18 +179,43 @@ class SimulatedBackend:
         # two keys holding one open file would share. The pieces are then copied in
         # parallel with pread/pwrite, which never move it.
         sources = [_source(key, fd) for key, fd in fds.items()]
+        # A large fd gets a file of its own; the small ones of a session share one, each
+        # at its own offset: creating a file costs more than copying 1 MiB (10,000 small
+        # fds took 3-5 s to hand over, most of it in creating their files).
+        files: dict[str, int] = {}  # file -> its size
+        placed: dict[Key, tuple[str, int]] = {}  # key -> its file and offset there
         for source in sources:
-            self._create(data_dir, source)
-        jobs = [(s, run) for s in sources for run in _runs(s.extents)]
+            if source.size <= PACK_BYTES:
+                file = f"{escape_path_label(source.key[0])}{PACK_SUFFIX}"
+                offset = files.get(file, 0)
+                files[file] = -(-(offset + source.size) // PACK_ALIGN) * PACK_ALIGN
+            else:
+                file, offset = self._data_file(source.key), 0
+                files[file] = source.size
+            placed[source.key] = (file, offset)
+        for file, size in files.items():
+            self._create(data_dir / file, size)
+        # A job: pieces of fds to copy into one file, by one thread (two threads writing
+        # one file wait for each other on its lock): a pack, or a run of a large fd.
+        packs: dict[str, list[_Copy]] = {}
+        jobs: list[list[_Copy]] = []
+        for source in sources:
+            file, offset = placed[source.key]
+            if file.endswith(PACK_SUFFIX):
+                packs.setdefault(file, []).append(_Copy(source, file, offset, source.extents))
+            else:
+                jobs += [[_Copy(source, file, 0, run)] for run in _runs(source.extents)]
+        jobs += packs.values()
         crcs: dict[Key, list[int]] = {s.key: [] for s in sources}
         total = 0
         with ThreadPoolExecutor(max_workers=COPY_WORKERS) as workers:
-            copies = workers.map(lambda job: self._copy_out(data_dir, *job), jobs)
+            copies = workers.map(lambda job: _copy_out(data_dir, job), jobs)
             try:
-                for (source, _), copied in zip(jobs, copies, strict=True):
-                    for length, crc in copied:
-                        crcs[source.key].append(crc)
-                        total += length
+                for job, copied in zip(jobs, copies, strict=True):
+                    for copy, pieces in zip(job, copied, strict=True):
+                        for length, crc in pieces:
+                            crcs[copy.source.key].append(crc)
+                            total += length
                     progress(total)
             except BaseException:
                 workers.shutdown(cancel_futures=True)  # a full disk: the rest fail too
@@ -191,7 +224,8 @@ class SimulatedBackend:
             CarriedFd(
                 session=source.key[0],
                 token=source.key[1],
-                file=self._data_file(source.key),
+                file=placed[source.key][0],
+                offset=placed[source.key][1],
                 size=source.size,
                 name=entries[source.key].name,
                 seals=source.seals,
@@ -233,24 +267,11 @@ class SimulatedBackend:
         self._record = None
         self._carried = {}
 
-    def _create(self, data_dir: Path, source: _Source) -> None:
-        path = data_dir / self._data_file(source.key)
+    def _create(self, path: Path, size: int) -> None:
         point("handover file create")
         out = os.open(path, _CREATE, 0o600)
         try:
-            os.ftruncate(out, source.size)
-        finally:
-            os.close(out)
-
-    def _copy_out(
-        self, data_dir: Path, source: _Source, run: list[tuple[int, int]]
-    ) -> list[tuple[int, int]]:
-        """Copy a run of pieces of one fd; (bytes, crc32) of each."""
-        point("handover data write")
-        out = os.open(data_dir / self._data_file(source.key),
-                      os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return [memfd.copy_extents(source.fd, out, [piece]) for piece in run]
+            os.ftruncate(out, size)
         finally:
             os.close(out)
 
@@ -282,10 +303,11 @@ class SimulatedBackend:
             raise Corrupted(f"handover data of {key[0]}/{key[1]} at {path}: "
                             f"{describe(exc)}") from None
         try:
-            size = os.fstat(src).st_size
-            if size != carried.size:
-                raise Corrupted(f"handover data of {key[0]}/{key[1]} has {size} bytes, "
-                                f"its record says {carried.size}")
+            size, end = os.fstat(src).st_size, carried.offset + carried.size
+            packed = carried.file.endswith(PACK_SUFFIX)  # other fds' data after its end
+            if size < end or (size != end and not packed):
+                raise Corrupted(f"handover data of {key[0]}/{key[1]} ({carried.file}) has "
+                                f"{size} bytes, its record says {end}")
             fd = os.memfd_create(carried.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 if not _copy_back(src, fd, carried):
@@ -293,8 +315,8 @@ class SimulatedBackend:
                         f"handover data of {key[0]}/{key[1]} fails its checksum; "
                         "it is not handed out"
                     )
-                if os.fstat(fd).st_size != size:  # a hole at the end: not written
-                    os.ftruncate(fd, size)
+                if os.fstat(fd).st_size != carried.size:  # a hole at the end: not written
+                    os.ftruncate(fd, carried.size)
                 memfd.finish_restore(fd, carried.position, carried.seals)
             except BaseException:
                 os.close(fd)
@@ -304,8 +326,12 @@ class SimulatedBackend:
             os.close(src)
 
     def finish_session(self, session: str, released: Sequence[str]) -> None:
+        """Its pack goes (the session is done: what it did not retrieve is released),
+        and the files of its large fds that were released."""
+        data_dir = self.area / DATA_DIR
+        (data_dir / f"{escape_path_label(session)}{PACK_SUFFIX}").unlink(missing_ok=True)
         for token in released:
-            (self.area / DATA_DIR / self._data_file((session, token))).unlink(missing_ok=True)
+            (data_dir / self._data_file((session, token))).unlink(missing_ok=True)
 
     def finish(self) -> None:
         self.discard_handover()
@@ -336,6 +362,28 @@ def _source(key: Key, fd: int) -> _Source:
                    seals=memfd.seals_of(fd), extents=pieces)
 
 
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    """Pieces of one fd to copy into `file`, its byte 0 at `offset` there."""
+
+    source: _Source
+    file: str
+    offset: int
+    pieces: list[tuple[int, int]]
+
+
+def _copy_out(data_dir: Path, job: list[_Copy]) -> list[list[tuple[int, int]]]:
+    """Copy the pieces of a job into their file (one file a job); (bytes, crc32) of each
+    piece, by copy."""
+    point("handover data write")
+    out = os.open(data_dir / job[0].file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return [[memfd.copy_extents(copy.source.fd, out, [piece], write_at=copy.offset)
+                 for piece in copy.pieces] for copy in job]
+    finally:
+        os.close(out)
+
+
 def _runs(pieces: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     """Consecutive pieces grouped into runs of up to PIECE bytes: one worker writes each
     run, so that a file is written in order by one thread (two threads writing one file
@@ -360,12 +408,13 @@ def _copy_back(src: int, dst: int, carried: CarriedFd) -> bool:
         return False
     if sum(length for _, length in carried.extents) <= PIECE:  # a pool costs more here
         for (offset, length), crc in zip(carried.extents, carried.crc32s, strict=True):
-            data = os.pread(src, length, offset)
+            data = os.pread(src, length, carried.offset + offset)
             if len(data) != length or zlib.crc32(data) != crc:
                 return False
             memfd.write_all(dst, data, offset)
         return True
     with ThreadPoolExecutor(max_workers=min(COPY_WORKERS, len(carried.extents) or 1)) as pool:
-        crcs = list(pool.map(lambda piece: memfd.copy_extents(src, dst, [piece])[1],
-                             carried.extents))
+        crcs = list(pool.map(
+            lambda piece: memfd.copy_extents(src, dst, [piece], read_at=carried.offset)[1],
+            carried.extents))
     return crcs == carried.crc32s

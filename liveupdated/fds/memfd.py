@@ -116,11 +116,13 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return extents
 
 
-def copy_extents(src: int, dst: int, extents: list[tuple[int, int]]) -> tuple[int, int]:
-    """Copy the given extents of src to the same offsets of dst; (bytes copied, crc32 of
-    them in order). pread/pwrite, never the file position (other holders share it) nor a
-    mapping (a source truncated meanwhile ends the copy with Corrupted, not SIGBUS); the
-    checksum is taken of each chunk while it is in the CPU's cache."""
+def copy_extents(src: int, dst: int, extents: list[tuple[int, int]], *,
+                 read_at: int = 0, write_at: int = 0) -> tuple[int, int]:
+    """Copy the given extents of src to the same offsets of dst (shifted by `read_at` in
+    src and by `write_at` in dst); (bytes copied, crc32 of them in order). pread/pwrite,
+    never the file position (other holders share it) nor a mapping (a source truncated
+    meanwhile ends the copy with Corrupted, not SIGBUS); the checksum is taken of each
+    chunk while it is in the CPU's cache."""
     copied = crc = 0
     if not extents:
         return copied, crc
@@ -129,12 +131,12 @@ def copy_extents(src: int, dst: int, extents: list[tuple[int, int]]) -> tuple[in
         offset, end = start, start + length
         while offset < end:
             chunk = buffer[: min(len(buffer), end - offset)]
-            got = os.preadv(src, [chunk], offset)
+            got = os.preadv(src, [chunk], read_at + offset)
             if got == 0:
                 raise Corrupted(f"source ended at byte {offset}, expected data up to {end}")
             data = chunk[:got]
             crc = zlib.crc32(data, crc)
-            write_all(dst, data, offset)
+            write_all(dst, data, write_at + offset)
             offset += got
             copied += got
     return copied, crc

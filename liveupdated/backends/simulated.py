@@ -406,15 +406,12 @@ def _copy_back(src: int, dst: int, carried: CarriedFd) -> bool:
         return memfd.copy_extents(src, dst, carried.extents)[1] == carried.crc32
     if len(carried.crc32s) != len(carried.extents):
         return False
+
+    def copy(piece: tuple[int, int]) -> int:
+        return memfd.copy_extents(src, dst, [piece], read_at=carried.offset)[1]
+
     if sum(length for _, length in carried.extents) <= PIECE:  # a pool costs more here
-        for (offset, length), crc in zip(carried.extents, carried.crc32s, strict=True):
-            data = os.pread(src, length, carried.offset + offset)
-            if len(data) != length or zlib.crc32(data) != crc:
-                return False
-            memfd.write_all(dst, data, offset)
-        return True
+        return [copy(piece) for piece in carried.extents] == carried.crc32s
     with ThreadPoolExecutor(max_workers=min(COPY_WORKERS, len(carried.extents) or 1)) as pool:
-        crcs = list(pool.map(
-            lambda piece: memfd.copy_extents(src, dst, [piece], read_at=carried.offset)[1],
-            carried.extents))
+        crcs = list(pool.map(copy, carried.extents))
     return crcs == carried.crc32s

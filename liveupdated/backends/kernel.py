@@ -15,6 +15,7 @@ import mmap
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -307,6 +308,9 @@ class KernelBackend:
         self._outgoing: dict[str, int] = {}  # kernel session name -> session fd
         self._prepared: dict[Key, int] = {}  # (session, token) -> kernel token
         self._incoming: dict[str, Incoming] = {}
+        # Fds of one session are retrieved on the loop (small) and in threads (large) at
+        # once: the kernel session is retrieved by the first, under this lock.
+        self._incoming_lock = threading.Lock()
         self._handover: Handover | None = None
         self.holder_process: subprocess.Popen[bytes] | None = None  # kept: it outlives us
 
@@ -505,6 +509,10 @@ class KernelBackend:
         return self._handover
 
     def _retrieve_session(self, session: str) -> Incoming:
+        with self._incoming_lock:
+            return self._retrieve_session_once(session)
+
+    def _retrieve_session_once(self, session: str) -> Incoming:
         if session in self._incoming:
             return self._incoming[session]
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,9 @@ def _keeper_restarted(installed: Installed) -> list[dict[str, Any]]:
 
 def _figures(blackout: float, to_active: float, bare: float, cycle: dict[str, Any]) -> str:
     return (f"blackout {blackout:.2f} s from Freeze to every fd back (2 VMs, 4 memfds, "
-            f"128 MiB), as the test sees it; Freeze to liveupdated active {to_active:.2f} s "
-            f"against a bare soft-reboot's {bare:.2f} s (+{to_active - bare:.2f} s); by the "
+            f"128 MiB), as the test sees it: {blackout - bare:+.2f} s over a bare "
+            f"soft-reboot's {bare:.2f} s (target: +0.3 s at most); Freeze to liveupdated "
+            f"active {to_active:.2f} s ({to_active - bare:+.2f} s); by the "
             f"daemon's own clock (history) Freeze to the last fd back {cycle['blackout_ms']} "
             f"ms, of which Freeze to Reboot() {cycle['freeze_to_reboot_ms']} ms and the new "
             f"daemon to the last fd {cycle['last_fd_ms']} ms")
@@ -115,7 +117,10 @@ def test_fdstore_backend_across_soft_reboot(
     assert found["MESSAGE"]["soft_reboots"] == before + 1
     installed.wait_fd_store(4)  # the very fds, still in the store: nothing to restore
 
-    reports = {vm: installed.vmm_show(vm) for vm in handed}
+    # The VMMs come back at once, as a host's do (one after the other, the second VMM's
+    # start would count against liveupdated).
+    with ThreadPoolExecutor(len(handed)) as vmms:
+        reports = dict(zip(handed, vmms.map(installed.vmm_show, handed), strict=True))
     blackout = time.monotonic() - started
     for vm, report in reports.items():
         assert report["fingerprints"] == handed[vm]  # byte-exact: data, holes, seals, ...

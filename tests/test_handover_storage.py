@@ -178,3 +178,28 @@ def test_symlinks_planted_in_the_handover_area_are_not_followed(tmp_path: Path) 
     (area / RECORD_NAME).symlink_to(victims / "record")
     damaged = SimulatedBackend(area).find_handover()
     assert damaged is not None and damaged.damage
+
+
+def test_packs_that_fill_the_disk_fail_with_storage_and_a_retry_carries_every_fd(
+    small_disk: Path,
+) -> None:
+    """Small fds share their session's pack: the disk fills in the middle of one; nothing
+    of the attempt stays, and once there is room every fd comes back byte-exact."""
+    area = small_disk / "handover"
+    fds = {(f"vm{s}", f"ram{t}"): make_memfd(96 << 10, os.urandom(96 << 10))
+           for s in range(2) for t in range(8)}  # 1.5 MiB of data on a 1 MiB disk
+    entries = {key: entry(key[1], 96 << 10) for key in fds}
+    want = {key: fingerprint(fd) for key, fd in fds.items()}
+    with pytest.raises(Storage, match="No space left on device"):
+        SimulatedBackend(area).write_handover(fds, entries, "boot", ignore)
+    assert os.listdir(area) == []
+    mount("-o", "remount,size=4m", str(small_disk))
+    SimulatedBackend(area).write_handover(fds, entries, "boot", ignore)
+    assert len(os.listdir(area / DATA_DIR)) == 2  # a pack per session
+    for fd in fds.values():
+        os.close(fd)
+    backend = SimulatedBackend(area)
+    for key in fds:
+        fd = backend.retrieve_fd(key, entries[key])
+        assert fingerprint(fd) == want[key], key
+        os.close(fd)

@@ -4,11 +4,11 @@ At Reboot each memfd's data extents are copied into a sparse file, checksummed o
 way: a large memfd (over PACK_BYTES) into a file of its own, the small ones of a session
 together into the session's pack, each at its own page-aligned offset. The kexec record
 (metadata and checksum of every fd) is written last, atomically and fsync'd: it is the
-commit point. The data files are left to the page cache, as the
-memory they stand for is: an orderly reboot or kexec writes them out (systemd-shutdown
-syncs), and a crash, which would have lost the VMs' memory anyway, leaves files whose
-checksums fail, so that nothing damaged is ever handed out. The next start finds the
-record and is, for liveupdated, a new boot.
+commit point. The data files are left to the page cache, as the memory they stand for
+is: an orderly reboot or kexec writes them out (systemd-shutdown syncs), and a crash,
+which would have lost the VMs' memory anyway, leaves files whose checksums fail, so that
+nothing damaged is ever handed out. The next start finds the record and is, for
+liveupdated, a new boot.
 
 Every file is created O_EXCL|O_NOFOLLOW, 0600, so that nothing planted in the area is
 followed or reused. A write the disk refuses (full, read-only, I/O error) fails Reboot
@@ -72,8 +72,6 @@ COPY_WORKERS = min(4, os.cpu_count() or 1)  # pieces copied at once, one per cor
 PIECE = 16 << 20  # bytes: a large memfd is copied by all workers, a piece each
 PACK_BYTES = 1 << 20  # apparent size up to which an fd goes into its session's pack
 PACK_ALIGN = 4096  # each fd in a pack starts on a page: its holes stay holes
-
-
 PACK_SUFFIX = "-pack"  # never in a `session.token` file name: escapes are [A-Za-z0-9_]
 
 

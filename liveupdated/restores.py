@@ -8,9 +8,11 @@ until the service claims it for a caller (then it is journaled, stored and hande
 before). Until then it is in no journal and no fd store: a crash loses only work, never
 an fd, since the handover still has it.
 
-Two lanes. A small fd (at most INLINE_BYTES apparent size) is rebuilt on the event loop
-itself, a few a step, one step per turn of the loop, so requests are served between
-steps. Large ones go to worker threads, one per core, which copy while the GIL is free.
+Two lanes. A small fd (at most INLINE_BYTES, as the backend carried it: a memfd may have
+grown since PreserveFd) is rebuilt on the event loop itself, a few a step, one step per
+turn of the loop, so requests are served between steps. Large ones, and those whose size
+the backend cannot tell yet, go to worker threads, one per core, which copy while the
+GIL is free.
 Small fds in threads were measured to cost twice the CPU per fd handed back (10,000 fds
 to 100 VMMs at once): each rebuild is a dozen short system calls, and every one of them
 passed the GIL between the workers and the loop.
@@ -36,6 +38,7 @@ STEP = (8, 256 << 10)  # fds and bytes rebuilt in one step of the loop, at most
 JOB = (8, 16 << 20)  # the same for one job of a worker thread
 
 Rebuild = Callable[[Key, FdEntry], int]
+CarriedSize = Callable[[Key], int | None]  # the backend's carried_size
 Batch = list[tuple[Key, FdEntry, asyncio.Future[None]]]
 
 
@@ -43,8 +46,8 @@ class _Lane:
     """Fds waiting for their rebuild: those asked for first, then the others in order."""
 
     def __init__(self) -> None:
-        self.urgent: dict[Key, FdEntry] = {}
-        self.ahead: dict[Key, FdEntry] = {}
+        self.urgent: dict[Key, tuple[FdEntry, int]] = {}  # each with its carried size
+        self.ahead: dict[Key, tuple[FdEntry, int]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.urgent or self.ahead)
@@ -58,21 +61,23 @@ class _Lane:
         self.ahead.pop(key, None)
 
     def take(self, limits: tuple[int, int]) -> list[tuple[Key, FdEntry]]:
-        """The next fds, at least one, up to `limits` (count, apparent bytes)."""
+        """The next fds, at least one, up to `limits` (count, carried bytes)."""
         pending = self.urgent or self.ahead
         batch: list[tuple[Key, FdEntry]] = []
         size = 0
         while pending and (not batch or (len(batch) < limits[0] and size < limits[1])):
             key = next(iter(pending))
-            entry = pending.pop(key)
+            entry, carried = pending.pop(key)
             batch.append((key, entry))
-            size += entry.size
+            size += carried
         return batch
 
 
 class Restores:
-    def __init__(self, rebuild: Rebuild, workers: int = WORKERS) -> None:
+    def __init__(self, rebuild: Rebuild, carried_size: CarriedSize,
+                 workers: int = WORKERS) -> None:
         self._rebuild = rebuild
+        self._carried_size = carried_size
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._waits: dict[Key, asyncio.Future[None]] = {}  # queued or in a thread
@@ -88,7 +93,7 @@ class Restores:
         for key, entry in entries:
             if key not in self._waits and key not in self._done:
                 self._waits[key] = self._new_wait()
-                self._lane(entry).ahead[key] = entry
+                self._queue(key, entry, urgent=False)
         self._pump()
 
     def wanted(self, key: Key, entry: FdEntry) -> "asyncio.Future[None]":
@@ -103,9 +108,10 @@ class Restores:
         wait = self._waits.get(key)
         if wait is None:
             wait = self._waits[key] = self._new_wait()
-            self._lane(entry).urgent[key] = entry
+            self._queue(key, entry, urgent=True)
         else:
-            self._lane(entry).hurry(key)
+            self._inline.hurry(key)
+            self._threaded.hurry(key)
         self._pump()
         return asyncio.shield(wait)
 
@@ -138,8 +144,13 @@ class Restores:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _lane(self, entry: FdEntry) -> _Lane:
-        return self._inline if entry.size <= INLINE_BYTES else self._threaded
+    def _queue(self, key: Key, entry: FdEntry, *, urgent: bool) -> None:
+        size = self._carried_size(key)
+        if size is not None and size <= INLINE_BYTES:
+            lane, carried = self._inline, size
+        else:  # unknown: large until known otherwise
+            lane, carried = self._threaded, entry.size if size is None else size
+        (lane.urgent if urgent else lane.ahead)[key] = (entry, carried)
 
     def _new_wait(self) -> asyncio.Future[None]:
         wait = asyncio.get_running_loop().create_future()

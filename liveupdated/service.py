@@ -105,7 +105,7 @@ class LiveUpdate:
         self._last_progress = 0.0
         self._last_status = -STATUS_INTERVAL
         self._status_timer: asyncio.TimerHandle | None = None
-        self.restores = Restores(backend.retrieve_fd)
+        self.restores = Restores(backend.retrieve_fd, backend.carried_size)
         self._restored_log: dict[str, dict[str, int]] = {}  # session -> token -> bytes
         self._restoring_ahead = False
 

@@ -367,3 +367,25 @@ def make_memfd_with(size: int) -> int:
     fd = os.memfd_create("ram")
     os.pwrite(fd, b"x" * size, 0)
     return fd
+
+
+def test_the_carried_size_is_the_size_handed_over_not_the_size_preserved(
+    tmp_path: Path,
+) -> None:
+    """A memfd preserved small and grown before the reboot: the next boot knows its real
+    size before rebuilding it (a large one is never rebuilt on the event loop)."""
+    fd = make_memfd_with(4096)
+    preserved = FdEntry("ram", "memfd", (), 4096, "ram", 0)
+    os.ftruncate(fd, 8 << 20)
+    os.pwrite(fd, b"grown", (8 << 20) - 5)
+    area = tmp_path / "handover"
+    SimulatedBackend(area).write_handover({("vm", "ram"): fd}, {("vm", "ram"): preserved},
+                                          "boot", lambda n: None)
+    os.close(fd)
+    backend = SimulatedBackend(area)
+    assert backend.find_handover() is not None
+    assert backend.carried_size(("vm", "ram")) == 8 << 20
+    assert backend.carried_size(("vm", "rom")) is None
+    back = backend.retrieve_fd(("vm", "ram"), preserved)
+    assert os.fstat(back).st_size == 8 << 20 and os.pread(back, 5, (8 << 20) - 5) == b"grown"
+    os.close(back)

@@ -40,7 +40,8 @@ class Backend(Protocol):
     slow, the VMs still run); write_handover at Reboot (blackout: minimal work); then
     the kexec. discard_handover undoes the last two on Cancel. After the kexec,
     retrieve_fd rebuilds fds on request and finish ends the update. Every method but
-    find_handover runs in a worker thread and may block.
+    find_handover and carried_size runs in a worker thread and may block, but
+    retrieve_fd of an fd carried_size calls small, which runs on the event loop.
     """
 
     name: str
@@ -67,6 +68,10 @@ class Backend(Protocol):
 
     def discard_handover(self) -> None:
         """Cancel: remove every trace of a (partial) handover."""
+
+    def carried_size(self, key: Key) -> int | None:
+        """After the reboot, without blocking: the size of the fd as the previous boot
+        handed it over (a memfd may have grown since PreserveFd), or None if not known."""
 
     def retrieve_fd(self, key: Key, entry: FdEntry) -> int:
         """After the reboot: rebuild the fd; Corrupted if its data fails its checks."""

@@ -563,6 +563,14 @@ class KernelBackend:
                 errno.EOPNOTSUPP: Corrupted,
             }) from exc
 
+    def carried_size(self, key: Key) -> int | None:
+        """From the session's manifest, once an earlier retrieval read it (the kernel
+        restores a memfd's pages one by one: a large one is no work for the loop)."""
+        incoming = self._incoming.get(key[0])
+        if incoming is None:
+            return None
+        return next((fd.size for fd in incoming.manifest.fds if fd.token == key[1]), None)
+
     def retrieve_fd(self, key: Key, entry: FdEntry) -> int:
         session, token = key
         try:

@@ -286,6 +286,11 @@ class SimulatedBackend:
         self._record = None
         self._carried = {}
 
+    def carried_size(self, key: Key) -> int | None:
+        """From the record, loaded by find_handover at start."""
+        carried = self._carried.get(key)
+        return None if carried is None else carried.size
+
     def retrieve_fd(self, key: Key, entry: FdEntry) -> int:
         """Safe in several threads at once, each for its own key (the workers that
         restore ahead of RetrieveFd): the record is loaded before the first is asked."""

@@ -85,7 +85,8 @@ class Restores:
         self._threaded = _Lane()  # large ones, rebuilt by the workers
         self._step: asyncio.Handle | None = None  # the loop's next step, if any
         self._in_flight: set[asyncio.Future[None]] = set()  # waits of keys in a thread
-        self._jobs: set[asyncio.Future[list[int | BaseException]]] = set()
+        # Jobs in the workers, with the sessions of their fds.
+        self._jobs: dict[asyncio.Future[list[int | BaseException]], set[str]] = {}
         self._done: dict[Key, int] = {}  # rebuilt and checked, not yet claimed
 
     def ahead(self, entries: Iterable[tuple[Key, FdEntry]]) -> None:
@@ -130,10 +131,12 @@ class Restores:
         if wait is not None and wait not in self._in_flight and not wait.done():
             wait.set_result(None)
 
-    async def settle(self) -> None:
-        """Until no rebuild is under way (each one let go is closed by then)."""
-        while self._jobs:
-            await asyncio.wait(list(self._jobs))
+    async def settle(self, session: str | None = None) -> None:
+        """Until no rebuild (of `session`'s fds, if given) is under way: each one let go
+        is closed by then. One VMM's Session.Finish waits for its own fds only."""
+        while jobs := [job for job, sessions in self._jobs.items()
+                       if session is None or session in sessions]:
+            await asyncio.wait(jobs)
 
     def close(self) -> None:
         for key in [*self._waits, *self._done]:
@@ -171,7 +174,7 @@ class Restores:
             self._in_flight.update(wait for _, _, wait in batch)
             job = loop.run_in_executor(
                 self._executor, self._rebuild_all, [(k, e) for k, e, _ in batch])
-            self._jobs.add(job)
+            self._jobs[job] = {key[0] for key, _, _ in batch}
             job.add_done_callback(functools.partial(self._job_ended, batch))
 
     def _step_inline(self) -> None:
@@ -192,7 +195,7 @@ class Restores:
         return outcomes
 
     def _job_ended(self, batch: Batch, job: asyncio.Future[list[int | BaseException]]) -> None:
-        self._jobs.discard(job)
+        self._jobs.pop(job, None)
         if job.cancelled():
             outcomes: list[int | BaseException] = [
                 OSError(f"the restore of {key[0]}/{key[1]} was stopped") for key, _, _ in batch]

@@ -462,7 +462,7 @@ class LiveUpdate:
         await self.writable()
         records = self.core.finish_session(caller, session)
         await self._durable(records)
-        await self.restores.settle()  # fds let go while being restored: closed
+        await self.restores.settle(session)  # its fds let go while being restored: closed
         self._write_restored_log()
         released = [r.token for r in records if isinstance(r, FdReleased)]
         await asyncio.to_thread(self.backend.finish_session, session, released)

@@ -17,14 +17,14 @@ import os
 import threading
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from liveupdated.backends import Key
 from liveupdated.core.orchestrator import FdEntry
-from liveupdated.restores import INLINE_BYTES, STEP, Restores
+from liveupdated.restores import STEP, CarriedSize, Restores
 
-SMALL, LARGE = 4096, INLINE_BYTES + 1
+SMALL, LARGE = 4096, 8 << 20  # a large one's rebuild takes a while: its copy is real
 KEYS = [(f"vm{i % 3}", f"ram{i}") for i in range(12)]
 
 
@@ -47,8 +47,9 @@ def small(key: Key) -> bool:
 class Rebuilds:
     """A rebuild as a backend's: a new memfd holding its key; keys in `failing` fail."""
 
-    def __init__(self, failing: set[Key]) -> None:
+    def __init__(self, failing: set[Key], sizes: CarriedSize = carried_size) -> None:
         self.failing = failing
+        self.carried_size = sizes
         self.made: dict[int, Key] = {}  # inode of every memfd made -> its key
         self.attempts: list[Key] = []  # in the order started
         self.threads: dict[Key, int] = {}
@@ -61,6 +62,8 @@ class Rebuilds:
         if key in self.failing:
             raise OSError(f"handover data of {key[0]}/{key[1]} cannot be read")
         fd = os.memfd_create(f"restore-test-{key[1]}", os.MFD_CLOEXEC)
+        if self.carried_size(key) != SMALL:
+            os.pwrite(fd, bytes(LARGE), 0)
         os.pwrite(fd, f"{key[0]}/{key[1]}".encode(), 0)
         with self.lock:
             self.made[os.fstat(fd).st_ino] = key
@@ -93,7 +96,7 @@ ops = st.lists(
         st.tuples(st.just("ahead"), st.lists(st.integers(0, 11), max_size=12)),
         st.tuples(st.just("want"), st.integers(0, 11)),
         st.tuples(st.just("drop"), st.integers(0, 11)),
-        st.tuples(st.just("settle"), st.just(0)),
+        st.tuples(st.just("settle"), st.sampled_from([None, "vm0", "vm1", "vm2"])),
         st.tuples(st.just("turn"), st.just(0)),
     ),
     max_size=40,
@@ -102,6 +105,7 @@ ops = st.lists(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, failing=st.sets(st.integers(0, 11), max_size=3))
+@example(ops=[("want", 3), ("drop", 3), ("settle", "vm0")], failing=set())  # in a thread
 def test_every_request_ends_with_its_fd_or_its_error_and_no_fd_leaks(
     ops: list[tuple[str, object]], failing: set[int]
 ) -> None:
@@ -149,7 +153,12 @@ class Checks:
                 request.dropped |= request.i == arg
             self.asked.discard(arg)
         elif op == "settle":
-            await self.restores.settle()
+            assert arg is None or isinstance(arg, str)
+            await self.restores.settle(arg)
+            # Whatever of that session (or of all) was let go is closed by now.
+            for request in self.requests:
+                if request.dropped and arg in (None, KEYS[request.i][0]):
+                    assert request.wait.done(), f"{KEYS[request.i]} still being rebuilt"
         else:
             await asyncio.sleep(0)
 
@@ -180,7 +189,8 @@ class Checks:
             assert request.i in self.claimed, f"{KEYS[request.i]} was rebuilt and then lost"
             return
         assert request.i not in self.claimed, f"{KEYS[request.i]} rebuilt twice"
-        assert os.pread(fd, 64, 0) == "/".join(KEYS[request.i]).encode()
+        name = "/".join(KEYS[request.i]).encode()
+        assert os.pread(fd, len(name), 0) == name
         self.claimed[request.i] = fd
 
     def at_the_end(self) -> None:
@@ -197,8 +207,8 @@ class Checks:
 async def test_small_fds_are_rebuilt_a_few_a_turn_of_the_loop() -> None:
     """Between two steps the loop serves whatever else is ready: 100 small fds ahead
     never hold it for more than a step's worth."""
-    rebuilds = Rebuilds(set())
-    restores = Restores(rebuilds, lambda key: SMALL)
+    rebuilds = Rebuilds(set(), lambda key: SMALL)
+    restores = Restores(rebuilds, rebuilds.carried_size)
     keys = [(f"vm{i}", "ram") for i in range(100)]
     restores.ahead((key, entry(0)) for key in keys)
     seen = [len(rebuilds.attempts)]

@@ -94,38 +94,41 @@ def append_and_sync(fd: int, data: bytes) -> None:
 def write_new_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Create `path` (never over anything: see `create_new_file`) holding `data`, and
     make both the content and the name durable."""
-    fd = create_new_file(path, mode)
-    try:
-        point("new file write")
-        _write_all(fd, data)
-        point("new file fsync")
-        os.fsync(fd)
-    except BaseException:
-        path.unlink(missing_ok=True)  # no partial copy left behind on a full disk
-        raise
-    finally:
-        os.close(fd)
+    _write_and_fsync(create_new_file(path, mode), path, data, "new file")
     fsync_directory(path.parent)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, label: str = "atomic",
+                     exclusive: bool = False) -> None:
     """Write, fsync, rename over `path`, fsync the directory: after a crash at any
-    point, `path` holds either its old content or `data`, never a mix."""
+    point, `path` holds either its old content or `data`, never a mix. The points are
+    named `label` write, fsync and rename. `exclusive`: the temp file `path`.new is
+    created here and now (FileExistsError if anything is there), for a directory whose
+    owner removed it first; else a `.new` left by a crash is ours and stale."""
     tmp = path.with_name(path.name + ".new")
-    # O_TRUNC, not O_EXCL: a `.new` left by a crash is ours and stale. O_NOFOLLOW: a
-    # symlink planted there must not redirect the write.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        point("atomic write")
-        _write_all(fd, data)
-        point("atomic fsync")
-        os.fsync(fd)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
-        raise
-    finally:
-        os.close(fd)
-    point("atomic rename")
+    if exclusive:
+        fd = create_new_file(tmp)
+    else:
+        # O_TRUNC, not O_EXCL; O_NOFOLLOW: a symlink planted there must not redirect
+        # the write.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    _write_and_fsync(fd, tmp, data, label)
+    point(f"{label} rename")
     os.rename(tmp, path)
     fsync_directory(path.parent)
+
+
+def _write_and_fsync(fd: int, path: Path, data: bytes, label: str) -> None:
+    """Fill the new file `path` open as `fd` and fsync it, then close it; on any
+    failure `path` is removed: a full disk keeps no half-written copy."""
+    try:
+        point(f"{label} write")
+        _write_all(fd, data)
+        point(f"{label} fsync")
+        os.fsync(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)

@@ -34,16 +34,15 @@ from liveupdated.core.codec import from_json, to_json
 from liveupdated.core.errors import Corrupted, NoSuchToken, Storage
 from liveupdated.core.names import escape_path_label
 from liveupdated.core.orchestrator import FdEntry
-from liveupdated.durable import fsync_directory, point
+from liveupdated.durable import create_new_file, fsync_directory, point, write_atomically
 from liveupdated.fds import memfd
 from liveupdated.statedir import STORAGE_ERRNOS, describe
 
 log = structlog.get_logger("liveupdated")
 
 RECORD_NAME = "kexec-record.json"
-RECORD_TEMP = RECORD_NAME + ".new"
+RECORD_TEMP = RECORD_NAME + ".new"  # write_atomically's temp file
 DATA_DIR = "data"
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,7 +153,10 @@ class SimulatedBackend:
             total, carried = self._copy_all(data_dir, fds, entries, progress)
             data_done = time.monotonic()
             body = to_json(KexecRecord(boot_id=boot_id, fds=carried, version=__version__))
-            self._write_record(body + b"\n" + str(zlib.crc32(body)).encode())
+            # The commit point: the area's last temp was removed by discard_handover.
+            write_atomically(self.area / RECORD_NAME,
+                             body + b"\n" + str(zlib.crc32(body)).encode(),
+                             label="handover record", exclusive=True)
         except BaseException as exc:
             self._remove_attempt()
             if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
@@ -235,24 +237,6 @@ class SimulatedBackend:
         ]
         return total, carried
 
-    def _write_record(self, data: bytes) -> None:
-        """The commit point: a new file (O_EXCL) written, fsync'd, renamed over the
-        record, and the directory fsync'd."""
-        temp = self.area / RECORD_TEMP
-        fd = os.open(temp, _CREATE, 0o600)
-        try:
-            view = memoryview(data)
-            point("handover record write")
-            while view:
-                view = view[os.write(fd, view):]
-            point("handover record fsync")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        point("handover record rename")
-        os.rename(temp, self.area / RECORD_NAME)
-        fsync_directory(self.area)
-
     def _remove_attempt(self) -> None:
         """After a failed write_handover: none of its files may stay (best effort: the
         disk that failed the write may fail these too)."""
@@ -267,7 +251,7 @@ class SimulatedBackend:
 
     def _create(self, path: Path, size: int) -> None:
         point("handover file create")
-        out = os.open(path, _CREATE, 0o600)
+        out = create_new_file(path)
         try:
             os.ftruncate(out, size)
         finally:

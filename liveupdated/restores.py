@@ -12,10 +12,9 @@ Two lanes. A small fd (at most INLINE_BYTES, as the backend carried it: a memfd 
 grown since PreserveFd) is rebuilt on the event loop itself, a few a step, one step per
 turn of the loop, so requests are served between steps. Large ones, and those whose size
 the backend cannot tell yet, go to worker threads, one per core, which copy while the
-GIL is free.
-Small fds in threads were measured to cost twice the CPU per fd handed back (10,000 fds
-to 100 VMMs at once): each rebuild is a dozen short system calls, and every one of them
-passed the GIL between the workers and the loop.
+GIL is free. Small fds in threads were measured to cost twice the CPU per fd handed back
+(10,000 fds to 100 VMMs at once): each rebuild is a dozen short system calls, and every
+one of them passed the GIL between the workers and the loop.
 
 An fd let go before it is claimed (Finish, Session.Finish, Close, DropSession) is
 closed here, at once if it is rebuilt, else as soon as its thread is done; `settle`
@@ -84,9 +83,7 @@ class Restores:
         self._inline = _Lane()  # small fds, rebuilt on the loop
         self._threaded = _Lane()  # large ones, rebuilt by the workers
         self._step: asyncio.Handle | None = None  # the loop's next step, if any
-        self._in_flight: set[asyncio.Future[None]] = set()  # waits of keys in a thread
-        # Jobs in the workers, with the sessions of their fds.
-        self._jobs: dict[asyncio.Future[list[int | BaseException]], set[str]] = {}
+        self._jobs: dict[asyncio.Future[list[int | BaseException]], Batch] = {}  # in threads
         self._done: dict[Key, int] = {}  # rebuilt and checked, not yet claimed
 
     def ahead(self, entries: Iterable[tuple[Key, FdEntry]]) -> None:
@@ -128,14 +125,14 @@ class Restores:
         self._inline.discard(key)
         self._threaded.discard(key)
         wait = self._waits.pop(key, None)
-        if wait is not None and wait not in self._in_flight and not wait.done():
+        if wait is not None and not self._in_a_thread(wait) and not wait.done():
             wait.set_result(None)
 
     async def settle(self, session: str | None = None) -> None:
         """Until no rebuild (of `session`'s fds, if given) is under way: each one let go
         is closed by then. One VMM's Session.Finish waits for its own fds only."""
-        while jobs := [job for job, sessions in self._jobs.items()
-                       if session is None or session in sessions]:
+        while jobs := [job for job, batch in self._jobs.items()
+                       if session is None or any(key[0] == session for key, _, _ in batch)]:
             await asyncio.wait(jobs)
 
     def close(self) -> None:
@@ -146,6 +143,10 @@ class Restores:
             self._step = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _in_a_thread(self, wait: asyncio.Future[None]) -> bool:
+        """Is the key of `wait` being rebuilt by a worker (its fd is closed when done)?"""
+        return any(w is wait for batch in self._jobs.values() for _, _, w in batch)
 
     def _queue(self, key: Key, entry: FdEntry, *, urgent: bool) -> None:
         size = self._carried_size(key)
@@ -171,10 +172,9 @@ class Restores:
             batch = [(k, e, self._waits[k]) for k, e in self._threaded.take(JOB)]
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self._workers, "liveupdated-restore")
-            self._in_flight.update(wait for _, _, wait in batch)
             job = loop.run_in_executor(
                 self._executor, self._rebuild_all, [(k, e) for k, e, _ in batch])
-            self._jobs[job] = {key[0] for key, _, _ in batch}
+            self._jobs[job] = batch
             job.add_done_callback(functools.partial(self._job_ended, batch))
 
     def _step_inline(self) -> None:
@@ -203,7 +203,6 @@ class Restores:
             outcomes = [job.exception()] * len(batch)  # type: ignore[list-item]
         else:
             outcomes = job.result()
-        self._in_flight.difference_update(wait for _, _, wait in batch)
         self._ended(batch, outcomes)
 
     def _ended(self, batch: Batch, outcomes: list[int | BaseException]) -> None:

@@ -114,6 +114,8 @@ def test_every_request_ends_with_its_fd_or_its_error_and_no_fd_leaks(
 
 async def run(ops: list[tuple[str, object]], failing: set[int]) -> None:
     check = Checks(Rebuilds({KEYS[i] for i in failing}), failing)
+    errors: list[dict[str, object]] = []  # what a callback raised: none may
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
     try:
         for op, arg in ops:
             await check.do(op, arg)
@@ -127,6 +129,7 @@ async def run(ops: list[tuple[str, object]], failing: set[int]) -> None:
         check.restores.close()
         await check.restores.settle()
     check.at_the_end()
+    assert errors == []
 
 
 class Checks:

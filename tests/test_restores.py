@@ -158,6 +158,7 @@ class Checks:
         elif op == "settle":
             assert arg is None or isinstance(arg, str)
             await self.restores.settle(arg)
+            await asyncio.sleep(0)  # one turn: a request (a shield) follows its wait's end
             # Whatever of that session (or of all) was let go is closed by now.
             for request in self.requests:
                 if request.dropped and arg in (None, KEYS[request.i][0]):

@@ -182,30 +182,26 @@ class SimulatedBackend:
         # A large fd gets a file of its own; the small ones of a session share one, each
         # at its own offset: creating a file costs more than copying 1 MiB (10,000 small
         # fds took 3-5 s to hand over, most of it in creating their files).
+        # A job: pieces of fds to copy into one file, by one thread (two threads writing
+        # one file wait for each other on its lock): a pack, or a run of a large fd.
         files: dict[str, int] = {}  # file -> its size
         placed: dict[Key, tuple[str, int]] = {}  # key -> its file and offset there
+        packs: dict[str, list[_Copy]] = {}
+        jobs: list[list[_Copy]] = []
         for source in sources:
             if source.size <= PACK_BYTES:
                 file = f"{escape_path_label(source.key[0])}{PACK_SUFFIX}"
                 offset = files.get(file, 0)
                 files[file] = -(-(offset + source.size) // PACK_ALIGN) * PACK_ALIGN
+                packs.setdefault(file, []).append(_Copy(source, file, offset, source.extents))
             else:
                 file, offset = self._data_file(source.key), 0
                 files[file] = source.size
+                jobs += [[_Copy(source, file, 0, run)] for run in _runs(source.extents)]
             placed[source.key] = (file, offset)
+        jobs += packs.values()
         for file, size in files.items():
             self._create(data_dir / file, size)
-        # A job: pieces of fds to copy into one file, by one thread (two threads writing
-        # one file wait for each other on its lock): a pack, or a run of a large fd.
-        packs: dict[str, list[_Copy]] = {}
-        jobs: list[list[_Copy]] = []
-        for source in sources:
-            file, offset = placed[source.key]
-            if file.endswith(PACK_SUFFIX):
-                packs.setdefault(file, []).append(_Copy(source, file, offset, source.extents))
-            else:
-                jobs += [[_Copy(source, file, 0, run)] for run in _runs(source.extents)]
-        jobs += packs.values()
         crcs: dict[Key, list[int]] = {s.key: [] for s in sources}
         total = 0
         with ThreadPoolExecutor(max_workers=COPY_WORKERS) as workers:

@@ -13,6 +13,7 @@ from dbus_fast import Message, MessageFlag
 from liveupdated.bus.callers import Callers
 from liveupdated.bus.connection import FdOwningBus
 from liveupdated.bus.errors import to_dbus_error
+from liveupdated.bus.handler import MessageHandler
 from liveupdated.bus.session import SessionObjects
 from liveupdated.core.orchestrator import Caller
 from liveupdated.core.records import Record
@@ -21,14 +22,11 @@ from liveupdated.service import LiveUpdate
 METHOD = "preserve_fd"  # the name the Session object's method logs under
 
 
-class PreserveFdCalls:
+class PreserveFdCalls(MessageHandler):
     def __init__(
         self, bus: FdOwningBus, service: LiveUpdate, callers: Callers, sessions: SessionObjects
     ) -> None:
-        self._bus = bus
-        self._service = service
-        self._callers = callers
-        self._sessions = sessions
+        super().__init__(bus, service, callers, sessions)
         self._taking = True  # until finish()
         self._scheduled = 0  # taken calls not yet decided
         self._waiting: list[tuple[Message, list[Record]]] = []  # decided, not yet answered
@@ -43,14 +41,11 @@ class PreserveFdCalls:
             return False  # the Session object's method handles it
         if self._service.storage_problem:
             return False  # degraded: the method tries to end that before it decides
-        caller = self._callers.known(msg.sender)
-        session = self._sessions.name_at(msg.path or "")
-        if caller is None or session is None:
+        call = self._session_call(msg)
+        if call is None:
             return False
         self._scheduled += 1
-        asyncio.get_running_loop().call_soon(
-            self._decide, msg, caller, session, msg.unix_fds[index]
-        )
+        asyncio.get_running_loop().call_soon(self._decide, msg, *call, msg.unix_fds[index])
         return True
 
     def _decide(self, msg: Message, caller: Caller, session: str, fd: int) -> None:

@@ -8,32 +8,18 @@ the bus closes once it is written. Anything else (an unknown caller first of all
 through to the Session object's method, which answers the same way.
 """
 
-import asyncio
-
 import structlog
 from dbus_fast import Message, MessageFlag, MessageType
 
 from liveupdated.bus import SESSION_INTERFACE
-from liveupdated.bus.callers import Callers
-from liveupdated.bus.connection import FdOwningBus
 from liveupdated.bus.errors import to_dbus_error
-from liveupdated.bus.session import SessionObjects
+from liveupdated.bus.handler import MessageHandler
 from liveupdated.core.orchestrator import Caller
-from liveupdated.service import LiveUpdate
 
 METHOD = "retrieve_fd"  # the name the Session object's method logs under
 
 
-class RetrieveFdCalls:
-    def __init__(
-        self, bus: FdOwningBus, service: LiveUpdate, callers: Callers, sessions: SessionObjects
-    ) -> None:
-        self._bus = bus
-        self._service = service
-        self._callers = callers
-        self._sessions = sessions
-        self._answering: set[asyncio.Task[None]] = set()
-
+class RetrieveFdCalls(MessageHandler):
     def handle(self, msg: Message) -> bool:
         """A message handler: True when the call is taken here (and answered later)."""
         if (
@@ -45,13 +31,10 @@ class RetrieveFdCalls:
             or msg.flags & MessageFlag.NO_REPLY_EXPECTED
         ):
             return False
-        caller = self._callers.known(msg.sender)
-        session = self._sessions.name_at(msg.path or "")
-        if caller is None or session is None:
+        call = self._session_call(msg)
+        if call is None:
             return False
-        task = asyncio.ensure_future(self._answer(msg, caller, session, msg.body[0]))
-        self._answering.add(task)
-        task.add_done_callback(self._answering.discard)
+        self._in_task(self._answer(msg, *call, msg.body[0]))
         return True
 
     async def _answer(self, msg: Message, caller: Caller, session: str, token: str) -> None:

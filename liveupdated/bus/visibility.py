@@ -17,22 +17,18 @@ An admin's calls, and allowed ones, take dbus-fast's own path. A caller not reso
 is resolved first (a bus round trip): the call is then answered from a task.
 """
 
-import asyncio
-
 import structlog
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast import introspection as intr
 from dbus_fast.send_reply import SendReply
 
 from liveupdated.bus import ERROR_PREFIX
-from liveupdated.bus.callers import CURRENT_MESSAGE, Callers
-from liveupdated.bus.connection import FdOwningBus
+from liveupdated.bus.callers import CURRENT_MESSAGE
 from liveupdated.bus.errors import to_dbus_error
-from liveupdated.bus.session import SessionObjects
+from liveupdated.bus.handler import MessageHandler
 from liveupdated.core.errors import AccessDenied
 from liveupdated.core.names import SESSION_PATH_PREFIX
 from liveupdated.core.orchestrator import Caller
-from liveupdated.service import LiveUpdate
 
 log = structlog.get_logger("liveupdated.bus")
 
@@ -47,16 +43,7 @@ LISTING_PATHS = frozenset(
 )
 
 
-class Visibility:
-    def __init__(
-        self, bus: FdOwningBus, service: LiveUpdate, callers: Callers, sessions: SessionObjects
-    ) -> None:
-        self._bus = bus
-        self._service = service
-        self._callers = callers
-        self._sessions = sessions
-        self._tasks: set[asyncio.Task[None]] = set()
-
+class Visibility(MessageHandler):
     def handle(self, msg: Message) -> Message | bool:
         """The message handler: an answer, True when answered later (or not at all: no
         answer expected), False to let dbus-fast dispatch the call."""
@@ -66,9 +53,7 @@ class Visibility:
             return True  # nothing would be answered: nothing is done
         caller = self._callers.known(msg.sender)
         if caller is None:
-            task = asyncio.get_running_loop().create_task(self._answer_later(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._in_task(self._answer_later(msg))
             return True
         answer = self._answer(msg, caller)
         return answer if answer is not None else False

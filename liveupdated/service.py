@@ -27,12 +27,10 @@ import structlog
 from liveupdated.backends import Backend, Key
 from liveupdated.core.errors import (
     Corrupted,
-    InvalidArgument,
     Storage,
     Timeout,
     UnsupportedFd,
 )
-from liveupdated.core.names import MAX_FDS_PER_CALL
 from liveupdated.core.orchestrator import (
     Caller,
     FdEntry,
@@ -333,22 +331,11 @@ class LiveUpdate:
         """New fds for the caller, one per token in order (dups of those held), all or
         none; the caller must close them. Each is complete and checked, and its restore
         durable, before it is handed out."""
-        if len(tokens) > MAX_FDS_PER_CALL:
-            raise InvalidArgument(
-                f"{command} takes at most {MAX_FDS_PER_CALL} tokens a call, not {len(tokens)}"
-            )
-        if len(set(tokens)) != len(tokens):
-            twice = next(t for t in tokens if tokens.count(t) > 1)
-            raise InvalidArgument(f"{command} names token {twice!r} twice")
+        entries = self.core.check_retrieve_fds(caller, session, tokens, command)
         keys = [(session, token) for token in tokens]
         restored: dict[str, int] = {}  # bytes of each fd restored for this call
-        missing = [
-            (key, entry)
-            for key, entry in zip(
-                keys, [self.core.check_retrieve_fd(caller, session, t) for t in tokens],
-                strict=True)
-            if key not in self.vault
-        ]
+        missing = [(key, entry) for key, entry in zip(keys, entries, strict=True)
+                   if key not in self.vault]
         if missing:
             if self.core.phase is not Phase.UPDATED:
                 key = missing[0][0]
@@ -356,8 +343,8 @@ class LiveUpdate:
             self._restore_ahead()
             restored = await self._restore(caller, missing)
             self._log_restored(session, restored)
-            for token in tokens:  # ask again: a Finish may have come while it was journaled
-                self.core.check_retrieve_fd(caller, session, token)
+            # Ask again: a Finish may have come while it was journaled.
+            self.core.check_retrieve_fds(caller, session, tokens, command)
         fds: list[int] = []
         try:
             for key in keys:

@@ -403,3 +403,21 @@ def test_a_cancelled_freeze_leaves_no_blackout_start_behind() -> None:
     prepare(core)
     assert core.freeze_started_usec == 0
     assert replayed(core, core.snapshot()).snapshot() == core.snapshot()
+
+
+def test_retrieve_fds_checks_the_count_then_doubles_then_each_token() -> None:
+    core = core_with("ram", "disk")
+    prepare(core)
+    freeze(core)
+    core.rebooted("boot")
+    assert [e.token for e in core.check_retrieve_fds(ALICE, VM, ["disk", "ram"], "RetrieveFds")
+            ] == ["disk", "ram"]
+    with pytest.raises(InvalidArgument, match="RetrieveFds takes at most 16 tokens a call, "
+                                              "not 17"):
+        core.check_retrieve_fds(ALICE, VM, ["ram"] * 17, "RetrieveFds")
+    with pytest.raises(InvalidArgument, match="RetrieveFds names token 'ram' twice"):
+        core.check_retrieve_fds(ALICE, VM, ["ram", "disk", "ram"], "RetrieveFds")
+    with pytest.raises(NoSuchToken, match="rom"):
+        core.check_retrieve_fds(ALICE, VM, ["ram", "rom"], "RetrieveFds")
+    with pytest.raises(AccessDenied):
+        core.check_retrieve_fds(BOB, VM, ["ram"], "RetrieveFds")

@@ -686,6 +686,20 @@ class Orchestrator:
             )
         return self._commit([FdReleased(session=name, token=token, reason="unpreserved")])
 
+    def check_retrieve_fds(
+        self, caller: Caller, name: str, tokens: Sequence[str], command: str
+    ) -> list[FdEntry]:
+        """Every check of RetrieveFd or RetrieveFds: the entries of `tokens`, in order,
+        all of them or an error naming the one at fault."""
+        if len(tokens) > MAX_FDS_PER_CALL:
+            raise InvalidArgument(
+                f"{command} takes at most {MAX_FDS_PER_CALL} tokens a call, not {len(tokens)}"
+            )
+        if len(set(tokens)) != len(tokens):
+            twice = next(t for t in tokens if tokens.count(t) > 1)
+            raise InvalidArgument(f"{command} names token {twice!r} twice")
+        return [self.check_retrieve_fd(caller, name, token) for token in tokens]
+
     def check_retrieve_fd(self, caller: Caller, name: str, token: str) -> FdEntry:
         check_name(token, "token")
         session = self.owned_session(caller, name)

@@ -40,8 +40,8 @@ from liveupdated.core.names import MANAGER_PATH, is_name
 from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import DaemonStarted, Record
 from liveupdated.journal import Journal, Watermark
-from liveupdated.service import Listeners, LiveUpdate, describe_os_error
-from liveupdated.statedir import STORAGE_ERRNOS, holds_listen_fds
+from liveupdated.service import Listeners, LiveUpdate
+from liveupdated.statedir import STORAGE_ERRNOS, describe, holds_listen_fds
 from liveupdated.systemd import Notifier, boot_id, take_listen_fds
 from liveupdated.vault import Vault
 
@@ -283,7 +283,7 @@ class Daemon:
                 refused = exc
                 journal.refuse(exc)
         if refused is not None:
-            service.storage_problem = describe_os_error(refused)
+            service.storage_problem = describe(refused)
             log.critical("storage_failed", error=service.storage_problem,
                          hint="running degraded: changes are refused until the state dir "
                               "can be written; RetrieveFd and Cancel work")

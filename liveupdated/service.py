@@ -15,7 +15,6 @@ once a compaction of the whole state succeeds.
 import asyncio
 import contextlib
 import contextvars
-import errno
 import itertools
 import os
 import time
@@ -52,6 +51,7 @@ from liveupdated.core.records import (
 from liveupdated.fds import memfd
 from liveupdated.journal import Journal
 from liveupdated.restores import Restores
+from liveupdated.statedir import describe
 from liveupdated.systemd import Notifier, boot_id
 from liveupdated.vault import Vault
 
@@ -153,7 +153,7 @@ class LiveUpdate:
             self._compaction = None
 
     def _degrade(self, exc: OSError) -> Storage:
-        problem = describe_os_error(exc)
+        problem = describe(exc)
         if not self.storage_problem:
             log.critical("storage_failed", error=problem,
                          hint="changes are refused until the journal can be written again")
@@ -171,7 +171,7 @@ class LiveUpdate:
         try:
             await self.journal.rewrite(self.core.snapshot)
         except OSError as exc:
-            self.storage_problem = describe_os_error(exc)
+            self.storage_problem = describe(exc)
             raise Storage(
                 f"the daemon cannot write its journal ({self.storage_problem}); no change "
                 "is accepted until it can. Held fds stay held; RetrieveFd and Cancel work"
@@ -504,17 +504,17 @@ class LiveUpdate:
         await self.writable()
         records = self.core.prepare(caller)  # sessions and fds fixed now
         try:
-            await self._durable(records)
-            await asyncio.to_thread(self.backend.prepare_handover, *self._held())
+            try:
+                await self._durable(records)
+                await asyncio.to_thread(self.backend.prepare_handover, *self._held())
+            finally:
+                self.core.done("Prepare")
         except Exception:
-            self.core.done("Prepare")
-            if self.core.phase is Phase.PREPARED:
+            if self.core.phase is Phase.PREPARED:  # the backend refused: back to normal
                 with contextlib.suppress(Storage):
                     await self._durable(self.core.cancel(caller))
                 self.core.done("Cancel")
             raise
-        finally:
-            self.core.done("Prepare")
 
     async def freeze(self, caller: Caller) -> None:
         await self.writable()
@@ -587,7 +587,7 @@ class LiveUpdate:
             await self._reboot_failed(exc)
             if isinstance(exc, OSError):
                 raise Storage(
-                    f"the handover could not be written ({describe_os_error(exc)}); nothing "
+                    f"the handover could not be written ({describe(exc)}); nothing "
                     "of it is left, the state is still frozen: retry Reboot or Cancel"
                 ) from exc
             raise
@@ -601,7 +601,7 @@ class LiveUpdate:
         try:
             await asyncio.to_thread(self.backend.discard_handover)
         except OSError as discard:
-            log.error("handover_discard_failed", error=describe_os_error(discard))
+            log.error("handover_discard_failed", error=describe(discard))
         records = self.core.reboot_failed(f"the handover could not be written: {exc}")
         with contextlib.suppress(Storage):
             await self._durable(records)
@@ -626,13 +626,6 @@ class LiveUpdate:
             await self.journal.compact(self.core.snapshot)
         finally:
             self.core.done("Finish")
-
-
-def describe_os_error(exc: OSError) -> str:
-    """'No space left on device (ENOSPC)': the errno by name, for messages and logs."""
-    code = errno.errorcode.get(exc.errno or 0, "")
-    text = exc.strerror or str(exc)
-    return f"{text} ({code})" if code else text
 
 
 def _inspect(token: str, fd: int, named: bool) -> FdFacts:

@@ -89,9 +89,11 @@ def holds_listen_fds() -> bool:
 
 
 def describe(exc: OSError) -> str:
-    """`No space left on device (ENOSPC)`: the text and the errno's name."""
-    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    return f"{exc.strerror or exc} ({name})"
+    """`No space left on device (ENOSPC)`: the text and the errno's name (its number if
+    it has none; nothing for an OSError without an errno)."""
+    name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else ""
+    text = exc.strerror or str(exc)
+    return f"{text} ({name})" if name else text
 
 
 def open_state(config: Config) -> StateDir:

@@ -431,16 +431,6 @@ class Journal:
             and self._error is None
         )
 
-    async def compact_if_larger_than(
-        self, limit: int, snapshot: Callable[[], Iterable[Record]]
-    ) -> bool:
-        """`compact(snapshot)` if `needs_compaction(limit)`; whether it did. Same contract
-        as `compact`: `snapshot()` must hold every record enqueued so far."""
-        if not self.needs_compaction(limit):
-            return False
-        await self.compact(snapshot)
-        return True
-
     def _replace(self, data: bytes) -> None:
         write_atomically(self.path, data)
         self.close()

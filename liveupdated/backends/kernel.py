@@ -236,11 +236,6 @@ def pid1_preserves_fd_stores() -> int | None:
     return version if version >= PID1_PRESERVES_SINCE else None
 
 
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    return os.pread(fd, size, 0) if size else b""
-
-
 def nonzero_extents(fd: int, size: int) -> list[tuple[int, int]]:
     """(offset, length) of the pages that are not all zero: the kernel allocates every hole
     of a preserved memfd, so a zero page is where a hole was (or may as well be)."""

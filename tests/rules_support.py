@@ -1,4 +1,5 @@
-"""Helpers of the session-rule tests (tests/test_rules_*.py); it holds no tests itself.
+"""Helpers of the session-rule tests (tests/test_rules_*.py); it holds no tests itself, and
+its name does not start with test_ so that pytest does not collect it as a test module.
 
 The one daemon harness, `Host`, lives in tests/conftest.py; it is re-exported here.
 """

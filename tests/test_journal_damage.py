@@ -23,7 +23,7 @@ from liveupdated.journal import MAGIC
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess, Notifications
 from tests.conftest import make_memfd
-from tests.test_rules_support import journal_frames
+from tests.rules_support import journal_frames
 
 
 @dataclass

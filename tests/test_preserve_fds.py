@@ -24,7 +24,7 @@ from liveupdated.core.records import FdPreserved
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import content_digest, digest
-from tests.test_rules_support import Host, journal_frames
+from tests.rules_support import Host, journal_frames
 
 
 @pytest.fixture

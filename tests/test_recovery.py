@@ -23,7 +23,7 @@ from liveupdated.core.records import SessionCreated
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import Host, make_memfd
 from tests.other_uid import OtherUid
-from tests.test_rules_support import journal_frames
+from tests.rules_support import journal_frames
 
 NOBODY = 65534
 

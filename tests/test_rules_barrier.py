@@ -19,7 +19,7 @@ from liveupdated.core.orchestrator import Orchestrator
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid, digest
-from tests.test_rules_support import NOBODY, Host, Signals
+from tests.rules_support import NOBODY, Host, Signals
 
 
 @pytest.fixture

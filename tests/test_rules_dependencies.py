@@ -16,7 +16,7 @@ from liveupdated.core.errors import DependencyMissing, InvalidArgument
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid
-from tests.test_rules_support import NOBODY, Host
+from tests.rules_support import NOBODY, Host
 
 
 @pytest.fixture

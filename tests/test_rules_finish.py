@@ -16,7 +16,7 @@ from liveupdated.journal import Journal
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid, content_digest, digest
-from tests.test_rules_support import NOBODY, Host, session_records
+from tests.rules_support import NOBODY, Host, session_records
 
 MIB = 1 << 20
 

@@ -19,7 +19,7 @@ from liveupdated.core.records import FdPreserved
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import carried_data, make_memfd
 from tests.other_uid import OtherUid, content_digest, digest
-from tests.test_rules_support import NOBODY, Host, journal_frames
+from tests.rules_support import NOBODY, Host, journal_frames
 
 BAD_NAMES = ["", "x" * 64, "has space", "colon:", "slash/", "ünïcode", "tab\t", "semi;colon",
              "dollar$", "new\nline", "star*"]

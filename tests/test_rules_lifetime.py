@@ -14,7 +14,7 @@ from liveupdated.core.records import FdReleased, SessionDropped
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid, content_digest
-from tests.test_rules_support import (
+from tests.rules_support import (
     NOBODY,
     Host,
     eventually,

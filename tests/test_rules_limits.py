@@ -16,7 +16,7 @@ from liveupdated.core.errors import QuotaExceeded
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid
-from tests.test_rules_support import NOBODY, OTHER_UID, Host, session_names
+from tests.rules_support import NOBODY, OTHER_UID, Host, session_names
 
 KERNEL_MAX_SESSIONS = 744  # Linux 6.19 LUO
 KERNEL_MAX_FDS_PER_SESSION = 128

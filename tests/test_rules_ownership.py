@@ -16,7 +16,7 @@ from liveupdated.core.records import SessionCreated
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid, content_digest, digest
-from tests.test_rules_support import NOBODY, OTHER_UID, Host, session_names, unit_cgroup
+from tests.rules_support import NOBODY, OTHER_UID, Host, session_names, unit_cgroup
 
 
 @pytest.fixture

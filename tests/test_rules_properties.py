@@ -25,7 +25,7 @@ from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import closes_cycle, make_memfd
 from tests.other_uid import OtherUid, content_digest, digest
-from tests.test_rules_support import NOBODY, Host
+from tests.rules_support import NOBODY, Host
 
 MAX_SESSIONS = 4
 MAX_FDS = 3

@@ -2,10 +2,14 @@
 
 Speaks D-Bus only. Contract errors come back as the same exception classes the daemon
 raises (liveupdated.core.errors), so `except NoSuchToken:` works on the client side.
+Signals are believed only from liveupdated itself (`Client.follow_daemon`): on the
+system bus anyone may send a look-alike StateChanged.
 """
 
+import asyncio
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -26,6 +30,12 @@ from liveupdated.core import errors
 from liveupdated.core.names import MANAGER_PATH
 
 _ERRORS = {ERROR_PREFIX + cls.name: cls for cls in errors.ALL_ERRORS}
+# The bus refused to deliver the call (a queue or quota of the bus was full): the daemon
+# never saw it, so sending it again is safe. Waits before each retry, then the error.
+LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
+# Each wait is drawn between half and all of its step, so that calls refused together
+# do not all come back together.
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0)  # at most ~9 s in all
 
 
 class BusError(Exception):
@@ -65,6 +75,12 @@ class FdInfo:
 class Client:
     def __init__(self, bus: MessageBus) -> None:
         self.bus = bus
+        # The unique name that owns org.liveupdate1, while follow_daemon tracks it.
+        self.daemon: str | None = None
+        self._owner_changes = 0  # NameOwnerChanged seen: a GetNameOwner answer is stale
+        self._on_signal: list[Callable[[Message], None]] = []
+        self._on_owner: list[Callable[[str | None], None]] = []
+        self._following = False
 
     @classmethod
     async def connect(cls, spec: str = "system") -> "Client":
@@ -108,19 +124,25 @@ class Client:
         unix_fds: Sequence[int] = (),
         destination: str = BUS_NAME,
     ) -> Message:
-        """The method return of a call (its fds are the caller's); an error raised."""
-        reply = await self.bus.call(
-            Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=list(body),
-                unix_fds=list(unix_fds),
+        """The method return of a call (its fds are the caller's); an error raised.
+        A call the bus refused with LimitsExceeded is sent again after a while, a few
+        times (RETRY_DELAYS): a flood by someone else must not fail an update."""
+        for delay in (*RETRY_DELAYS, None):
+            reply = await self.bus.call(
+                Message(
+                    destination=destination,
+                    path=path,
+                    interface=interface,
+                    member=member,
+                    signature=signature,
+                    body=list(body),
+                    unix_fds=list(unix_fds),
+                )
             )
-        )
-        assert reply is not None
+            assert reply is not None
+            if reply.error_name != LIMITS_EXCEEDED or delay is None:
+                break
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         if reply.message_type is MessageType.ERROR:
             text = reply.body[0] if reply.body else ""
             name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
@@ -129,6 +151,55 @@ class Client:
 
     async def add_match(self, rule: str) -> None:
         await driver.add_match(self.bus, rule)
+
+    async def follow_daemon(
+        self,
+        on_signal: Callable[[Message], None],
+        on_owner: Callable[[str | None], None] | None = None,
+    ) -> None:
+        """Pass to `on_signal` every signal liveupdated itself sends this connection:
+        its sender must be the unique name that owns org.liveupdate1 (tracked from
+        GetNameOwner and the bus's NameOwnerChanged). Look-alikes from anyone else are
+        dropped, broadcast or unicast: a unicast signal reaches a connection whatever
+        its match rules. `on_owner` hears each change of owner (None: the daemon left).
+        Add match rules for the signals wanted (`daemon_signal_rule`) afterwards."""
+        self._on_signal.append(on_signal)
+        if on_owner is not None:
+            self._on_owner.append(on_owner)
+        if self._following:
+            return
+        self._following = True
+        self.bus.add_message_handler(self._signal_arrived)
+        await self.add_match(
+            f"type='signal',sender='{driver.DRIVER}',path='{driver.DRIVER_PATH}',"
+            f"interface='{driver.DRIVER}',member='NameOwnerChanged',arg0='{BUS_NAME}'")
+        seen = self._owner_changes
+        try:
+            (owner,) = await driver.call(self.bus, "GetNameOwner", "s", BUS_NAME)
+        except LookupError:  # NameHasNoOwner: not running (yet)
+            owner = None
+        if self._owner_changes == seen:  # else a newer NameOwnerChanged already told
+            self._owner_is(str(owner) if owner else None)
+
+    def _signal_arrived(self, msg: Message) -> bool:
+        if msg.message_type is not MessageType.SIGNAL:
+            return False
+        if (msg.sender == driver.DRIVER and msg.member == "NameOwnerChanged"
+                and msg.interface == driver.DRIVER and msg.path == driver.DRIVER_PATH
+                and msg.signature == "sss" and msg.body[0] == BUS_NAME):
+            self._owner_changes += 1
+            self._owner_is(msg.body[2] or None)
+        elif self.daemon is not None and msg.sender == self.daemon:
+            for handler in list(self._on_signal):
+                handler(msg)
+        return False  # other handlers of this connection decide for themselves
+
+    def _owner_is(self, owner: str | None) -> None:
+        if owner == self.daemon:
+            return
+        self.daemon = owner
+        for handler in list(self._on_owner):
+            handler(owner)
 
     async def _manager(self, member: str, signature: str = "", *body: Any) -> list[Any]:
         return await self.call(MANAGER_PATH, MANAGER_INTERFACE, member, signature, body)
@@ -281,4 +352,13 @@ class SessionClient:
         return await self.client.properties(self.path, SESSION_INTERFACE)
 
 
-__all__ = ["BusError", "Client", "DBusError", "FdInfo", "SessionClient", "SessionInfo"]
+def daemon_signal_rule(interface: str, member: str, path: str = MANAGER_PATH) -> str:
+    """A match rule for one of liveupdated's signals. The bus matches sender= against
+    the owner of the name, which spares this connection most look-alikes; the check in
+    follow_daemon stays the one that counts (unicast signals ignore match rules)."""
+    return (f"type='signal',sender='{BUS_NAME}',path='{path}',interface='{interface}',"
+            f"member='{member}'")
+
+
+__all__ = ["BusError", "Client", "DBusError", "FdInfo", "SessionClient", "SessionInfo",
+           "daemon_signal_rule"]

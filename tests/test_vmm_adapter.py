@@ -40,9 +40,10 @@ class Vm:
         self.qemu_log = work / "qemu-commands.log"
         self.adapters: list[subprocess.Popen[bytes]] = []
 
-    def start(self, **env: str) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        """An adapter process; `args`: more adapter options (before QEMU's)."""
         argv = [sys.executable, "-m", "liveupdated.vmm", "--name", "fake", "--ram", "1M",
-                "--bus", self.bus.address, "--session", SESSION,
+                "--bus", self.bus.address, "--session", SESSION, *args,
                 "--qmp", str(self.work / "qmp.sock"), "--qemu", f"{sys.executable} {FAKE}",
                 "--", "-chardev", f"file,id=serial0,path={self.serial},append=on"]
         with self.log.open("ab") as log:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import sdnotify
 import structlog
-from dbus_fast import Message, MessageType
+from dbus_fast import Message
 
-from liveupdated.bus import BUS_NAME, MANAGER_INTERFACE
-from liveupdated.client import BusError, Client, SessionClient
+from liveupdated.bus import MANAGER_INTERFACE
+from liveupdated.client import BusError, Client, SessionClient, daemon_signal_rule
 from liveupdated.core import errors
 from liveupdated.core.names import MANAGER_PATH, session_path
 
@@ -137,6 +137,8 @@ class Adapter:
             log.info("qemu_exited", status=code, detail="the VM is frozen")
             self._status()
         elif new == "normal" and self.saved:
+            if not await self._confirmed("normal"):
+                return None
             log.warning("update_cancelled", detail="continuing the guest where it stopped")
             if self.qemu is None:
                 await self._resume()
@@ -149,31 +151,46 @@ class Adapter:
             await self._join()
         return None
 
+    async def _confirmed(self, state: str) -> bool:
+        """Is the Manager in `state` now, by its State property? Asked before a signal
+        makes the guest run again: continuing a guest whose state liveupdated holds
+        for the reboot would lose the VM, so a signal alone is not enough."""
+        assert self.client is not None
+        try:
+            now = await self.client.state()
+        except (errors.LiveUpdateError, BusError) as exc:
+            log.warning("state_unconfirmed", expected=state, error=str(exc),
+                        detail="the guest stays stopped")
+            return False
+        if now != state:
+            log.warning("state_unconfirmed", expected=state, state=now,
+                        detail="a StateChanged the Manager's State does not bear out")
+        return now == state
+
     # -- D-Bus ------------------------------------------------------------------------
 
     async def _subscribe(self) -> None:
+        """Follow liveupdated's Manager signals and its presence on the bus. Only the
+        daemon's own signals get here (Client.follow_daemon checks their sender): on the
+        system bus any user may broadcast or unicast a look-alike StateChanged."""
         assert self.client is not None
-        bus = self.client.bus
 
-        def handler(message: Message) -> None:
-            if message.message_type is not MessageType.SIGNAL:
+        def on_signal(message: Message) -> None:
+            if message.interface != MANAGER_INTERFACE or message.path != MANAGER_PATH:
                 return
-            if message.interface == MANAGER_INTERFACE and message.member == "FreezeStarted":
+            if message.member == "FreezeStarted":
                 self.freeze_started_at = time.time()
                 self.events.put_nowait(Event("freeze"))
-            elif message.interface == MANAGER_INTERFACE and message.member == "StateChanged":
+            elif message.member == "StateChanged" and message.signature == "ss":
                 self.events.put_nowait(Event("state", *message.body))
-            elif (message.member == "NameOwnerChanged" and message.body[0] == BUS_NAME
-                  and not message.body[2]):
+
+        def on_owner(owner: str | None) -> None:
+            if owner is None:
                 self.events.put_nowait(Event("daemon"))
 
-        bus.add_message_handler(handler)
-        manager = f"type='signal',interface='{MANAGER_INTERFACE}',path='{MANAGER_PATH}'"
-        await self.client.add_match(manager + ",member='FreezeStarted'")
-        await self.client.add_match(manager + ",member='StateChanged'")
-        await self.client.add_match(
-            "type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
-            f"arg0='{BUS_NAME}'")
+        await self.client.follow_daemon(on_signal, on_owner)
+        for member in ("FreezeStarted", "StateChanged"):
+            await self.client.add_match(daemon_signal_rule(MANAGER_INTERFACE, member))
 
     async def _wait_for_update(self) -> str:
         """The Manager's state once this VM may start. While an update holds a session of
@@ -194,7 +211,9 @@ class Adapter:
             if event.kind == "term":
                 raise AdapterError("stopped while waiting for the update")
             if event.kind == "state" and event.new in ("normal", "updated"):
-                return event.new
+                state = await self.client.state()  # the signal only says: look again
+                if state in ("normal", "updated"):
+                    return state
 
     async def _retrieve(self, manager: str) -> tuple[int, int] | None:
         """The session's RAM and state: after the kexec (updated), or after an update

@@ -1,9 +1,11 @@
 """The memfd handler and the simulated handover area, on real memfds and files."""
 
+import ctypes
 import fcntl
 import json
 import os
 import socket
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -18,11 +20,13 @@ from liveupdated.backends.simulated import (
     SimulatedBackend,
     _runs,
 )
+from liveupdated.client import Client
 from liveupdated.core.errors import Corrupted, UnsupportedFd
 from liveupdated.core.orchestrator import FdEntry
 from liveupdated.demo import fingerprint, make_guest_memory
 from liveupdated.fds import memfd
-from tests.conftest import carried_data
+from liveupdated.sandbox import DaemonProcess
+from tests.conftest import carried_data, open_fds
 
 
 def entry(token: str, name: str = "ram") -> FdEntry:
@@ -65,6 +69,106 @@ def test_everything_but_a_memfd_is_unsupported_and_names_what_is(tmp_path: Path)
         if what != "write-only":
             assert "supported: memfd" in str(info.value)
         os.close(fd)
+
+
+CLONE_NEWNS = 0x00020000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def disguised_file(directory: Path, how: str, name: str = "memfd:evil") -> int:
+    """A file that the /proc link calls a memfd: `name` at the root of a mount (a new
+    tmpfs, or a bind mount of `directory`, on the disk) that is then detached, as an
+    unprivileged user may do in a user and mount namespace of its own. Made in a child
+    with a mount namespace of its own; the fd comes back over a socket."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root (a user namespace would do for an attacker)")
+    mount = directory / "mnt"
+    mount.mkdir()
+    (directory / "disk").mkdir()
+    source = ["-t", "tmpfs", "tmpfs"] if how == "tmpfs" else ["--bind", str(directory / "disk")]
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            if _libc.unshare(CLONE_NEWNS) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+            subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+            subprocess.run(["mount", *source, str(mount)], check=True)
+            fd = os.open(mount / name, os.O_RDWR | os.O_CREAT, 0o600)
+            os.ftruncate(fd, 1 << 20)
+            subprocess.run(["umount", "-l", str(mount)], check=True)
+            socket.send_fds(theirs, [b"fd"], [fd])
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, "could not make the disguised file"
+    with ours, theirs:
+        _, fds, _, _ = socket.recv_fds(ours, 2, 1)
+    (fd,) = fds
+    assert os.readlink(f"/proc/self/fd/{fd}") == "/" + name  # the disguise works
+    return fd
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "bind"])
+def test_a_file_named_like_a_memfd_is_not_one(tmp_path: Path, how: str) -> None:
+    """What the kernel says of the file decides, not its path: a tmpfs file (even
+    reporting tmpfs to fstatfs) or a disk file whose link reads "/memfd:evil"."""
+    fd = disguised_file(tmp_path, how)
+    try:
+        with pytest.raises(UnsupportedFd, match="not a memfd from memfd_create"):
+            memfd.inspect(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_preserve_fd_refuses_a_disguised_file(tmp_path: Path, client: Client,
+                                                   daemon: DaemonProcess) -> None:
+    session = await client.create_session("vm")
+    before = open_fds(daemon.pid)
+    for how in ("tmpfs", "bind"):
+        (tmp_path / how).mkdir()
+        fd = disguised_file(tmp_path / how, how)
+        try:
+            with pytest.raises(UnsupportedFd, match="not a memfd from memfd_create"):
+                await session.preserve_fd(how, fd)
+        finally:
+            os.close(fd)
+    real = os.memfd_create("memfd:evil", os.MFD_CLOEXEC)
+    await session.preserve_fd("real", real)
+    os.close(real)
+    assert [f.token for f in await session.list_fds()] == ["real"]
+    assert open_fds(daemon.pid) == before + 1  # the refused files are closed
+
+
+def test_a_dev_shm_file_is_not_a_memfd() -> None:
+    """tmpfs, yet not the kernel's internal shmem mount that memfd_create uses."""
+    path = Path("/dev/shm") / f"memfd:lud-test-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    path.unlink()
+    try:
+        assert os.fstat(fd).st_dev != memfd.memfd_device()
+        shown = r"\(/dev/shm/memfd:lud-test-\d+ \(deleted\), tmpfs"
+        with pytest.raises(UnsupportedFd, match=shown):
+            memfd.inspect(fd)
+    finally:
+        os.close(fd)
+
+
+def test_memfds_of_every_kind_are_memfds() -> None:
+    """Sealable or not, sealed, executable or not, read-only reopened: all memfds."""
+    flags = [0, os.MFD_ALLOW_SEALING, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING]
+    flags += [getattr(os, f) for f in ("MFD_NOEXEC_SEAL", "MFD_EXEC") if hasattr(os, f)]
+    for flag in flags:
+        fd = os.memfd_create("m", flag)
+        read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        try:
+            assert memfd.inspect(fd).kind == "memfd"
+            assert memfd.inspect(read_only).name == "m"
+        finally:
+            os.close(fd)
+            os.close(read_only)
 
 
 def test_data_extents_skip_holes() -> None:

@@ -8,8 +8,10 @@ bytes in Python.
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import stat
+import sys
 import zlib
 
 from liveupdated.core.errors import Corrupted, UnsupportedFd
@@ -18,21 +20,31 @@ from liveupdated.core.orchestrator import FdFacts
 KIND = "memfd"
 SUPPORTED = "supported: memfd (memfd_create, without MFD_HUGETLB)"
 HUGETLBFS_MAGIC = 0x958458F6
+TMPFS_MAGIC = 0x01021994  # shmem, which memfd_create's files live on
 _COPY_CHUNK = 1 << 20  # bytes per read and write: fits a core's cache
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-_fs_types: dict[int, int] = {}  # st_dev -> f_type: every memfd shares a few devices
+def _filesystem_type(fd: int) -> int:
+    """f_type of fstatfs(fd): what the kernel says the file's filesystem is."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF
 
 
-def _filesystem_type(fd: int, device: int) -> int:
-    if device not in _fs_types:
-        buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
-        if _libc.fstatfs(fd, buf) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        _fs_types[device] = int.from_bytes(buf.raw[:8], "little") & 0xFFFFFFFF
-    return _fs_types[device]
+@functools.cache
+def memfd_device() -> int:
+    """st_dev of every memfd_create file (without MFD_HUGETLB): the kernel's internal
+    shmem mount, which no path reaches. Learnt once from a memfd of our own."""
+    fd = os.memfd_create("liveupdated-probe", os.MFD_CLOEXEC)
+    try:
+        if _filesystem_type(fd) != TMPFS_MAGIC:
+            raise OSError(errno.EINVAL, "a memfd that is not on shmem")
+        return os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
 
 
 def _describe(fd: int) -> str:
@@ -58,16 +70,32 @@ def inspect(fd: int) -> FdFacts:
     except OSError as exc:
         raise UnsupportedFd(f"fd is not usable ({exc.strerror}); {SUPPORTED}") from exc
     link = _describe(fd)
-    name = memfd_name(link)
-    if not stat.S_ISREG(st.st_mode) or name is None:
+    if not stat.S_ISREG(st.st_mode):
         raise UnsupportedFd(f"fd is {_kind_of(st.st_mode, link)}, not a memfd; {SUPPORTED}")
     if flags & getattr(os, "O_PATH", 0o10000000):
-        raise UnsupportedFd(f"fd is an O_PATH handle of a memfd; {SUPPORTED}")
+        raise UnsupportedFd(f"fd is an O_PATH handle of a file; {SUPPORTED}")
+    try:
+        fs_type = _filesystem_type(fd)
+    except OSError as exc:
+        raise UnsupportedFd(f"fd is not usable ({exc.strerror}); {SUPPORTED}") from exc
+    if fs_type == HUGETLBFS_MAGIC:
+        raise UnsupportedFd(f"fd is a hugetlb memfd; {SUPPORTED}")
+    # What the file is, by the kernel: on the internal shmem mount, as only memfds
+    # handed out by memfd_create are. Its /proc link is a path anyone can shape (a
+    # file named "memfd:x" at the root of a detached mount reads "/memfd:x"), and seals
+    # cannot tell either (a tmpfs file reports F_SEAL_SEAL like an unsealable memfd).
+    name = memfd_name(link)
+    if st.st_dev != memfd_device() or fs_type != TMPFS_MAGIC or name is None:
+        raise UnsupportedFd(
+            f"fd is a regular file ({link}, {_fs_name(fs_type)} device {st.st_dev}), not a "
+            f"memfd from memfd_create; {SUPPORTED}")
     if flags & os.O_ACCMODE == os.O_WRONLY:
         raise UnsupportedFd("memfd is open write-only; hand over a readable fd")
-    if _filesystem_type(fd, st.st_dev) == HUGETLBFS_MAGIC:
-        raise UnsupportedFd(f"fd is a hugetlb memfd; {SUPPORTED}")
     return FdFacts(kind=KIND, size=st.st_size, name=name, seals=seals_of(fd))
+
+
+def _fs_name(fs_type: int) -> str:
+    return "tmpfs" if fs_type == TMPFS_MAGIC else f"filesystem {fs_type:#x}"
 
 
 def _kind_of(mode: int, link: str) -> str:

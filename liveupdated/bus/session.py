@@ -30,6 +30,7 @@ class SessionObject(ServiceInterface):
         self.session_name = name
         self._service = service
         self._callers = callers
+        self.client = ""  # the session's connection when last seen: told of its removal
 
     @property
     def _session(self) -> Session:
@@ -147,6 +148,18 @@ class SessionObject(ServiceInterface):
     def preserved_bytes(self) -> DBusUInt64:
         return self._session.preserved_bytes
 
+    def values(self) -> dict[str, Variant]:
+        """Every property, as GetAll answers them."""
+        session = self._session
+        return {
+            "Name": Variant("s", session.name),
+            "Owner": Variant("u", session.uid),
+            "Unit": Variant("s", session.unit),
+            "State": Variant("s", self._service.core.session_state(session)),
+            "FdCount": Variant("u", len(session.fds)),
+            "PreservedBytes": Variant("t", session.preserved_bytes),
+        }
+
     def announce_change(self, bus: MessageBus) -> None:
         """PropertiesChanged for what a command may have changed, sent to the owner's
         connection only: a broadcast would tell every uid the session's name and state,
@@ -207,17 +220,56 @@ class SessionObjects:
             "connection that made it until Prepare), or RetrieveSession it after a reboot",
         )
 
+    # dbus-fast's export and unexport broadcast ObjectManager's InterfacesAdded and
+    # InterfacesRemoved, which name the session, its owner, unit and state to every
+    # connection on the bus. Session objects are exported here without them; the
+    # session's own connection is told, as it is told PropertiesChanged.
+
     def add(self, session: Session) -> None:
         path = session_path(session.name)
-        self._objects[path] = SessionObject(session.name, self._service, self._callers)
-        self._bus.export(path, self._objects[path])
+        obj = SessionObject(session.name, self._service, self._callers)
+        self._objects[path] = obj
+        exports = self._bus._path_exports.setdefault(path, {})
+        if obj.name in exports:
+            raise ValueError(f"{path} is exported already")
+        ServiceInterface._add_bus(obj, self._bus, self._bus._make_method_handler)
+        exports[obj.name] = obj
+        obj.client = session.client
+        self._tell(obj, "InterfacesAdded", "oa{sa{sv}}", [path, {obj.name: obj.values()}])
 
     def remove(self, name: str) -> None:
         path = session_path(name)
-        if self._objects.pop(path, None) is not None:
-            self._bus.unexport(path)
+        obj = self._objects.pop(path, None)
+        if obj is None:
+            return
+        exports = self._bus._path_exports.get(path, {})
+        if exports.pop(obj.name, None) is not None:
+            ServiceInterface._remove_bus(obj, self._bus)
+        if not exports:
+            self._bus._path_exports.pop(path, None)
+        self._tell(obj, "InterfacesRemoved", "oas", [path, [obj.name]])
+
+    def _tell(self, obj: "SessionObject", member: str, signature: str, body: list[Any]) -> None:
+        """An ObjectManager signal about a session, to its connection alone (none when
+        its connection is unknown, as after a reboot; the bus answers nothing: a
+        signal to a name that left is dropped)."""
+        if not obj.client or not self._bus.connected:
+            return
+        self._bus.send(
+            Message(
+                message_type=MessageType.SIGNAL,
+                destination=obj.client,
+                path=session_path(obj.session_name),
+                interface="org.freedesktop.DBus.ObjectManager",
+                member=member,
+                signature=signature,
+                body=body,
+                flags=MessageFlag.NO_REPLY_EXPECTED,
+            )
+        )
 
     def changed(self, session: Session) -> None:
         obj = self._objects.get(session_path(session.name))
         if obj is not None:
+            obj.client = session.client
             obj.announce_change(self._bus)

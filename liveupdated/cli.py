@@ -7,7 +7,9 @@ Every failure is one line on stderr and one of the exit statuses below (also in
 import argparse
 import asyncio
 import contextlib
+import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -17,21 +19,30 @@ import sys
 import textwrap
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from liveupdated import __version__
 from liveupdated.client import BusError, Client, SessionClient
 from liveupdated.config import _bus as _bus_spec
-from liveupdated.core.errors import LiveUpdateError
+from liveupdated.contract import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, SESSION_INTERFACE
+from liveupdated.core import preflight
+from liveupdated.core.errors import LiveUpdateError, WrongState
 from liveupdated.core.names import session_path
 from liveupdated.demo import MAX_SIZE, MIN_SIZE, parse_size
+from liveupdated.statedir import describe
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the daemon refused the call; its error on one line
 EXIT_USAGE = 2  # bad command line, or an fd not inherited from the caller
 EXIT_UNREACHABLE = 3  # no bus, or no daemon on it, or the connection was lost
 EXIT_VERIFY = 4  # the demo's verification failed
+EXIT_PREFLIGHT = 5  # update/check: the preflight failed; nothing changed
+EXIT_CANCELLED = 6  # update: a step failed, Cancel succeeded: back to normal
+EXIT_CANCEL_FAILED = 7  # update: a step failed and Cancel failed too
+EXIT_NO_REBOOT = 8  # update: the handover is written but no reboot followed
+EXIT_WAIT_TIMEOUT = 9  # finish --wait: not every session had its fds back; no Finish
 EXIT_SOFTWARE = 70  # an unexpected failure of liveupdatectl itself (a bug: please report)
 EXIT_CANNOT_EXEC = 126  # retrieve --exec: the command was found but could not be run
 EXIT_NOT_FOUND = 127  # retrieve --exec: no such command
@@ -44,6 +55,11 @@ exit status:
   2    usage: a bad argument, or an fd that was not inherited from the caller
   3    the bus or the daemon cannot be reached, or the connection was lost
   4    demo: the memfd that came back differs from the one handed over
+  5    update, check: the preflight failed; nothing was changed
+  6    update: a step failed and Cancel brought the host back to normal
+  7    update: a step failed and Cancel failed too (see status)
+  8    update: the handover was written but the reboot did not follow
+  9    finish --wait: not every session had its fds back in time; Finish not called
   70   an unexpected failure of liveupdatectl itself
   126  retrieve --exec: the command could not be run
   127  retrieve --exec: the command was not found
@@ -102,6 +118,21 @@ def _size(text: str) -> int:
     return size
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
+    return value
+
+
+DEFAULT_STEP = 120.0  # update --timeout: Prepare's brownout copy may take a while
+DEFAULT_REBOOT = 120.0  # update --reboot-timeout
+DEFAULT_WAIT = 300.0  # finish --wait --timeout
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
@@ -146,9 +177,93 @@ def _parser() -> argparse.ArgumentParser:
             "Reboot(): replies once the handover is written; the daemon then stops and "
             "runs its reboot action (kexec, a reboot, or nothing with --reboot-action "
             "exit). The state stays frozen until the new boot (root).")
-    command("finish", "Finish(): end the update on the new boot (root)",
-            "Finish(): on the new boot, releases every fd not retrieved; state normal "
-            "(root).")
+    _update_commands(command)
+    _more_commands(command)
+    _host_tools(command, sub, common)
+    return p
+
+
+def _update_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    fin = command(
+        "finish", "Finish(): end the update on the new boot (root)",
+        "Finish(): on the new boot, releases every fd not retrieved; state normal (root). "
+        "With --wait it first waits until every session has its fds back (each session "
+        "finished, or every fd carried retrieved), at most --timeout seconds; when the "
+        "wait times out it exits 9 and Finish is not called.")
+    fin.add_argument("--wait", action="store_true",
+                     help="wait until every session has its fds back before Finish")
+    fin.add_argument("--timeout", type=_seconds, default=DEFAULT_WAIT, metavar="SECONDS",
+                     help=f"how long --wait waits (default: {DEFAULT_WAIT:g})")
+    upd = command(
+        "update", "the whole update: check, prepare, freeze, reboot (root)",
+        "The preflight (as `check`), then Prepare, Freeze and Reboot, each but Reboot "
+        "bounded by --timeout. A step that fails is followed by Cancel (retried while the "
+        "step is still under way), and the reason is one line. After Reboot's reply it "
+        "waits until the daemon goes (the reboot is under way: exit 0) or says the "
+        "reboot failed (RebootFailed: exit 8). Exit 5: the preflight failed and nothing "
+        "changed; 6: a step failed and Cancel brought the host back to normal; 7: "
+        "Cancel failed too.")
+    upd.add_argument("--timeout", type=_seconds, default=DEFAULT_STEP, metavar="SECONDS",
+                     help=f"bound of each of Prepare and Freeze, and of the Cancel after a "
+                          f"failure (default: {DEFAULT_STEP:g})")
+    upd.add_argument("--reboot-timeout", type=_seconds, default=DEFAULT_REBOOT,
+                     metavar="SECONDS",
+                     help="how long to wait after Reboot's reply for the daemon to go "
+                          f"before exit 8 (default: {DEFAULT_REBOOT:g})")
+    command("check", "the preflight of an update alone: changes nothing (root)",
+            "Manager.Check(): the backend and reboot action that will run, a kexec kernel "
+            "loaded when the reboot action is kexec, every fd of a kind the backend "
+            "carries, no quarantined fd, every requires met, room for the handover. One "
+            "line per item (ok, warn, fail); exit 5 when an item failed. Changes nothing.")
+
+
+def _host_tools(command: Callable[..., argparse.ArgumentParser], sub: Any,
+                common: argparse.ArgumentParser) -> None:
+    show = command(
+        "show", "properties as NAME=VALUE, like systemctl show",
+        "The Manager's properties (or SESSION's) as NAME=VALUE lines, like systemctl "
+        "show; -p picks some, --value prints the values alone.")
+    show.add_argument("session", nargs="?", metavar="SESSION",
+                      help="a session's properties instead of the Manager's")
+    show.add_argument("-p", "--property", action="append", default=[], metavar="NAME",
+                      help="only this property (repeat it, or NAME,NAME)")
+    show.add_argument("--value", action="store_true",
+                      help="print the values alone, one a line")
+    drop = command("drop-session", "DropSession(): drop a session and its fds (root)",
+                   "DropSession(): drop SESSION and every fd it holds, in state normal or "
+                   "prepared (a session that blocks Freeze, say); logged with who and why "
+                   "(root).")
+    drop.add_argument("session", metavar="SESSION", help="session name")
+    drop.add_argument("--reason", default="", metavar="TEXT",
+                      help="why, kept in the journal and the log (at most 200 characters)")
+    delay = command("delay-freeze", "DelayFreeze(): Freeze waits for SESSION's ReadyForFreeze",
+                    "DelayFreeze(true) of a session the caller's uid holds (normal only): "
+                    "Freeze then waits for its ready-for-freeze, at most the daemon's "
+                    "--freeze-timeout. --off takes it back.")
+    delay.add_argument("session", metavar="SESSION", help="session name")
+    delay.add_argument("--off", action="store_true", help="DelayFreeze(false)")
+    ready = command("ready-for-freeze", "ReadyForFreeze(): SESSION is ready (prepared only)")
+    ready.add_argument("session", metavar="SESSION", help="session name")
+    quar = command(
+        "quarantine", "list, retrieve or release quarantined fds",
+        "Fds the journal could not explain after a crash or damage, each under an id "
+        "q<N>. `list` shows them (root: all); `retrieve ID --exec CMD` runs CMD with a "
+        "dup of one as fd 3 to salvage it (root); `release ID` lets it go, the only way "
+        "one is closed (root).")
+    quar.add_argument("action", choices=["list", "retrieve", "release"], metavar="ACTION",
+                      help="list, retrieve or release")
+    quar.add_argument("id", nargs="?", metavar="ID",
+                      help="the quarantined fd's id, q<N> as list shows it (retrieve, release)")
+    quar.add_argument("--exec", dest="exec_", nargs=argparse.REMAINDER, default=None,
+                      metavar="CMD", help="retrieve: the command to run with the fd as fd 3")
+    names = sub.add_parser("complete-names", parents=[common], add_help=False,
+                           description="Names for shell completion, one a line.")
+    names.add_argument("what", choices=["sessions", "tokens", "quarantine"],
+                       help="sessions, a session's tokens, or quarantined fds' ids")
+    names.add_argument("session", nargs="?", help="the session, for tokens")
+
+
+def _more_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     pre = command(
         "preserve", "hand over an inherited fd (a memfd); holds a new session until Prepare",
         "Hand over an fd inherited from the caller, e.g. a VMM's memfd opened by the shell "
@@ -191,7 +306,6 @@ def _parser() -> argparse.ArgumentParser:
                       help="guest memory size, 4K to 1T, with K, M, G or T (default: 1G)")
     demo.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                       help="print the report as one line of JSON")
-    return p
 
 
 def _one_line(text: str) -> str:
@@ -233,6 +347,9 @@ def inherited_fds() -> frozenset[int]:
 
 async def _status(client: Client, as_json: bool) -> None:
     props = await client.properties()
+    # One blackout: Freeze to the last fd back (GetHistory). LastBlackoutUSec ends when the
+    # new daemon found the handover, before any VM had its memory: `show` still has it.
+    props.pop("LastBlackoutUSec", None)
     sessions = await client.list_sessions()
     props["Sessions"] = len(sessions)
     props["Fds"] = sum(s.fd_count for s in sessions)
@@ -241,10 +358,12 @@ async def _status(client: Client, as_json: bool) -> None:
     if as_json:
         print(json.dumps(props))
         return
-    for key in ("State", "Backend", "Version", "BootId", "LastBlackoutUSec", "Sessions", "Fds"):
+    for key in ("State", "Backend", "Version", "BootId", "Sessions", "Fds"):
         print(f"{key + ':':18} {props[key]}")
-    cycles = await client.get_history()
-    if cycles:
+    if history:
+        blackout = _phases(history[-1])["blackout_ms"]
+        print(f"{'Last blackout:':18} "
+              f"{'-' if blackout is None else f'{blackout} ms'} (Freeze to the last fd back)")
         print("Last update:")
         await _history(client, as_json=False, last_only=True)
 
@@ -406,23 +525,40 @@ class CommandError(Exception):
         self.message = message
 
 
-async def _retrieve(client: Client, args: argparse.Namespace) -> int:
+@dataclass
+class Exec:
+    """retrieve --exec: run `program` with `fd` as fd 3, once the event loop is gone (its
+    own fds, the epoll one among them, may be fd 3: dup2 over it inside the loop broke
+    the loop's shutdown when the exec then failed)."""
+
+    program: str
+    argv: list[str]
+    fd: int
+    token: str
+
+    def run(self) -> typing.NoReturn:
+        os.dup2(self.fd, 3, inheritable=True)
+        if self.fd != 3:
+            os.close(self.fd)
+        os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()),
+                          LISTEN_FDNAMES=self.token)
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+        try:
+            os.execv(self.program, self.argv)
+        except OSError as exc:
+            raise CommandError(
+                EXIT_CANNOT_EXEC, f"retrieve --exec: {self.argv[0]}: "
+                f"{exc.strerror or exc}") from None
+
+
+async def _retrieve(client: Client, args: argparse.Namespace) -> Exec:
     if await client.state() == "updated":
         session = await client.retrieve_session(args.session)
     else:
         session = SessionClient(client, args.session, session_path(args.session))
     fd = await session.retrieve_fd(args.token)
-    client.close()
-    os.dup2(fd, 3, inheritable=True)
-    if fd != 3:
-        os.close(fd)
-    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=args.token)
-    try:
-        os.execv(args.program, args.exec_)
-    except OSError as exc:
-        raise CommandError(
-            EXIT_CANNOT_EXEC, f"retrieve --exec: {args.exec_[0]}: {exc.strerror or exc}"
-        ) from None
+    return Exec(args.program, args.exec_, fd, args.token)
 
 
 def _say(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -442,8 +578,9 @@ _ADVICE = {
 async def _explain(client: Client, args: argparse.Namespace, exc: LiveUpdateError) -> str:
     """The daemon's refusal in the terms of the command the user ran."""
     text = _one_line(str(exc))
-    if (said := _ALLOWED_IN.match(text)) and said[1].lower() != args.command:
-        text = f"{args.command}{text[len(said[1]):]}"
+    command = args.command if args.command != "update" else ""
+    if (said := _ALLOWED_IN.match(text)) and command and said[1].lower() != command:
+        text = f"{command}{text[len(said[1]):]}"
     for advice, instead in _ADVICE.items():
         if advice not in text:
             continue
@@ -459,7 +596,384 @@ async def _explain(client: Client, args: argparse.Namespace, exc: LiveUpdateErro
     return f"{exc.name}: {text}"
 
 
-async def _run(args: argparse.Namespace) -> int:
+# ---- the preflight, the update and the end of it ---------------------------------------
+
+async def _check_items(client: Client) -> list[preflight.Item]:
+    (rows,) = await client.call(MANAGER_PATH, MANAGER_INTERFACE, "Check")
+    return [(str(item), str(verdict), str(detail)) for item, verdict, detail in rows]
+
+
+def _print_check(items: Sequence[preflight.Item], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{"item": i, "verdict": v, "detail": d} for i, v, d in items]))
+        return
+    _print_table([(i, v, d) for i, v, d in items], ["ITEM", "VERDICT", "DETAIL"])
+
+
+async def _check(client: Client, args: argparse.Namespace) -> int:
+    items = await _check_items(client)
+    _print_check(items, args.json)
+    return EXIT_OK if preflight.passed(items) else EXIT_PREFLIGHT
+
+
+def _progress(args: argparse.Namespace, step: str, text: str) -> None:
+    """One line a step; with --json the steps are in the final line instead."""
+    args.steps.append({"step": step, "outcome": text})
+    if not args.json:
+        print(f"{step}: {text}", flush=True)
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step} failed: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+async def _step(client: Client, args: argparse.Namespace, name: str,
+                call: Callable[[], Awaitable[None]], seconds: float | None) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await call()
+    except TimeoutError:
+        raise StepFailed(name, f"no reply within {seconds:g}s (--timeout)") from None
+    except LiveUpdateError as exc:
+        raise StepFailed(name, await _explain(client, args, exc)) from None
+    except BusError as exc:
+        raise StepFailed(name, _bus_error_text(exc, args.bus)) from None
+
+
+async def _cancel_after_failure(client: Client, seconds: float) -> str:
+    """Cancel, retried while the failed step is still under way (Cancel says WrongState
+    naming it); "" once the state is normal, else why it could not be."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    pause = 0.05
+    while True:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                await client.cancel()
+            return ""
+        except WrongState as exc:
+            if await client.state() == "normal" and "under way" not in str(exc):
+                return ""  # the step undid itself (Prepare's backend refused)
+            last = f"{exc.name}: {_one_line(str(exc))}"
+        except TimeoutError:
+            return f"no reply to Cancel within {seconds:g}s"
+        except LiveUpdateError as exc:
+            return f"{exc.name}: {_one_line(str(exc))}"
+        if loop.time() + pause >= deadline:
+            return f"{last} (still, after {seconds:g}s)"
+        await asyncio.sleep(pause)  # a retry while the step ends: no event says when
+        pause = min(pause * 2, 1.0)
+
+
+async def _watch_reboot(client: Client) -> tuple[asyncio.Future[str], Callable[[], None]]:
+    """A future set to "" when the daemon goes (its name lost, or our connection), or to
+    the reason of a RebootFailed signal. Subscribed before Reboot is called."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[str] = loop.create_future()
+
+    def on_message(msg: Any) -> bool:
+        if outcome.done():
+            return False
+        if (getattr(msg, "member", None) == "RebootFailed"
+                and getattr(msg, "interface", None) == MANAGER_INTERFACE):
+            body = getattr(msg, "body", None) or ["the daemon said the reboot failed"]
+            outcome.set_result(str(body[0]) or "the reboot action failed")
+        elif (getattr(msg, "member", None) == "NameOwnerChanged"
+              and list(getattr(msg, "body", []))[:1] == [BUS_NAME]
+              and not msg.body[2]):
+            outcome.set_result("")
+        return False
+
+    client.bus.add_message_handler(on_message)
+    await client.add_match(f"type='signal',interface='{MANAGER_INTERFACE}',"
+                           "member='RebootFailed'")
+    await client.add_match("type='signal',sender='org.freedesktop.DBus',"
+                           "member='NameOwnerChanged',arg0='org.liveupdate1'")
+    gone = asyncio.ensure_future(client.bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+
+    def went(_: object) -> None:
+        if not outcome.done():
+            outcome.set_result("")
+
+    gone.add_done_callback(went)
+
+    def stop() -> None:
+        gone.cancel()
+        client.bus.remove_message_handler(on_message)
+
+    return outcome, stop
+
+
+async def _update(client: Client, args: argparse.Namespace) -> int:
+    args.steps = []
+    items = await _check_items(client)
+    if not preflight.passed(items):
+        reason = preflight.failures(items)
+        _say(args, {"command": "update", "outcome": "preflight failed", "reason": reason,
+                    "check": [list(i) for i in items]})
+        print(f"liveupdatectl: update: preflight failed, nothing changed: {reason}",
+              file=sys.stderr)
+        return EXIT_PREFLIGHT
+    _progress(args, "check", "ok")
+    try:
+        await _step(client, args, "prepare", client.prepare, args.timeout)
+        _progress(args, "prepare", "ok")
+        await _step(client, args, "freeze", client.freeze, args.timeout)
+        _progress(args, "freeze", "ok")
+        outcome, stop = await _watch_reboot(client)
+        try:
+            await _step(client, args, "reboot", client.reboot, None)
+            _progress(args, "reboot", "handover written")
+            try:
+                async with asyncio.timeout(args.reboot_timeout):
+                    failed = await outcome
+            except TimeoutError:
+                failed = (f"the daemon was still there {args.reboot_timeout:g}s after "
+                          "Reboot (--reboot-timeout)")
+        finally:
+            stop()
+    except StepFailed as exc:
+        problem = await _cancel_after_failure(client, args.timeout)
+        status = EXIT_CANCEL_FAILED if problem else EXIT_CANCELLED
+        end = f"Cancel failed too: {problem}" if problem else "cancelled, state normal"
+        _say(args, {"command": "update", "outcome": "failed", "step": exc.step,
+                    "reason": exc.reason, "cancelled": not problem, "steps": args.steps})
+        print(f"liveupdatectl: update: {exc.step} failed: {exc.reason}; {end}",
+              file=sys.stderr)
+        return status
+    if failed:
+        _say(args, {"command": "update", "outcome": "reboot failed", "reason": failed,
+                    "steps": args.steps})
+        print(f"liveupdatectl: update: the reboot did not follow: {failed}; the state is "
+              "frozen (liveupdatectl reboot again, or cancel)", file=sys.stderr)
+        return EXIT_NO_REBOOT
+    _progress(args, "reboot", "under way")
+    _say(args, {"command": "update", "outcome": "rebooting", "steps": args.steps})
+    return EXIT_OK
+
+
+async def _sessions_not_back(client: Client) -> list[str]:
+    """Sessions still waiting for fds after the reboot, each with what it lacks; [] when
+    every session finished or every fd carried was retrieved (or is lost)."""
+    sessions = await client.list_sessions()
+    waiting = [s for s in sessions if s.state != "finished"]
+    if not waiting:
+        return []
+    history = await client.get_history()
+    cycle = history[-1] if history else None
+    if cycle and cycle["fds_retrieved"] + cycle["fds_lost"] + cycle["fds_corrupted"] \
+            >= cycle["fds_carried"]:
+        return []
+    return [f"{s.name} ({s.fd_count} fds, {s.state})" for s in waiting]
+
+
+async def _finish(client: Client, args: argparse.Namespace) -> int:
+    if args.wait:
+        if await client.state() != "updated":
+            raise CommandError(EXIT_REFUSED, "finish --wait: the state is "
+                               f"{await client.state()}, not updated: nothing to wait for")
+        changed = asyncio.Event()
+
+        def on_change(msg: Any) -> bool:
+            if getattr(msg, "member", None) == "PropertiesChanged":
+                changed.set()
+            return False
+
+        client.bus.add_message_handler(on_change)
+        await client.add_match("type='signal',interface='org.freedesktop.DBus.Properties',"
+                               "member='PropertiesChanged',path_namespace='/org/liveupdate1'")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.timeout
+        while waiting := await _sessions_not_back(client):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                print(f"liveupdatectl: finish --wait: after {args.timeout:g}s not every "
+                      f"session has its fds back: {', '.join(waiting)}; Finish not called",
+                      file=sys.stderr)
+                return EXIT_WAIT_TIMEOUT
+            changed.clear()
+            # A session's State changes with a signal; a RetrieveFd does not: look again
+            # at least once a second.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await changed.wait()
+        client.bus.remove_message_handler(on_change)
+    await client.finish()
+    state = await client.state()
+    _say(args, {"command": "finish", "state": state})
+    if not args.json:
+        print(f"finish: ok, state {state}")
+    return EXIT_OK
+
+
+# ---- host tools -----------------------------------------------------------------------
+
+def _show_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+async def _show(client: Client, args: argparse.Namespace) -> None:
+    if args.session:
+        props = await client.properties(session_path(args.session), SESSION_INTERFACE)
+    else:
+        props = await client.properties()
+    wanted = [p for item in args.property for p in item.split(",") if p]
+    unknown = [p for p in wanted if p not in props]
+    if unknown:
+        raise CommandError(EXIT_USAGE, f"show: no property {', '.join(unknown)} (there are: "
+                           f"{', '.join(sorted(props))})")
+    names = sorted(set(wanted)) or sorted(props)
+    if args.json:
+        print(json.dumps({name: props[name] for name in names}))
+        return
+    for name in names:
+        value = _show_value(props[name])
+        print(value if args.value else f"{name}={value}")
+
+
+async def _quarantine(client: Client, args: argparse.Namespace) -> Exec | None:
+    if args.action == "list":
+        rows = await client.list_quarantined()
+        if args.json:
+            print(json.dumps([r.__dict__ for r in rows]))
+        elif rows:
+            _print_table([(r.id, r.session, r.token, r.size, r.reason) for r in rows],
+                         ["ID", "SESSION", "TOKEN", "BYTES", "REASON"])
+        else:
+            print("no quarantined fd")
+        return None
+    if args.action == "release":
+        await client.release_quarantined(args.id)
+        _say(args, {"id": args.id, "released": True})
+        if not args.json:
+            print(f"quarantine release: {args.id} let go")
+        return None
+    fd = await client.retrieve_quarantined(args.id)
+    return Exec(args.program, args.exec_, fd, args.id)
+
+
+async def _complete_names(client: Client, args: argparse.Namespace) -> None:
+    if args.what == "sessions":
+        print("\n".join(s.name for s in await client.list_sessions()))
+    elif args.what == "quarantine":
+        print("\n".join(q.id for q in await client.list_quarantined()))
+    elif args.session:
+        session = SessionClient(client, args.session, session_path(args.session))
+        print("\n".join(f.token for f in await session.list_fds()))
+
+
+async def _session_call(client: Client, args: argparse.Namespace) -> None:
+    session = SessionClient(client, args.session, session_path(args.session))
+    if args.command == "delay-freeze":
+        await session.delay_freeze(not args.off)
+        done = {"session": args.session, "delay_freeze": not args.off}
+        text = f"delay-freeze: {args.session}: Freeze " + (
+            "does not wait for it" if args.off else "waits for its ready-for-freeze")
+    else:
+        await session.ready_for_freeze()
+        done = {"session": args.session, "ready": True}
+        text = f"ready-for-freeze: {args.session} is ready"
+    _say(args, done)
+    if not args.json:
+        print(text)
+
+
+# ---- running a command ----------------------------------------------------------------
+
+# Commands that change nothing: a closed stdout ends them quietly. Any other command runs
+# to its end whatever becomes of stdout, and only then reports a write error.
+READ_ONLY = frozenset({"status", "list", "history", "check", "show", "complete-names"})
+
+
+def _read_only(args: argparse.Namespace) -> bool:
+    return args.command in READ_ONLY or (
+        args.command == "quarantine" and args.action == "list")
+
+
+def _bus_address(spec: str) -> str:
+    """The address `--bus` stands for, to name in a message."""
+    if spec == "system":
+        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS",
+                              "unix:path=/run/dbus/system_bus_socket")
+    if spec == "session":
+        return os.environ.get("DBUS_SESSION_BUS_ADDRESS", "(DBUS_SESSION_BUS_ADDRESS unset)")
+    return spec
+
+
+def _bus_error_text(exc: BusError, bus: str) -> str:
+    if exc.name.endswith(("ServiceUnknown", "NameHasNoOwner")):
+        where = f"the {bus} bus" if bus in ("system", "session") else f"the bus {bus}"
+        return (f"liveupdated is not running on {where} (no one owns {BUS_NAME}; "
+                "systemctl start liveupdated)")
+    return _one_line(str(exc))
+
+
+def _unreachable(exc: BaseException, bus: str) -> str:
+    address = _bus_address(bus)
+    reason = (describe(exc) if isinstance(exc, OSError) else
+              _one_line(str(exc)) or type(exc).__name__)
+    what = f"the {bus} bus" if bus in ("system", "session") else "the bus"
+    return f"cannot reach {what} at {address}: {reason}"
+
+
+async def _dispatch(client: Client, args: argparse.Namespace) -> int | Exec:
+    match args.command:
+        case "status":
+            await _status(client, args.json)
+        case "list":
+            await _list(client, args.json)
+        case "history":
+            await _history(client, args.json)
+        case "check":
+            return await _check(client, args)
+        case "show":
+            await _show(client, args)
+        case "update":
+            return await _update(client, args)
+        case "finish":
+            return await _finish(client, args)
+        case "prepare" | "freeze" | "cancel":
+            await getattr(client, args.command)()
+            state = await client.state()
+            _say(args, {"command": args.command, "state": state})
+            if not args.json:
+                print(f"{args.command}: ok, state {state}")
+        case "reboot":
+            await client.reboot()
+            _say(args, {"command": "reboot", "state": "frozen", "handover": "written"})
+            if not args.json:
+                print("reboot: ok, handover written; state frozen until the new boot, "
+                      "the daemon stops and runs its reboot action")
+        case "preserve":
+            await _preserve(client, args)
+        case "unpreserve":
+            await SessionClient(client, args.session,
+                                session_path(args.session)).unpreserve_fd(args.token)
+            _say(args, {"session": args.session, "token": args.token, "preserved": False})
+        case "retrieve":
+            return await _retrieve(client, args)
+        case "drop-session":
+            await client.drop_session(args.session, args.reason)
+            _say(args, {"command": "drop-session", "session": args.session})
+            if not args.json:
+                print(f"drop-session: {args.session} dropped with its fds")
+        case "delay-freeze" | "ready-for-freeze":
+            await _session_call(client, args)
+        case "quarantine":
+            return await _quarantine(client, args) or EXIT_OK
+        case "complete-names":
+            await _complete_names(client, args)
+    return EXIT_OK
+
+
+async def _run(args: argparse.Namespace) -> int | Exec:
     if args.command == "demo":
         from liveupdated.demo import run_demo
 
@@ -467,42 +981,20 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         client = await Client.connect(args.bus)
     except (OSError, ValueError, BusError) as exc:
-        print(f"liveupdatectl: cannot reach the bus {args.bus!r}: {_one_line(str(exc))}",
-              file=sys.stderr)
+        if args.command == "complete-names":
+            return EXIT_UNREACHABLE
+        print(f"liveupdatectl: {_unreachable(exc, args.bus)}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    quiet = args.command == "complete-names"
     try:
-        match args.command:
-            case "status":
-                await _status(client, args.json)
-            case "list":
-                await _list(client, args.json)
-            case "history":
-                await _history(client, args.json)
-            case "prepare" | "freeze" | "cancel" | "finish":
-                await getattr(client, args.command)()
-                state = await client.state()
-                _say(args, {"command": args.command, "state": state})
-                if not args.json:
-                    print(f"{args.command}: ok, state {state}")
-            case "reboot":
-                await client.reboot()
-                _say(args, {"command": "reboot", "state": "frozen", "handover": "written"})
-                if not args.json:
-                    print("reboot: ok, handover written; state frozen until the new boot, "
-                          "the daemon stops and runs its reboot action")
-            case "preserve":
-                await _preserve(client, args)
-            case "unpreserve":
-                await SessionClient(client, args.session,
-                                    session_path(args.session)).unpreserve_fd(args.token)
-                _say(args, {"session": args.session, "token": args.token, "preserved": False})
-            case "retrieve":
-                return await _retrieve(client, args)
+        return await _dispatch(client, args)
     except LiveUpdateError as exc:
-        print(f"liveupdatectl: {await _explain(client, args, exc)}", file=sys.stderr)
+        if not quiet:
+            print(f"liveupdatectl: {await _explain(client, args, exc)}", file=sys.stderr)
         return EXIT_REFUSED
     except BusError as exc:
-        print(f"liveupdatectl: {_one_line(str(exc))}", file=sys.stderr)
+        if not quiet:
+            print(f"liveupdatectl: {_bus_error_text(exc, args.bus)}", file=sys.stderr)
         unreachable = exc.name.endswith(("ServiceUnknown", "NameHasNoOwner", "NoReply",
                                          "Disconnected"))
         return EXIT_UNREACHABLE if unreachable else EXIT_REFUSED
@@ -512,10 +1004,9 @@ async def _run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         client.close()
-    return EXIT_OK
 
 
-def _check(args: argparse.Namespace, inherited: frozenset[int], bus_given: bool) -> None:
+def _check_args(args: argparse.Namespace, inherited: frozenset[int], bus_given: bool) -> None:
     """What argparse cannot check; UsageError or CommandError."""
     if args.command == "demo" and bus_given:
         raise UsageError("demo runs on a private bus of its own; --bus does not apply")
@@ -525,10 +1016,84 @@ def _check(args: argparse.Namespace, inherited: frozenset[int], bus_given: bool)
             f"e.g. `liveupdatectl preserve {args.session} {args.token} {args.fd} "
             f"{args.fd}<>/proc/PID/fd/N`"
         )
+    if args.command == "quarantine":
+        if args.action != "list" and not args.id:
+            raise UsageError(f"quarantine {args.action} needs an ID (q<N>, from list)")
+        if args.action == "list" and args.id:
+            raise UsageError("quarantine list takes no ID")
+        if args.action == "retrieve" and not args.exec_:
+            raise UsageError("quarantine retrieve needs --exec CMD [ARG...]")
+        if args.action != "retrieve" and args.exec_ is not None:
+            raise UsageError(f"--exec does not apply to quarantine {args.action}")
+        if args.action == "retrieve":
+            args.program = _command_path(args.exec_[0])
     if args.command == "retrieve":
         if not args.exec_:
             raise UsageError("retrieve needs --exec CMD [ARG...]")
         args.program = _command_path(args.exec_[0])
+
+
+class _StdoutClosed(Exception):
+    """The reader of a read-only command's output went away: stop, quietly."""
+
+
+class _Output(io.TextIOBase):
+    """stdout that never lets a write error interrupt a command that changes state: the
+    first error is kept and reported once the command is done; a read-only command whose
+    reader went away (EPIPE) stops quietly."""
+
+    def __init__(self, real: typing.TextIO, read_only: bool) -> None:
+        self._real = real
+        self._read_only = read_only
+        self.error: OSError | None = None
+
+    def _failed(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+        if self._read_only:
+            raise _StdoutClosed() from exc
+
+    def write(self, text: str) -> int:
+        if self.error is None:
+            try:
+                self._real.write(text)
+            except OSError as exc:
+                self._failed(exc)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._real.flush()
+            except OSError as exc:
+                self._failed(exc)
+
+    def isatty(self) -> bool:
+        return self._real.isatty()
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+
+def _finish_output(out: _Output, code: int) -> int:
+    """Flush what is left; a write error is one line and exit 1 (unless the command
+    failed otherwise); a reader gone away is not an error of ours."""
+    with contextlib.suppress(_StdoutClosed):
+        out.flush()
+    sys.stdout = out._real
+    if out.error is not None:
+        # Nothing more may reach the broken stdout, not even at the interpreter's exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        if out.error.errno != errno.EPIPE:
+            print(f"liveupdatectl: cannot write the output: {describe(out.error)}",
+                  file=sys.stderr)
+            return code or EXIT_WRITE
+    return code
+
+
+EXIT_WRITE = 1  # the output could not be written (ENOSPC, EIO)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -537,9 +1102,18 @@ def main(argv: list[str] | None = None) -> None:
     bus_given = hasattr(args, "bus")
     args.bus = getattr(args, "bus", "system")
     args.json = getattr(args, "json", False)
+    out = _Output(sys.stdout, _read_only(args))
+    sys.stdout = out
+    to_exec: Exec | None = None
     try:
-        _check(args, inherited, bus_given)
-        code = asyncio.run(_run(args))
+        _check_args(args, inherited, bus_given)
+        result = asyncio.run(_run(args))
+        if isinstance(result, Exec):
+            to_exec, code = result, EXIT_OK
+        else:
+            code = result
+    except _StdoutClosed:
+        code = EXIT_OK
     except UsageError as exc:
         print(f"liveupdatectl: error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
@@ -553,6 +1127,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"liveupdatectl: unexpected failure: {type(exc).__name__}: "
               f"{_one_line(str(exc))}", file=sys.stderr)
         code = EXIT_SOFTWARE
+    code = _finish_output(out, code)
+    if to_exec is not None and code == EXIT_OK:
+        try:
+            to_exec.run()
+        except CommandError as exc:
+            print(f"liveupdatectl: {exc.message}", file=sys.stderr)
+            code = exc.status
     sys.exit(code)
 
 

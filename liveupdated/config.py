@@ -15,6 +15,12 @@ from liveupdated import __version__
 from liveupdated.core.orchestrator import Limits
 
 LIMIT_DEFAULTS = Limits()
+BACKENDS = ("simulated", "kernel", "fdstore", "auto")  # --backend's choices
+# --backend auto takes the first of these the host can serve (resolved_backend).
+AUTO_BACKEND_ORDER: tuple[Literal["simulated", "kernel", "fdstore"], ...] = (
+    "fdstore", "kernel", "simulated")
+# --reboot-action's named actions; anything else is a command run after the handover.
+REBOOT_ACTIONS = ("auto", "exit", "kexec", "soft-reboot")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,6 +31,9 @@ class Config:
     backend: Literal["simulated", "kernel", "fdstore", "auto"] = "auto"
     reboot_action: str = "auto"
     freeze_timeout: float = 10.0
+    # Seconds after a reboot action that did not fail, for its SIGTERM, when PID 1 shows
+    # no reboot under way; then the reboot counts as failed (the daemon stays, frozen).
+    reboot_timeout: float = 120.0
     max_sessions: int = LIMIT_DEFAULTS.max_sessions
     max_fds_per_session: int = LIMIT_DEFAULTS.max_fds_per_session
     max_sessions_per_uid: int = LIMIT_DEFAULTS.max_sessions_per_uid
@@ -64,9 +73,12 @@ class Config:
         if self.backend != "auto":
             return self.backend
         luo = os.path.exists(LUO_DEVICE)
-        if self.bus == "system" and _pid1_carries_fds(luo):
-            return "fdstore"
-        return "kernel" if luo else "simulated"
+        can = {
+            "fdstore": self.bus == "system" and _pid1_carries_fds(luo),
+            "kernel": luo,
+            "simulated": True,
+        }
+        return next(b for b in AUTO_BACKEND_ORDER if can[b])
 
     def resolved_reboot_action(self) -> str:
         """`exit`, `kexec`, `soft-reboot`, or the command that reboots the host after the
@@ -191,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         "bus, $XDG_STATE_HOME/liveupdated for the session bus)")
     p.add_argument("--handover-dir", type=Path, default=None,
                    help="the simulated backend's handover area (default STATE_DIR/handover)")
-    p.add_argument("--backend", choices=["simulated", "kernel", "fdstore", "auto"],
+    p.add_argument("--backend", choices=list(BACKENDS),
                    default="auto",
                    help="where the fds go across the reboot: simulated (a handover area "
                         "on disk), kernel (/dev/liveupdate), fdstore (systemd carries the "
@@ -204,6 +216,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         "kexec of the fdstore backend); or a command such as 'systemctl "
                         "kexec' (default: exit unless run by systemd, then by backend: "
                         "systemctl reboot, systemctl kexec, soft-reboot or kexec)")
+    p.add_argument("--reboot-timeout", type=_seconds, default=120.0,
+                   help="seconds the daemon waits for the reboot to stop it after a reboot "
+                        "action that did not fail, when PID 1 shows no reboot under way; "
+                        "then the reboot counts as failed: the daemon stays, frozen, and "
+                        "signals RebootFailed (default: %(default)s)")
     p.add_argument("--freeze-timeout", type=_seconds, default=10.0,
                    help="seconds Freeze waits for sessions that asked for DelayFreeze "
                         "(default: %(default)s)")

@@ -51,6 +51,7 @@ FAILS_WITH: dict[str, tuple[str, ...]] = {
     "Manager.ReleaseQuarantined": (
         "AccessDenied", "InvalidArgument", "NoSuchToken", "Storage"),
     "Manager.GetHistory": (),
+    "Manager.Check": ("AccessDenied",),
     "Session.PreserveFd": (
         "InvalidArgument", "TokenExists", "UnsupportedFd", "QuotaExceeded", *_SESSION_CHANGE),
     "Session.PreserveFds": (

@@ -324,7 +324,7 @@ class Daemon:
                     service.client_left(client)
             await service.flush()
 
-        manager = Manager(service, callers, bus)
+        manager = Manager(service, callers, bus, self.config)
         service.listeners = Listeners(
             session_added=sessions.add,
             session_removed=sessions.remove,

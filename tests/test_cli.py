@@ -53,13 +53,15 @@ async def test_exit_codes(client: Client, bus: PrivateBus) -> None:
         text=True, timeout=60, check=False,
     )
     assert nobody.returncode == 3
-    assert "cannot reach the bus" in nobody.stderr
+    assert "cannot reach the bus at unix:path=/nonexistent/bus" in nobody.stderr
 
 
 async def test_no_daemon_on_the_bus_is_unreachable(bus: PrivateBus) -> None:
     result = ctl(bus, "status")
     assert result.returncode == 3
-    assert "ServiceUnknown" in result.stderr
+    assert result.stderr == (
+        f"liveupdatectl: liveupdated is not running on the bus {bus.address} (no one owns "
+        "org.liveupdate1; systemctl start liveupdated)\n")
 
 
 async def test_preserve_an_inherited_memfd_and_retrieve_it_into_a_command(
@@ -237,5 +239,10 @@ def test_usage_errors_of_both_commands_are_one_line(tmp_path: Path) -> None:
 
 
 def test_unreachable_is_one_line(bus: PrivateBus) -> None:
-    assert "ServiceUnknown" in assert_one_line(ctl(bus, "status"), 3)
-    assert_one_line(run(*CTL, "--bus", "unix:path=/nonexistent/bus", "list"), 3)
+    assert "ServiceUnknown" not in assert_one_line(ctl(bus, "status"), 3)
+    line = assert_one_line(run(*CTL, "--bus", "unix:path=/nonexistent/bus", "list"), 3)
+    assert line.startswith("liveupdatectl: cannot reach the bus at unix:path=/nonexistent/bus")
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent/system_bus"}
+    line = assert_one_line(run(*CTL, "status", env=env), 3)
+    assert line.startswith(
+        "liveupdatectl: cannot reach the system bus at unix:path=/nonexistent/system_bus: ")

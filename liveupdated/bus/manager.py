@@ -1,5 +1,6 @@
 """org.liveupdate1.Manager: sessions and the host's update, on /org/liveupdate1."""
 
+import asyncio
 import dataclasses
 from typing import Annotated, Any
 
@@ -15,15 +16,19 @@ from liveupdated.bus.callers import CURRENT_MESSAGE, Callers
 from liveupdated.bus.connection import FdOwningBus
 from liveupdated.bus.errors import contract
 from liveupdated.bus.polkit import DROP_SESSION, MANAGE, authorize
+from liveupdated.config import Config
+from liveupdated.core import preflight
 from liveupdated.core.names import session_path
 from liveupdated.core.orchestrator import Caller
 from liveupdated.core.records import UpdateCycle
+from liveupdated.fds import memfd
 from liveupdated.service import LiveUpdate
 from liveupdated.systemd import boot_id
 
 SessionList = Annotated[list[list[Any]], Sig("a(sousu)")]
 QuarantineList = Annotated[list[list[Any]], Sig("a(ssts)")]
 HistoryList = Annotated[list[dict[str, Variant]], Sig("aa{sv}")]
+CheckList = Annotated[list[list[str]], Sig("a(sss)")]
 
 
 def _cycle_fields(cycle: UpdateCycle) -> dict[str, Variant]:
@@ -43,9 +48,11 @@ def _cycle_fields(cycle: UpdateCycle) -> dict[str, Variant]:
 
 
 class Manager(ServiceInterface):
-    def __init__(self, service: LiveUpdate, callers: Callers, bus: FdOwningBus) -> None:
+    def __init__(self, service: LiveUpdate, callers: Callers, bus: FdOwningBus,
+                 config: Config | None = None) -> None:
         super().__init__(MANAGER_INTERFACE)
         self._service = service
+        self._config = config or Config()
         self._callers = callers
         self._bus = bus
         self._boot_id = boot_id()
@@ -129,6 +136,20 @@ class Manager(ServiceInterface):
     async def release_quarantined(self, session: DBusStr, token: DBusStr) -> None:
         caller = await self._host_caller(MANAGE)
         await self._service.release_quarantined(caller, session, token)
+
+    @dbus_method(name="Check")
+    @contract
+    async def check(self) -> CheckList:
+        """The preflight of an update (core/preflight.py); changes nothing."""
+        await self._host_caller(MANAGE)
+        service = self._service
+        held = {k: fd for k, fd in service.vault.items().items()
+                if k[0] in service.core.sessions and k[1] in service.core.sessions[k[0]].fds}
+        facts = await asyncio.to_thread(
+            preflight.gather, service.backend, self._config.resolved_reboot_action(), held,
+            memfd.inspect, service.storage_problem,
+        )
+        return [list(item) for item in preflight.verdicts(service.core, facts)]
 
     @dbus_method(name="GetHistory")
     @contract

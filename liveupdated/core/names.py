@@ -60,10 +60,16 @@ def check_reason(reason: str) -> str:
 
 
 def escape_path_label(label: str) -> str:
-    """Escape one object-path label as systemd does: `_xx` for each byte outside [A-Za-z0-9]."""
+    """Escape one object-path label exactly as sd_bus_path_encode() does: `_xx` (lower-case
+    hex) for each byte outside [A-Za-z0-9], and for a leading digit too (`65534-probe` is
+    `_365534_2dprobe`), so that a C client computes the same path; "" is `_`."""
     if not label:
         return "_"
-    return "".join(chr(b) if b in _PLAIN else f"_{b:02x}" for b in label.encode())
+    raw = label.encode()
+    return "".join(
+        chr(b) if b in _PLAIN and not (i == 0 and 0x30 <= b <= 0x39) else f"_{b:02x}"
+        for i, b in enumerate(raw)
+    )
 
 
 def session_path(name: str) -> str:

@@ -5,67 +5,31 @@ CheckAuthorization from a table of (uid, action) it allows; the nspawn suite ask
 real polkitd with a real rule. Without any authority on the bus, root only, as before.
 """
 
+import asyncio
 import os
+import pwd
+import sys
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from contextlib import asynccontextmanager
 
 import pytest
-from dbus_fast import BusType, Message
-from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusSignature as Sig
-from dbus_fast.service import ServiceInterface, dbus_method
 
-from liveupdated.bus.polkit import DROP_SESSION, MANAGE
+from liveupdated.bus.polkit import DROP_SESSION, MANAGE, POLKIT_USER
 from liveupdated.client import Client
 from liveupdated.core.errors import AccessDenied
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess
 from tests.conftest import make_memfd
-from tests.other_uid import OtherUid
+from tests.fake_polkit import Authority, serve
+from tests.other_uid import REPO, OtherUid
 
 NOBODY = 65534
 
 
-class Authority(ServiceInterface):
-    """CheckAuthorization: yes for the (uid, action) pairs in `allowed`."""
-
-    def __init__(self, bus: MessageBus, allowed: set[tuple[int, str]]) -> None:
-        super().__init__("org.freedesktop.PolicyKit1.Authority")
-        self.bus = bus
-        self.allowed = allowed
-        self.asked: list[tuple[str, str, int]] = []
-
-    @dbus_method(name="CheckAuthorization")
-    async def check_authorization(
-        self,
-        subject: Annotated[list[Any], Sig("(sa{sv})")],
-        action: Annotated[str, Sig("s")],
-        details: Annotated[dict[str, str], Sig("a{ss}")],
-        flags: Annotated[int, Sig("u")],
-        cancellation: Annotated[str, Sig("s")],
-    ) -> Annotated[list[Any], Sig("(bba{ss})")]:
-        kind, fields = subject
-        uid = await _uid_of(self.bus, fields["name"].value)  # as polkitd finds it
-        self.asked.append((kind, action, flags))
-        return [(uid, action) in self.allowed, False, {}]
-
-
-async def _uid_of(bus: MessageBus, name: str) -> int:
-    reply = await bus.call(Message(
-        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus", member="GetConnectionUnixUser", signature="s",
-        body=[name],
-    ))
-    assert reply is not None
-    return int(reply.body[0])
-
-
 @pytest.fixture
 async def authority(bus: PrivateBus) -> AsyncIterator[Authority]:
-    connection = await MessageBus(bus_address=bus.address, bus_type=BusType.SESSION).connect()
-    service = Authority(connection, {(NOBODY, MANAGE)})
-    connection.export("/org/freedesktop/PolicyKit1/Authority", service)
-    await connection.request_name("org.freedesktop.PolicyKit1")
+    """The stand-in, run by root (the test process), as polkitd's owner may be."""
+    connection, service = await serve(bus.address, {(NOBODY, MANAGE)})
     yield service
     connection.disconnect()
 
@@ -90,6 +54,8 @@ async def test_polkit_lets_a_user_drive_the_update_for_the_actions_it_allows(
         asked = len(authority.asked)
         await root.prepare()  # root is never asked about
         assert len(authority.asked) == asked
+    # Asked by the unique name found trustworthy, not by the name anyone may take next.
+    assert set(authority.destinations) == {authority.bus.unique_name}
     os.close(fd)
 
 
@@ -102,3 +68,46 @@ async def test_without_polkit_host_commands_are_roots(
                 await nobody.call(command)
         with pytest.raises(AccessDenied):
             await nobody.call("drop_session", name="vm", reason="")
+
+
+@asynccontextmanager
+async def authority_run_by(bus: PrivateBus, uid: int) -> AsyncIterator[None]:
+    """A stand-in that says yes to everything, owning the name as `uid`."""
+    if os.geteuid() != 0:
+        pytest.skip("a stand-in of another uid needs root to drop to that uid")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.fake_polkit", str(uid), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, cwd=REPO, env={**os.environ, "LUD_BUS": bus.address})
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            assert await process.stdout.readline() == b"ready\n"
+        yield
+    finally:
+        process.stdin.close()
+        async with asyncio.timeout(30):
+            await process.wait()
+
+
+async def test_a_polkit_name_owned_by_another_user_is_not_asked(
+    bus: PrivateBus, daemon: DaemonProcess
+) -> None:
+    """On a bus that lets anyone own org.freedesktop.PolicyKit1, a user who took it
+    would answer yes to itself: its answer is not asked for."""
+    async with authority_run_by(bus, NOBODY), OtherUid(bus.address) as nobody:
+        with pytest.raises(AccessDenied, match="polkit"):
+            await nobody.call("prepare")
+        async with await Client.connect(bus.address) as root:
+            assert await root.state() == "normal"
+
+
+async def test_polkit_run_by_the_polkitd_user_is_asked(
+    bus: PrivateBus, daemon: DaemonProcess
+) -> None:
+    try:
+        polkitd = pwd.getpwnam(POLKIT_USER).pw_uid
+    except KeyError:
+        pytest.skip(f"no {POLKIT_USER} user on this machine")
+    async with authority_run_by(bus, polkitd), OtherUid(bus.address) as nobody:
+        await nobody.call("prepare")
+        await nobody.call("cancel")

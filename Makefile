@@ -42,7 +42,11 @@ bench:
 	@scripts/setup.sh
 	.venv/bin/python bench/run.py
 
-man: $(MAN_PAGES)
+# scdoc is installed when it is missing (Debian: apt-get install scdoc; needs root).
+man:
+	@command -v scdoc >/dev/null || apt-get install -y -q scdoc >/dev/null || \
+		{ echo "make man: needs scdoc: apt-get install scdoc" >&2; exit 1; }
+	@$(MAKE) -s $(MAN_PAGES)
 
 $(BUILD)/man/%: man/%.scd
 	@mkdir -p $(BUILD)/man

@@ -44,6 +44,16 @@ MIN_SIZE = 4096  # one page
 MAX_SIZE = 1 << 40  # 1 TiB: sparse, but a 64th of it is written
 
 
+def human_size(size: int) -> str:
+    """`4 KiB`, `512 MiB`, `1.5 GiB`: the largest unit that keeps a whole or one-decimal
+    number (`size >> 20` said "0 MiB" of 4K)."""
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if size >= 1 << shift:
+            value = size / (1 << shift)
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} bytes"
+
+
 def parse_size(text: str) -> int:
     """`512M`, `1G`, `1GiB`, `4096`: bytes. ValueError for anything else."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -133,7 +143,7 @@ async def _old_boot(bus: PrivateBus, state: Path, log: IO[bytes], size: int,
         timeline.mark("liveupdated ready")
         guest = make_guest_memory(size)
         outcome.before = fingerprint(guest)
-        timeline.mark(f"VMM made {size >> 20} MiB guest memory")
+        timeline.mark(f"VMM made {human_size(size)} guest memory")
         async with await Client.connect(bus.address) as vmm:
             session = await vmm.create_session("demo-vm")
             await session.preserve_fd("guest-ram", guest)
@@ -200,8 +210,9 @@ def _report(outcome: Outcome, timeline: Timeline, size: int, as_json: bool) -> N
     if as_json:
         print(json.dumps(report))
         return
-    print(f"liveupdated demo: {size >> 20} MiB sparse memfd, "
-          f"{outcome.before.data_bytes >> 20} MiB of data, seals {outcome.before.seals:#x}\n")
+    print(f"liveupdated demo: {human_size(size)} sparse memfd, "
+          f"{human_size(outcome.before.data_bytes)} of data, seals "
+          f"{outcome.before.seals:#x}\n")
     print(f"{'at ms':>9}  {'took ms':>9}  phase")
     for phase, at, took in timeline.rows:
         print(f"{at:9.1f}  {took:9.1f}  {phase}")

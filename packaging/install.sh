@@ -79,9 +79,15 @@ rm -rf "$venv.old"
 mkdir -p "$destdir/usr/bin" "$destdir/usr/sbin"
 ln -sfn ../lib/liveupdated/bin/liveupdatectl "$destdir/usr/bin/liveupdatectl"
 ln -sfn ../lib/liveupdated/bin/liveupdated "$destdir/usr/sbin/liveupdated"
+ln -sfn ../lib/liveupdated/bin/liveupdated-qemu "$destdir/usr/sbin/liveupdated-qemu"
 put() { install -D -m 0644 "$src/$1" "$destdir$2"; }
 put units/liveupdated.service /usr/lib/systemd/system/liveupdated.service
+put units/liveupdated-qemu@.service /usr/lib/systemd/system/liveupdated-qemu@.service
 put units/liveupdated.tmpfiles.conf /usr/lib/tmpfiles.d/liveupdated.conf
+# The QEMU adapter's configuration directory: one INSTANCE.conf a VM (liveupdated(8)).
+install -d -m 0755 "$destdir/etc/liveupdated/qemu"
+put packaging/liveupdated.catalog /usr/lib/systemd/catalog/liveupdated.catalog
+put include/liveupdate1.h /usr/include/liveupdate1.h
 put dbus/org.liveupdate1.conf /usr/share/dbus-1/system.d/org.liveupdate1.conf
 put dbus/org.liveupdate1.service /usr/share/dbus-1/system-services/org.liveupdate1.service
 for xml in "$src"/dbus/org.liveupdate1.*.xml; do
@@ -110,6 +116,7 @@ done
 # 3. Tell the running system, if this is it.
 if [[ -z $destdir && -d /run/systemd/system ]]; then
     systemd-tmpfiles --create liveupdated.conf
+    journalctl --update-catalog 2>/dev/null || true
     systemctl daemon-reload
     # The bus must know the name policy before the daemon asks for the name.
     if systemctl --quiet is-active dbus.service; then systemctl reload dbus.service; fi

@@ -1,9 +1,15 @@
 """Who is calling: the uid and systemd unit behind a bus connection, cached per name.
 
 Unique bus names are never reused, so a resolved identity stays valid until the name
-leaves the bus (NameOwnerChanged), when it is forgotten.
+leaves the bus (NameOwnerChanged), when it is forgotten. A connection is looked up once
+(GetConnectionCredentials): calls that arrive while its lookup is on the way wait for
+that one. Each answer of dbus-daemon 1.16 and dbus-broker carries a pidfd (ProcessFD);
+a lookup per call made a flood of calls a flood of pidfds. Like every fd the daemon
+receives outside PreserveFd(s), it is closed once on arrival by the connection's fd
+guard (bus/connection.py), never here: its number may be another fd's by now.
 """
 
+import asyncio
 import contextvars
 import os
 import re
@@ -38,10 +44,12 @@ class Callers:
     def __init__(self, bus: MessageBus, system_bus: bool) -> None:
         self._bus = bus
         self._cache: dict[str, Caller] = {}
+        self._lookups: dict[str, asyncio.Task[Caller]] = {}  # in flight, by sender
         self._admin_uids = {0} if system_bus else {0, os.getuid()}
 
     def forget(self, name: str) -> None:
         self._cache.pop(name, None)
+        self._lookups.pop(name, None)  # its answer, when it comes, is not kept
 
     def known(self, sender: str | None) -> Caller | None:
         """The caller behind `sender` if it has been resolved already."""
@@ -53,8 +61,25 @@ class Callers:
         if not sender:
             raise AccessDenied("the call has no sender; cannot tell who is calling")
         caller = self._cache.get(sender)
-        if caller is None:
+        if caller is not None:
+            return caller
+        lookup = self._lookups.get(sender)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_task(self._look_up(sender))
+            # Its failure is each waiter's; with none left, it is not worth a warning.
+            lookup.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._lookups[sender] = lookup
+        # Shielded: a call whose handler is cancelled must not cancel the others' lookup.
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, sender: str) -> Caller:
+        try:
             caller = await self._resolve(sender)
+        finally:
+            mine = self._lookups.get(sender) is asyncio.current_task()
+            if mine:
+                del self._lookups[sender]
+        if mine:  # not forgotten meanwhile (the name left): kept for its next calls
             self._cache[sender] = caller
         return caller
 

@@ -13,8 +13,11 @@ seen (and dropped) the spoofed ones.
 """
 
 import asyncio
+import inspect
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,32 @@ from tests.test_bus_limits import NOBODY, RawClient, _read_one
 from tests.test_vmm_adapter import Vm, call
 
 ROOT = 0
+
+
+# (policy, implementation): the tests' open bus, and the system bus's own policy with the
+# project's dbus/org.liveupdate1.conf, as on a host (where any user may send signals).
+BUSES = [("open", "dbus-daemon"), ("system", "dbus-daemon"), ("system", "dbus-broker")]
+
+
+def private_bus(policy: str, implementation: str) -> Iterator[PrivateBus]:
+    """A PrivateBus of that kind; the test is skipped where it cannot be had."""
+    if (policy, implementation) != BUSES[0]:
+        if not {"policy", "implementation"} <= set(inspect.signature(PrivateBus).parameters):
+            pytest.skip("this PrivateBus has only the open policy and dbus-daemon")
+        kind = {"policy": policy, "implementation": implementation}
+    else:
+        kind = {}
+    if shutil.which(implementation) is None:
+        pytest.skip(f"{implementation} is not installed")
+    directory = Path(tempfile.mkdtemp(prefix="lud-bus-"))
+    with PrivateBus(directory, **kind) as started:
+        yield started
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(params=BUSES, ids=["-".join(b) for b in BUSES])
+def bus(request: pytest.FixtureRequest) -> Iterator[PrivateBus]:
+    yield from private_bus(*request.param)
 
 
 @pytest.fixture

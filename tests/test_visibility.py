@@ -21,6 +21,7 @@ from liveupdated.sandbox import DaemonProcess
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid
 from tests.test_bus_limits import NOBODY, RawClient, _read_one
+from tests.test_spoofing import BUSES, private_bus
 
 ACCESS_DENIED = "org.liveupdate1.Error.AccessDenied"
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
@@ -175,44 +176,52 @@ def mentions(message: Message, words: list[str]) -> bool:
     return any(word in text for word in words)
 
 
-async def test_no_signal_names_another_users_session(
-    bus: PrivateBus, daemon: DaemonProcess
-) -> None:
-    """uid 65534 listens to everything it may receive (a match-all rule, no eavesdrop)
-    while root creates a session, preserves into it and drops it: no signal names it.
-    Its creator alone hears InterfacesAdded and InterfacesRemoved, with the properties.
-    (The daemon's reply to a later call of 65534 comes after every signal it sent
-    before: one connection, in order.)"""
-    name = "secret-customer-acme-vm"
-    listener = RawClient.connect_as(NOBODY, bus)
-    heard: list[Message] = []
-    try:
-        listener.send(DRIVER_PATH, DRIVER, "AddMatch", "s", [""], destination=DRIVER)
-        assert listener.replies(1)[0].message_type is MessageType.METHOD_RETURN
-        async with await Client.connect(bus.address) as root:
-            root.bus.add_message_handler(heard.append)  # None: others handle it too
-            session = await root.create_session(name)
-            fd = make_memfd(4096, b"customer data", name="acme-ram")
-            await session.preserve_fd("ram", fd)
-            os.close(fd)
-            await root.prepare()  # broadcast: StateChanged, which 65534 does hear
-            await root.cancel()
-            await root.drop_session(name, "test")
-            serial = listener.send(MANAGER_PATH, MANAGER_INTERFACE, "ListSessions")
-            got = messages_until_reply(listener, serial)
-    finally:
-        listener.close()
-    signals = [m for m in got if m.message_type is MessageType.SIGNAL]
-    assert [m.body for m in signals if m.member == "StateChanged"] == [
-        ["normal", "prepared"], ["prepared", "normal"]]
-    words = [name, label(name), "acme"]
-    assert [(m.member, m.path) for m in signals if mentions(m, words)] == []
+class TestOnEachBus:
+    """On the tests' open bus, and on the system bus's own policy (dbus-daemon and
+    dbus-broker), which lets any connection receive every broadcast."""
 
-    object_manager = [(m.member, m.body) for m in heard
-                      if m.interface == "org.freedesktop.DBus.ObjectManager"]
-    path = session_path(name)
-    assert [(member, body[0]) for member, body in object_manager] == [
-        ("InterfacesAdded", path), ("InterfacesRemoved", path)]
-    added = object_manager[0][1][1][SESSION_INTERFACE]
-    assert (added["Name"].value, added["Owner"].value, added["FdCount"].value) == (name, 0, 0)
-    assert object_manager[1][1][1] == [SESSION_INTERFACE]
+    @pytest.fixture(params=BUSES, ids=["-".join(b) for b in BUSES])
+    def bus(self, request: pytest.FixtureRequest) -> Iterator[PrivateBus]:
+        yield from private_bus(*request.param)
+
+    async def test_no_signal_names_another_users_session(
+        self, bus: PrivateBus, daemon: DaemonProcess
+    ) -> None:
+        """uid 65534 listens to everything it may receive (a match-all rule, no eavesdrop)
+        while root creates a session, preserves into it and drops it: no signal names it.
+        Its creator alone hears InterfacesAdded and InterfacesRemoved, with the properties.
+        (The daemon's reply to a later call of 65534 comes after every signal it sent
+        before: one connection, in order.)"""
+        name = "secret-customer-acme-vm"
+        listener = RawClient.connect_as(NOBODY, bus)
+        heard: list[Message] = []
+        try:
+            listener.send(DRIVER_PATH, DRIVER, "AddMatch", "s", [""], destination=DRIVER)
+            assert listener.replies(1)[0].message_type is MessageType.METHOD_RETURN
+            async with await Client.connect(bus.address) as root:
+                root.bus.add_message_handler(heard.append)  # None: others handle it too
+                session = await root.create_session(name)
+                fd = make_memfd(4096, b"customer data", name="acme-ram")
+                await session.preserve_fd("ram", fd)
+                os.close(fd)
+                await root.prepare()  # broadcast: StateChanged, which 65534 does hear
+                await root.cancel()
+                await root.drop_session(name, "test")
+                serial = listener.send(MANAGER_PATH, MANAGER_INTERFACE, "ListSessions")
+                got = messages_until_reply(listener, serial)
+        finally:
+            listener.close()
+        signals = [m for m in got if m.message_type is MessageType.SIGNAL]
+        assert [m.body for m in signals if m.member == "StateChanged"] == [
+            ["normal", "prepared"], ["prepared", "normal"]]
+        words = [name, label(name), "acme"]
+        assert [(m.member, m.path) for m in signals if mentions(m, words)] == []
+
+        object_manager = [(m.member, m.body) for m in heard
+                          if m.interface == "org.freedesktop.DBus.ObjectManager"]
+        path = session_path(name)
+        assert [(member, body[0]) for member, body in object_manager] == [
+            ("InterfacesAdded", path), ("InterfacesRemoved", path)]
+        added = object_manager[0][1][1][SESSION_INTERFACE]
+        assert (added["Name"].value, added["Owner"].value, added["FdCount"].value) == (name, 0, 0)
+        assert object_manager[1][1][1] == [SESSION_INTERFACE]

@@ -18,11 +18,14 @@ from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
 from liveupdated.bus import driver
-from liveupdated.core.errors import AccessDenied
+from liveupdated.core.errors import AccessDenied, Timeout
 from liveupdated.core.orchestrator import Caller
 
 CURRENT_MESSAGE: contextvars.ContextVar[Message] = contextvars.ContextVar("current_message")
 _UNIT_RE = re.compile(r"[^/]+\.(service|scope)$")
+# A bus with full queues may drop its reply: the calls waiting on a lookup are then
+# answered Timeout, and the connection's next call asks again.
+LOOKUP_TIMEOUT = 10.0
 
 
 def unit_of_pid(pid: int) -> str:
@@ -85,9 +88,13 @@ class Callers:
 
     async def _resolve(self, sender: str) -> Caller:
         try:
-            creds = await driver.credentials(self._bus, sender)
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                creds = await driver.credentials(self._bus, sender)
         except LookupError:
             raise AccessDenied(f"cannot get the credentials of {sender}") from None
+        except TimeoutError:
+            raise Timeout(f"the bus did not say who {sender} is within {LOOKUP_TIMEOUT:g} s "
+                          "(it drops replies when its queues are full); call again") from None
         uid = int(creds["UnixUserID"])
         pid = creds.get("ProcessID")
         unit = unit_of_pid(int(pid)) if pid is not None else ""

@@ -80,6 +80,27 @@ class Config:
         }
         return next(b for b in AUTO_BACKEND_ORDER if can[b])
 
+    def unserved_backend(self) -> str:
+        """Why this host cannot serve the backend asked for by name, on one line; "" when
+        it can (and always for `auto`, which picks one it can). Asked at start-up: a
+        configuration no restart can fix is refused there, not at the first Prepare."""
+        if self.backend == "kernel" and not os.path.exists(LUO_DEVICE):
+            return (f"--backend kernel: no {LUO_DEVICE} on this host (boot a kernel with "
+                    "CONFIG_LIVEUPDATE and liveupdate=on, or use --backend auto)")
+        if self.backend == "fdstore":
+            from liveupdated.systemd import under_systemd
+
+            if not under_systemd():
+                return ("--backend fdstore: not started by systemd as a service, so no "
+                        "service manager carries an fd store (use --backend auto)")
+            kexec = self.resolved_reboot_action() == "kexec"
+            if not _pid1_carries_fds(kexec):
+                since = "261 on a Live Update Orchestrator kernel" if kexec else "254"
+                return ("--backend fdstore: PID 1 cannot carry this unit's fd store across "
+                        f"the reboot (needs systemd >= {since} and the unit's "
+                        "FileDescriptorStorePreserve=yes; use --backend auto)")
+        return ""
+
     def resolved_reboot_action(self) -> str:
         """`exit`, `kexec`, `soft-reboot`, or the command that reboots the host after the
         handover is written. With the fdstore backend `kexec` and `soft-reboot` are asked
@@ -191,8 +212,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
                     "across the reboot.",
         epilog="exit status: 0 stopped cleanly, 2 usage, 69 no D-Bus at the address, "
                "73 the disk refused a write and no fds are held, 75 the state dir is "
-               "locked by another liveupdated (or a refused write while fds are held), "
-               "78 a bad state dir, handover area or bus address, 1 anything else.",
+               "locked by another liveupdated, org.liveupdate1 is owned by another "
+               "process (or a refused write while fds are held), 78 a bad state dir, "
+               "handover area or bus address, or a --backend this host cannot serve "
+               "while no fds are held, 1 anything else.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--bus", type=_bus, default="system",

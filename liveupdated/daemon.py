@@ -342,8 +342,9 @@ class Daemon:
             loop.add_signal_handler(signum, stop.set)
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply is not RequestNameReply.PRIMARY_OWNER:
-            log.error("bus_name_taken", name=BUS_NAME, reply=reply.name)
-            return 1
+            from liveupdated.statedir import name_taken  # exit 75, the owner's pid named
+
+            raise await name_taken(bus, BUS_NAME)
         self.notifier.ready(core.status_line())
         log.info("ready", state=core.phase.value, sessions=len(core.sessions),
                  fds=core.fd_count(), backend=service.backend.name, boot_id=boot_id(),

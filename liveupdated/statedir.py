@@ -13,17 +13,22 @@ which lists the permanent ones (2, 73, 78):
 - 69 EX_UNAVAILABLE: no D-Bus at the given address; it may come back: restarted.
 - 73 EX_CANTCREAT: the disk refused a write (read-only, full, I/O error, no access)
   and no fds are held: nothing is lost by failing, and a restart loop would not help.
-- 75 EX_TEMPFAIL: another liveupdated holds the state dir, or the disk refused a write
+- 75 EX_TEMPFAIL: another liveupdated holds the state dir, another process owns the bus
+  name org.liveupdate1 (name_taken: the line names its pid), or the disk refused a write
   while fds from the fd store are held and the daemon cannot run without a journal:
   restarted, so that systemd keeps the fd store (a unit that fails loses it).
 - 78 EX_CONFIG: the state dir or handover area is unusable (not a directory, a
-  symlink, another's, group/other-writable, on /proc) or the bus address is invalid.
+  symlink, another's, group/other-writable, on /proc), the bus address is invalid, or
+  the backend named by --backend cannot be served on this host (Config.unserved_backend:
+  kernel without /dev/liveupdate, fdstore where PID 1 cannot carry the unit's store).
 - 1  anything else: a crash; restarted.
 
 When fds from the fd store are held (LISTEN_FDS for this pid), a refused write never
 stops the start: open_state returns a StateDir with `writable` False and `problem`
 saying why, and the daemon must go on degraded, since the fd store may be the only copy
-of a VM's memory.
+of a VM's memory. Nor does a backend the host cannot serve: it is logged as critical and
+the start goes on (the fdstore backend then refuses Prepare; the kernel backend cannot
+open its device and the daemon exits 1, restarted with its fd store).
 """
 
 import contextlib
@@ -33,8 +38,16 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
 
 from liveupdated.config import Config
+
+if TYPE_CHECKING:
+    from dbus_fast.aio import MessageBus
+
+log = structlog.get_logger("liveupdated")
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
@@ -102,6 +115,13 @@ def open_state(config: Config) -> StateDir:
     Raises StateDirError for what must stop the start; returns a StateDir that is not
     `writable` when the disk refused a write but fds are held (see the module doc)."""
     state = StateDir(config.state_dir, None, holds_fds=holds_listen_fds())
+    unserved = config.unserved_backend()
+    if unserved and not state.holds_fds:
+        raise StateDirError(EXIT_CONFIG, unserved)
+    if unserved:  # the fds come first: a unit that stops for good may lose its store
+        log.critical("backend_unavailable", problem=unserved,
+                     hint="fds from the fd store are held: starting anyway; fix the "
+                          "configuration and restart the daemon")
     problems: list[str] = []
     try:
         try:
@@ -271,6 +291,20 @@ def _take(fd: int, path: Path, state_dir: Path) -> None:
         raise StateDirError(
             EXIT_TEMPFAIL, f"another liveupdated (pid {holder}) holds {state_dir}"
         ) from None
+
+
+async def name_taken(bus: "MessageBus", name: str) -> StateDirError:
+    """EX_TEMPFAIL naming the process that owns `name` on `bus` (GetNameOwner, then its
+    GetConnectionUnixProcessID): what a second daemon on the same bus says."""
+    from liveupdated.bus import driver
+
+    try:
+        (owner,) = await driver.call(bus, "GetNameOwner", "s", name)
+        (pid,) = await driver.call(bus, "GetConnectionUnixProcessID", "s", owner)
+        who = f"pid {pid}, connection {owner}"
+    except LookupError as exc:  # it left in between, or the bus would not say
+        who = f"owner not known: {exc}"
+    return StateDirError(EXIT_TEMPFAIL, f"{name} is already owned on this bus ({who})")
 
 
 def startup_failure(exc: BaseException, config: Config, holds_fds: bool) -> StateDirError:

@@ -58,6 +58,7 @@ class SessionInfo:
 
 @dataclass(frozen=True)
 class QuarantinedInfo:
+    id: str  # q<N>: what RetrieveQuarantined and ReleaseQuarantined take
     session: str
     token: str
     size: int
@@ -260,12 +261,12 @@ class Client:
         (rows,) = await self._manager("ListQuarantined")
         return [QuarantinedInfo(*row) for row in rows]
 
-    async def retrieve_quarantined(self, session: str, token: str) -> int:
-        (fd,) = await self._manager("RetrieveQuarantined", "ss", session, token)
+    async def retrieve_quarantined(self, qid: str) -> int:
+        (fd,) = await self._manager("RetrieveQuarantined", "s", qid)
         return int(fd)
 
-    async def release_quarantined(self, session: str, token: str) -> None:
-        await self._manager("ReleaseQuarantined", "ss", session, token)
+    async def release_quarantined(self, qid: str) -> None:
+        await self._manager("ReleaseQuarantined", "s", qid)
 
 
 class SessionClient:

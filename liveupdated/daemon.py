@@ -23,26 +23,44 @@ import structlog
 from dbus_fast import Message, MessageType, NameFlag, RequestNameReply
 
 from liveupdated import __version__, logs
-from liveupdated.backends import UNKNOWN_BOOT, Backend, Key
+from liveupdated.backends import Backend, Key
 from liveupdated.backends.simulated import SimulatedBackend
 from liveupdated.bus import BUS_NAME, driver
 from liveupdated.bus.address import connect
 from liveupdated.bus.callers import Callers
-from liveupdated.bus.connection import FdOwningBus, fd_guard, limit_calls
+from liveupdated.bus.connection import FdOwningBus, fd_guard, limit_calls, watch_owners
 from liveupdated.bus.manager import Manager
 from liveupdated.bus.preserve import PreserveFdCalls
 from liveupdated.bus.retrieve import RetrieveFdCalls
 from liveupdated.bus.session import SessionObjects
+from liveupdated.bus.signatures import reject_wrong_signatures
 from liveupdated.bus.visibility import Visibility
 from liveupdated.config import Config, parse_args
 from liveupdated.core.errors import LiveUpdateError, Storage
-from liveupdated.core.names import MANAGER_PATH, is_name
+from liveupdated.core.names import MANAGER_PATH
 from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import DaemonStarted, Record
+from liveupdated.core.recovery import (
+    Adopt,
+    BootEvidence,
+    Close,
+    DiscardHandover,
+    ForgetName,
+    HandoverFound,
+    Hold,
+    HoldRenamed,
+    KeepHandover,
+    Rebuild,
+    Recovery,
+    Spare,
+    StartFacts,
+    StoredFd,
+    recover,
+)
 from liveupdated.journal import Journal, Watermark
 from liveupdated.service import Listeners, LiveUpdate
 from liveupdated.statedir import STORAGE_ERRNOS, describe, holds_listen_fds
-from liveupdated.systemd import Notifier, boot_id, take_listen_fds
+from liveupdated.systemd import Notifier, boot_id, pid1_start, take_listen_fds
 from liveupdated.vault import Vault
 
 log = structlog.get_logger("liveupdated")
@@ -98,126 +116,96 @@ def replay(
     for number, record in enumerate(records):
         try:
             core.apply(record)
-        except (KeyError, ValueError):  # it depended on a record that was lost
+        except (KeyError, ValueError, StopIteration):  # it depended on a record that was lost
             skipped += 1
             log.error("journal_record_inapplicable", number=number, type=record.type)
     return core, journal, bool(skipped or damages)
 
 
-def reclaim_fds(
-    core: Orchestrator,
-    vault: Vault,
-    inherited: list[tuple[str, int]],
-    journal_damaged: bool,
-    carried: Callable[[Key, int], None] | None = None,
-) -> list[Record]:
-    """Match the fds systemd kept for us with the journal. Recovery never closes an fd
-    the journal cannot explain: after damage such an fd is kept and reported as
-    Corrupted in its session when the session survived; any other is quarantined for an
-    admin. (A journal cut at a frame boundary looks intact, so an unknown fd may be a
-    PreserveFd whose record never became durable, or one whose record was lost: only an
-    admin can tell.)
-
-    After the reboot the fds of the old boot not yet restored are, for a backend whose
-    carrier is the fd store (`carried`, fdstore), the handover itself: given to it, kept
-    in the store. For the others they are stale and closed."""
-    corrupted: list[tuple[str, str, int]] = []
-    quarantined: list[tuple[str, str, int, str]] = []
-    unnamed: set[str] = set()
-    for name, fd in inherited:
-        session, _, token = name.partition("/")
-        key = (session, token)
-        entry = core.sessions[session].fds.get(token) if session in core.sessions else None
-        # After the reboot only restored fds are ours; earlier ones are the old boot's.
-        known = entry is not None and (core.phase is not Phase.UPDATED or entry.restored)
-        if key in vault:  # the same name twice: the first is held, this one is spare
-            log.warning("duplicate_fd_closed", fdname=name)
-            os.close(fd)
-        elif entry is not None and not known and carried is not None:
-            carried(key, fd)  # the carrier's: RetrieveFd dups it, Finish releases it
-        elif known or key in core.quarantine:
-            vault.keep(key, fd, store=False)
-        elif entry is None and is_name(session) and is_name(token):
-            vault.keep(key, fd, store=False)
-            size = os.fstat(fd).st_size
-            if session in core.sessions and journal_damaged:
-                log.error("fd_record_corrupted", session=session, token=token, bytes=size)
-                corrupted.append((session, token, size))
-            else:
-                log.error("fd_quarantined", session=session, token=token, bytes=size,
-                          hint="an admin may RetrieveQuarantined or ReleaseQuarantined it")
-                why = ("its session's records were lost" if session not in core.sessions
-                       else "the journal does not record it")
-                quarantined.append((session, token, size, why))
-        elif entry is None:  # a name that is no session/token
-            renamed = ("unnamed", f"fd{len(quarantined)}-{os.getpid()}")
-            vault.keep(renamed, fd)  # stored under a name the next start can match
-            unnamed.add(name)
-            log.error("fd_quarantined", fdname=name, session=renamed[0], token=renamed[1])
-            quarantined.append((*renamed, os.fstat(fd).st_size, f"stored as {name!r}"))
-        else:  # the old boot's: the handover is the source of its content now
-            log.info("old_boot_fd_closed", fdname=name)
-            vault.refuse(name, fd)
-    for name in unnamed:
-        vault.forget_stored(name)
-    records = core.fds_corrupted(corrupted) + core.quarantine_fds(quarantined)
-    if core.phase is Phase.UPDATED:
-        return records  # fds not held come back from the handover on request
-    missing = [
-        (s.name, t) for s in core.sessions.values() for t in s.fds if (s.name, t) not in vault
-    ]
-    for session, token in missing:
-        log.error("fd_lost", session=session, token=token,
-                  hint="no copy in the fd store; in normal, UnpreserveFd it and preserve "
-                       "it again (Cancel an update first)")
-    return records + core.fds_lost(missing)
+def stored_facts(inherited: Sequence[tuple[str, int]]) -> tuple[StoredFd, ...]:
+    """What recovery needs of each fd systemd passed back: metadata and sizes only."""
+    facts = []
+    for index, (name, fd) in enumerate(inherited):
+        st = os.fstat(fd)
+        facts.append(StoredFd(index, name, st.st_dev, st.st_ino, st.st_size))
+    return tuple(facts)
 
 
-def recover_handover(core: Orchestrator, backend: Backend) -> list[Record]:
-    """Is this start the first of a new boot? Only on evidence (another boot id, the old
-    daemon's KexecSimulated, or more soft-reboots or kexecs counted by systemd than at
-    Reboot): a restart between Reboot and the kexec is a crash in FROZEN, whose handover
-    is discarded so that Cancel or another Reboot works."""
+def handover_found(backend: Backend) -> HandoverFound | None:
     handover = backend.find_handover()
-    if core.phase is Phase.FROZEN:
-        counts = backend.reboot_counts() if core.reboot is not None else None
-        if handover is not None and core.is_new_boot(
-            handover.boot_id, boot_id(), readable=handover.boot_id != UNKNOWN_BOOT,
-            soft_reboots=counts.soft_reboots if counts else None,
-            kexecs=counts.kexecs if counts else None,
-        ):
-            previous = handover.boot_id
-            if previous == UNKNOWN_BOOT and core.reboot is not None:
-                previous = core.reboot.boot_id  # the fd store says no boot: the journal does
-            if handover.damage:
-                log.error("handover_damaged", error=handover.damage,
-                          hint="every RetrieveFd will fail with Corrupted; Finish releases it")
-            else:
-                log.info("handover_found", previous_boot=previous, fds=len(handover.keys),
-                         backend=backend.name, **(counts._asdict() if counts else {}))
-            return core.rebooted(previous)
-        records: list[Record] = []
-        if core.reboot is not None:
-            log.error("reboot_interrupted", hint="no evidence of a new boot: the daemon "
-                      "restarted before the kexec; the state is frozen (Cancel or Reboot)")
-            records = core.reboot_failed("the daemon restarted before the kexec")
-        if handover is not None and not backend.keeps_fd_store:
-            log.warning("unfinished_handover_discarded", phase=core.phase.value)
-            _discard(backend)
-        return records
-    if handover is not None and core.phase is not Phase.UPDATED and not backend.keeps_fd_store:
-        log.warning("stale_handover_discarded", phase=core.phase.value)
-        _discard(backend)
-    return []
+    if handover is None:
+        return None
+    return HandoverFound(boot_id=handover.boot_id, keys=handover.keys,
+                         damage=handover.damage or "", in_store=backend.keeps_fd_store)
 
 
-def _discard(backend: Backend) -> None:
-    """A handover no one will take; left in place if the disk refuses (the next start
-    with a writable disk discards it)."""
-    try:
-        backend.discard_handover()
-    except OSError as exc:
-        log.error("handover_discard_failed", error=str(exc))
+def boot_evidence(core: Orchestrator, backend: Backend) -> BootEvidence:
+    """The boot id, PID 1's start time and, where a Reboot recorded them, systemd's
+    counts of soft-reboots and kexecs."""
+    counts = backend.reboot_counts() if core.reboot is not None else None
+    return BootEvidence(
+        boot_id=boot_id(), pid1_start=pid1_start(),
+        soft_reboots=counts.soft_reboots if counts else None,
+        kexecs=counts.kexecs if counts else None,
+    )
+
+
+def carry_out(
+    recovery: Recovery,
+    inherited: Sequence[tuple[str, int]],
+    vault: Vault,
+    backend: Backend,
+) -> list[Key]:
+    """The effects of recovery, in order; returns the keys to rebuild from the handover."""
+    rebuild: list[Key] = []
+    adopt = getattr(backend, "adopt", None)
+    for event in recovery.events:
+        getattr(log, event.level)(event.event, **dict(event.fields))
+    for effect in recovery.effects:
+        match effect:
+            case Hold(index=index, key=key):
+                vault.keep(key, inherited[index][1], store=False)
+            case HoldRenamed(index=index, key=key):
+                vault.keep_renamed(key, inherited[index][1])
+            case Adopt(index=index, key=key):
+                assert adopt is not None, "only a backend that keeps the fd store adopts"
+                adopt(key, inherited[index][1])
+            case Spare(index=index, key=key):
+                vault.keep_spare(key, inherited[index][1])
+            case Close(index=index, why=why):
+                log.info("duplicate_fd_closed", fdname=inherited[index][0], reason=why)
+                os.close(inherited[index][1])
+            case ForgetName(name=name):
+                vault.forget_stored(name)
+            case Rebuild(key=key):
+                rebuild.append(key)
+            case DiscardHandover(why=why):
+                log.warning("stale_handover_discarded", reason=why)
+                try:
+                    backend.discard_handover()
+                except OSError as exc:  # the next start with a writable disk discards it
+                    log.error("handover_discard_failed", error=describe(exc))
+            case KeepHandover(why=why):
+                log.info("handover_kept", reason=why)
+    return rebuild
+
+
+def rebuild_from_handover(core: Orchestrator, vault: Vault, backend: Backend,
+                          keys: Sequence[Key]) -> list[Record]:
+    """The fds recovery could find only in the handover, rebuilt (checksums checked) into
+    the daemon and the store; one that fails is Corrupted, the handover stays."""
+    corrupted: list[tuple[str, str, int]] = []
+    for key in keys:
+        entry = core.sessions[key[0]].fds[key[1]]
+        try:
+            fd = backend.retrieve_fd(key, entry)
+        except (LiveUpdateError, OSError) as exc:
+            log.error("handover_rebuild_failed", session=key[0], token=key[1], error=str(exc))
+            corrupted.append((key[0], key[1], entry.size))
+            continue
+        vault.keep(key, fd)
+        log.info("fd_rebuilt_from_handover", session=key[0], token=key[1], bytes=entry.size)
+    return core.fds_corrupted(corrupted)
 
 
 class Daemon:
@@ -230,7 +218,8 @@ class Daemon:
     def recover(self) -> LiveUpdate:
         """Journal, handover and fd store into one consistent state, made durable. On a
         disk that refuses writes (with fds held) it is only read, and the service starts
-        degraded: what recovery decided is written by its first successful compaction."""
+        degraded: what recovery decided is written by its first successful compaction.
+        The decisions are core.recovery's; this gathers its facts and carries them out."""
         refused = OSError(errno.EROFS, self.storage_problem) if self.storage_problem else None
         holds_fds = holds_listen_fds()
         inherited = take_listen_fds()
@@ -243,16 +232,27 @@ class Daemon:
         lost_tail = mark.disagrees(self.config.state_dir / "journal") if mark else ""
         if lost_tail:  # a cut at a frame boundary reads as a whole, shorter journal
             log.error("journal_tail_lost", problem=lost_tail)
+        unreadable = ""
         try:
             core, journal, damaged = replay(self.config, refused)
-        except OSError as exc:  # the disk refused to create or repair the journal
+        except OSError as exc:  # the disk refused to create, repair or even read it
             if not (holds_fds and exc.errno in STORAGE_ERRNOS):
                 raise
             refused = exc
-            core, journal, damaged = replay(self.config, refused)
+            try:
+                core, journal, damaged = replay(self.config, refused)
+            except OSError as again:  # unreadable: every stored fd is quarantined
+                unreadable = describe(again)
+                log.critical("journal_unreadable", error=unreadable,
+                             hint="every fd in the store is quarantined and every change "
+                                  "refused until the daemon restarts with a readable journal")
+                core = Orchestrator(self.config.limits)
+                journal = Journal.unreadable(self.config.state_dir / "journal", again)
+                damaged = True
         damaged = damaged or bool(lost_tail)
         self.journal_damaged = damaged
-        self._keep_mark(journal, mark_fd)
+        if not unreadable:
+            self._keep_mark(journal, mark_fd)
         vault = Vault(self.notifier)
         backend = make_backend(self.config, _from_any_thread(vault.forget_stored),
                                [name for name, _ in inherited],
@@ -261,19 +261,31 @@ class Daemon:
             for name, fd in adopted.items():  # another backend now: nothing to adopt
                 log.warning("kernel_session_fd_closed", fdname=name)
                 vault.refuse(name, fd)
-        adopt = getattr(backend, "adopt", None) if backend.keeps_fd_store else None
-        recovered = recover_handover(core, backend) + reclaim_fds(
-            core, vault, inherited, damaged, adopt
+        facts = StartFacts(
+            stored=stored_facts(inherited),
+            has_store=self.notifier.enabled,
+            store_survived=mark_fd >= 0,
+            journal_damaged=damaged,
+            handover=handover_found(backend),
+            boot=boot_evidence(core, backend),
+            carrier_keeps_store=backend.keeps_fd_store,
         )
+        recovery = recover(core, facts)
+        recovered = list(recovery.records)
+        rebuild = carry_out(recovery, inherited, vault, backend)
+        recovered += rebuild_from_handover(core, vault, backend, rebuild)
         # Which release runs in which boot, once a start: the journal outlives an upgrade
         # of the package and the kexec. Compaction keeps the latest.
-        started = DaemonStarted(version=__version__, boot_id=boot_id(),
-                                at_usec=time.time_ns() // 1000)
+        started = DaemonStarted(version=__version__, boot_id=facts.boot.boot_id,
+                                at_usec=time.time_ns() // 1000,
+                                fd_store=self.notifier.enabled,
+                                pid1_start=facts.boot.pid1_start)
         core.apply(started)
         recovered.append(started)
         service = LiveUpdate(
             core, journal, vault, backend, self.notifier, self.config.freeze_timeout
         )
+        service.journal_unreadable = unreadable
         if refused is None:
             try:
                 journal.commit_now(recovered)
@@ -283,7 +295,7 @@ class Daemon:
                 refused = exc
                 journal.refuse(exc)
         if refused is not None:
-            service.storage_problem = describe(refused)
+            service.storage_problem = unreadable or describe(refused)
             log.critical("storage_failed", error=service.storage_problem,
                          hint="running degraded: changes are refused until the state dir "
                               "can be written; RetrieveFd and Cancel work")
@@ -307,22 +319,28 @@ class Daemon:
         bus = await connect(self.config.bus, FdOwningBus)
         assert isinstance(bus, FdOwningBus)
         callers = Callers(bus, system_bus=self.config.bus == "system")
+        bus.identify = callers.known  # the flow control accounts per uid
         sessions = SessionObjects(bus, service, callers)
         departed: asyncio.Queue[str] = asyncio.Queue()
         preserve_calls = PreserveFdCalls(bus, service, callers, sessions)
         bus.add_message_handler(limit_calls(bus))  # first: it may refuse a call
+        bus.add_message_handler(reject_wrong_signatures)  # InvalidArgs, its fds closed
         bus.add_message_handler(fd_guard(sessions.__contains__, preserve_calls.take))
         bus.add_message_handler(Visibility(bus, service, callers, sessions).handle)
         bus.add_message_handler(RetrieveFdCalls(bus, service, callers, sessions).handle)
         bus.add_message_handler(sessions.answer_missing)
         bus.add_message_handler(_name_watcher(departed, callers, service))
         await driver.add_match(bus, NAME_OWNER_CHANGED)
+        # A client is its unique name on this bus: a new bus reuses unique names.
+        (core.bus_id,) = await driver.call(bus, "GetId")
         if core.phase is Phase.NORMAL and not self.journal_damaged:
             # After damage the phase itself may be a lost record's: drop nothing.
+            service.drop_departed_elsewhere()
             for client in core.clients():
                 if not await callers.has_owner(client):
                     service.client_left(client)
-            await service.flush()
+            with contextlib.suppress(Storage):  # degraded: the next compaction has them
+                await service.flush()
 
         manager = Manager(service, callers, bus, self.config)
         service.listeners = Listeners(
@@ -331,6 +349,7 @@ class Daemon:
             session_changed=sessions.changed,
             phase_changed=manager.announce_phase,
             freeze_started=manager.freeze_started,
+            reboot_failed=manager.reboot_failed,
         )
         for session in core.sessions.values():
             sessions.add(session)
@@ -352,7 +371,7 @@ class Daemon:
 
         outcome = await self._serve(service, bus, stop, departed, preserve_calls)
         self.notifier.notify("STOPPING=1")
-        if outcome in ("stop", "reboot"):
+        if outcome in ("stop", "reboot", "rebooting"):
             await preserve_calls.finish()
         if outcome == "disconnect":
             log.error("exiting_for_a_restart", reason=outcome)
@@ -365,8 +384,8 @@ class Daemon:
             service.journal.enqueue(core.simulated_kexec_done(boot_id()))
         await service.journal.aclose()
         if outcome == "reboot":
-            return self._reboot_action(service.backend.name)
-        log.info("stopped", reason=outcome)
+            return self._reboot_in_process(service.backend.name)
+        log.info("stopped", reason=outcome)  # "rebooting": the reboot's own stop
         return 0
 
     async def _serve(
@@ -377,54 +396,85 @@ class Daemon:
         departed: asyncio.Queue[str],
         preserve_calls: PreserveFdCalls,
     ) -> str:
-        """Serve until a signal, a completed Reboot() or the loss of the bus."""
+        """Serve until a signal, the loss of the bus, or a completed Reboot() whose action
+        is the daemon's own exit (the simulated kexec) or the kexec syscall. Any other
+        reboot action runs while the daemon serves on: the reboot's SIGTERM ends it
+        ("rebooting"); a failed action, or no reboot within --reboot-timeout, leaves it
+        running, frozen, its handover kept (RebootFailed)."""
+        in_process = self._in_process_reboot(service.backend.name)
         async with asyncio.TaskGroup() as tasks:
             helpers = [
                 tasks.create_task(self._drop_departed(departed, service)),
                 tasks.create_task(preserve_calls.answer()),
+                tasks.create_task(watch_owners(bus, service.core.clients)),
             ]
             interval = self.notifier.watchdog_interval()
             if interval:
                 helpers.append(tasks.create_task(self._watchdog(interval)))
-            outcome = await _first(
-                stop=stop.wait(),
-                reboot=service.reboot_requested.wait(),
-                disconnect=bus.wait_for_disconnect(),  # type: ignore[no-untyped-call]
-            )
+            while True:
+                outcome = await _first(
+                    stop=stop.wait(),
+                    reboot=service.reboot_requested.wait(),
+                    # Shielded: _first cancels what did not finish, and this is the
+                    # bus's own future, awaited again on the next turn.
+                    disconnect=asyncio.shield(
+                        bus.wait_for_disconnect()),  # type: ignore[no-untyped-call]
+                )
+                if outcome != "reboot" or in_process:
+                    break
+                service.reboot_requested.clear()
+                failure = await self._reboot(service, stop)
+                if not failure:
+                    outcome = "rebooting"
+                    break
+                await service.reboot_did_not_follow(failure)
             for helper in helpers:
                 helper.cancel()
         return outcome
 
-    def _reboot_action(self, backend: str) -> int:
+    def _in_process_reboot(self, backend: str) -> bool:
+        action = self.config.resolved_reboot_action()
+        return action == "exit" or (action == "kexec" and backend == "kernel")
+
+    async def _reboot(self, service: LiveUpdate, stop: asyncio.Event) -> str:
+        """Start the reboot action, then wait for the reboot to stop the daemon. "" once
+        it did; else why the reboot did not follow."""
+        action = self.config.resolved_reboot_action()
+        log.info("rebooting", action=action, backend=service.backend.name)
+        with contextlib.suppress(Storage):  # the history's HandoverWritten, before PID 1 acts
+            await service.flush()
+        failure = await asyncio.to_thread(start_reboot_action, action)
+        if failure:
+            log.error("reboot_action_failed", action=action, error=failure)
+            return f"the reboot action {action!r} failed: {failure}"
+        timeout = self.config.reboot_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, min(_REBOOT_POLL, deadline - loop.time()))):
+                    await stop.wait()
+            if stop.is_set():
+                break
+            if await asyncio.to_thread(reboot_under_way):
+                deadline = loop.time() + timeout  # PID 1 is at it: wait for its SIGTERM
+            elif loop.time() >= deadline:
+                return (f"the reboot action {action!r} succeeded but no reboot followed "
+                        f"within {timeout:g} s")
+        return ""
+
+    def _reboot_in_process(self, backend: str) -> int:
+        """After the serve loop: the simulated kexec (exit) or the kexec syscall."""
         action = self.config.resolved_reboot_action()
         log.info("rebooting", action=action, backend=backend)
-        if action == "exit":
-            return 0
-        if action == "soft-reboot" or (action == "kexec" and backend == "fdstore"):
-            # PID 1 holds the fds in the fd store: it reboots, over D-Bus, as systemctl
-            # does: the target started irreversibly, so that every unit is stopped in
-            # order (Manager.SoftReboot()/KExec() would skip that and SIGKILL them). This
-            # unit's store is kept (FileDescriptorStorePreserve=yes).
-            from liveupdated.systemd import Pid1Error, pid1
-
-            target = "soft-reboot.target" if action == "soft-reboot" else "kexec.target"
-            try:
-                pid1(call="StartUnit", args=(target, "replace-irreversibly"), signature="ss")
-            except Pid1Error as exc:
-                log.error("reboot_action_failed", action=action, error=str(exc))
-                return 1
-            return 0
         if action == "kexec":  # the syscall itself, from the process holding the sessions
             from liveupdated.backends.luo_uapi import reboot_kexec
 
             try:
                 reboot_kexec()
-            except OSError as exc:
-                log.error("reboot_action_failed", action=action, error=exc.strerror)
+            except OSError as exc:  # restarted in FROZEN: recovery keeps the handover
+                log.critical("reboot_action_failed", action=action, error=exc.strerror)
                 return 1
-        result = subprocess.run(shlex.split(action), check=False)
-        if result.returncode != 0:
-            log.error("reboot_action_failed", action=action, status=result.returncode)
         return 0
 
     async def _drop_departed(self, departed: asyncio.Queue[str], service: LiveUpdate) -> None:
@@ -438,6 +488,50 @@ class Daemon:
         while True:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+_REBOOT_POLL = 1.0  # seconds between two looks at PID 1 while a reboot is awaited
+_REBOOT_TARGETS = frozenset({"reboot.target", "soft-reboot.target", "kexec.target",
+                             "poweroff.target", "halt.target"})
+
+
+def start_reboot_action(action: str) -> str:
+    """Start the reboot; "" if it was started, else why not. soft-reboot and kexec (the
+    fdstore backend's) ask PID 1, as systemctl does: the target started irreversibly, so
+    that every unit is stopped in order (Manager.SoftReboot()/KExec() would skip that and
+    SIGKILL them); this unit's store is kept (FileDescriptorStorePreserve=yes). Any other
+    action is a command."""
+    if action in ("soft-reboot", "kexec"):
+        from liveupdated.systemd import Pid1Error, pid1
+
+        target = "soft-reboot.target" if action == "soft-reboot" else "kexec.target"
+        try:
+            pid1(call="StartUnit", args=(target, "replace-irreversibly"), signature="ss")
+        except Pid1Error as exc:
+            return str(exc)
+        return ""
+    try:
+        result = subprocess.run(shlex.split(action), check=False, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        return describe(exc)
+    return f"exit status {result.returncode}" if result.returncode != 0 else ""
+
+
+def reboot_under_way() -> bool:
+    """Does PID 1 have a job for a reboot, soft-reboot or kexec target, or is it stopping?
+    False where it cannot say (no systemd)."""
+    from liveupdated.systemd import Pid1Error, pid1
+
+    try:
+        found = pid1(manager_props=("SystemState",), call="ListJobs", signature="")
+    except Pid1Error:
+        return False
+    if found.get("SystemState") == "stopping":
+        return True
+    jobs = found.get("ListJobs", [])
+    return isinstance(jobs, list) and any(
+        isinstance(job, list) and len(job) > 1 and job[1] in _REBOOT_TARGETS for job in jobs
+    )
 
 
 def _store_from_any_thread(notifier: Notifier) -> Callable[[str, int], None]:

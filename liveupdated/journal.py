@@ -281,6 +281,14 @@ class Journal:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         return cls(path, fd), records, damages
 
+    @classmethod
+    def unreadable(cls, path: Path, error: OSError) -> "Journal":
+        """A journal that could not even be read: nothing is written to it, ever (a
+        rewrite would replace records that may still be read once the disk recovers)."""
+        journal = cls(path, -1)
+        journal._error = error
+        return journal
+
     def refuse(self, error: OSError) -> None:
         """The disk refused a write outside the group commit (start-up): every write
         fails with `error` until a compaction (`rewrite`) succeeds."""

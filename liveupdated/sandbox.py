@@ -63,7 +63,10 @@ class Notifications:
         self.path = self.directory / "notify"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.bind(str(self.path))
-        self.store: dict[str, int] = {}  # the VMs' fds, by FDNAME
+        self.store: dict[str, int] = {}  # the VMs' fds, by FDNAME (the first of each)
+        # Further fds under a name already stored: systemd keeps every entry of a name
+        # (one per open file description) and FDSTOREREMOVE drops them all.
+        self.extra: list[tuple[str, int]] = []
         self.own: dict[str, int] = {}  # the daemon's own fds ("@name": its journal mark)
         self._names_by_file: dict[tuple[int, int], set[str]] = {}
         self.messages: list[str] = []
@@ -103,11 +106,14 @@ class Notifications:
                     if self._stored_already(fd):
                         os.close(fd)  # systemd's same_fd(): one fd per open file description
                         continue
-                    self._unstore(name)
-                    if name.startswith("@"):
+                    if name == "@journal-mark" or name.startswith("@luo/"):
+                        self._unstore(name)
                         self.own[name] = fd
                         continue
-                    self.store[name] = fd
+                    if name in self.store:
+                        self.extra.append((name, fd))
+                    else:
+                        self.store[name] = fd
                     st = os.fstat(fd)
                     self._names_by_file.setdefault((st.st_dev, st.st_ino), set()).add(name)
                 fds = []
@@ -122,19 +128,23 @@ class Notifications:
 
     def stored(self) -> list[tuple[str, int]]:
         """Everything in the store, as systemd passes it on the next start."""
-        return [*self.store.items(), *self.own.items()]
+        return [*self.store.items(), *self.extra, *self.own.items()]
 
     def _stored_already(self, fd: int) -> bool:
         st = os.fstat(fd)
         names = self._names_by_file.get((st.st_dev, st.st_ino), ())
-        return any(same_file(self.store[name], fd) for name in names)
+        held = [self.store[name] for name in names if name in self.store]
+        held += [other for name, other in self.extra if name in names]
+        return any(same_file(other, fd) for other in held)
 
     def _unstore(self, name: str) -> None:
         if name in self.own:
             os.close(self.own.pop(name))
             return
-        fd = self.store.pop(name, None)
-        if fd is not None:
+        fds = [self.store.pop(name)] if name in self.store else []
+        fds += [fd for other, fd in self.extra if other == name]
+        self.extra = [(other, fd) for other, fd in self.extra if other != name]
+        for fd in fds:
             st = os.fstat(fd)
             self._names_by_file.get((st.st_dev, st.st_ino), set()).discard(name)
             os.close(fd)
@@ -155,8 +165,9 @@ class Notifications:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(10)
-        for fd in [*self.store.values(), *self.own.values()]:
+        for fd in [*self.store.values(), *(fd for _, fd in self.extra), *self.own.values()]:
             os.close(fd)
+        self.extra.clear()
         self.store.clear()
         self.own.clear()
         self.path.unlink(missing_ok=True)

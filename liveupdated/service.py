@@ -15,6 +15,7 @@ once a compaction of the whole state succeeds.
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 import os
 import time
@@ -40,6 +41,7 @@ from liveupdated.core.orchestrator import (
 )
 from liveupdated.core.records import (
     FdPreserved,
+    FdQuarantined,
     FdReleased,
     FdRestored,
     PhaseChanged,
@@ -48,11 +50,12 @@ from liveupdated.core.records import (
     SessionCreated,
     SessionDropped,
 )
+from liveupdated.core.recovery import quarantine_key
 from liveupdated.fds import memfd
 from liveupdated.journal import Journal
 from liveupdated.restores import Restores
 from liveupdated.statedir import describe
-from liveupdated.systemd import Notifier, boot_id
+from liveupdated.systemd import Notifier, boot_id, pid1_start
 from liveupdated.vault import Vault
 
 log = structlog.get_logger("liveupdated")
@@ -69,6 +72,7 @@ class Listeners:
     session_changed: Callable[[Session], None] = lambda s: None
     phase_changed: Callable[[str, str], None] = lambda old, new: None
     freeze_started: Callable[[], None] = lambda: None
+    reboot_failed: Callable[[str], None] = lambda reason: None
 
 
 @dataclass
@@ -99,6 +103,9 @@ class LiveUpdate:
         self.reboot_requested = asyncio.Event()
         self._changed: dict[str, None] = {}  # sessions to announce ("" = only STATUS=)
         self.storage_problem = ""  # why the journal cannot be written: degraded if set
+        # The journal could not be read at start: degraded until a restart reads it (a
+        # rewrite of what this daemon knows would replace records it could not read).
+        self.journal_unreadable = ""
         self._compaction: asyncio.Future[None] | None = None
         self._last_progress = 0.0
         self._last_status = -STATUS_INTERVAL
@@ -168,6 +175,12 @@ class LiveUpdate:
         anew now (a compaction), which ends the degraded mode."""
         if not self.storage_problem:
             return
+        if self.journal_unreadable:
+            raise Storage(
+                f"the journal could not be read at start ({self.journal_unreadable}); no "
+                "change is accepted until the daemon restarts with a readable journal. "
+                "Every fd from the fd store is held (quarantined)"
+            )
         try:
             await self.journal.rewrite(self.core.snapshot)
         except OSError as exc:
@@ -240,8 +253,21 @@ class LiveUpdate:
 
     async def create_session(self, caller: Caller, name: str) -> Session:
         await self.writable()
-        await self._durable(self.core.create_session(caller, name))
+        records = self.core.create_session(caller, name)
+        try:
+            await self._durable(records)
+        except Storage:
+            self.revert(records)  # Storage means nothing changed: no ghost session
+            raise
         return self.core.sessions[name]
+
+    def revert(self, records: Sequence[Record]) -> None:
+        """Undo the records of a decision the journal refused (CreateSession, PreserveFd
+        and PreserveFds: the decisions whose undo is exact): the core's state, the held fds
+        and the store as before. Decisions pipelined on them were refused with them."""
+        for key in self.core.revert(records):
+            self.restores.drop(key)
+            self.vault.release(key)
 
     def retrieve_session(self, caller: Caller, name: str) -> Session:
         session = self.core.retrieve_session(caller, name)
@@ -270,7 +296,11 @@ class LiveUpdate:
                 os.close(fd)
             raise
         records = self.begin_preserve_fds(caller, session, fds, command)
-        await self.flush()
+        try:
+            await self.flush()
+        except Storage:
+            self.revert(records)
+            raise
         self.finish_preserve_fds(records)
 
     def begin_preserve_fd(
@@ -291,7 +321,8 @@ class LiveUpdate:
             if self.storage_problem:  # the fast path's check; writable() may end it
                 raise Storage(f"the daemon cannot write its journal ({self.storage_problem})")
             self.core.check_preserve_all(caller, session, [(t, r) for t, _, r in fds], command)
-            inspected = [(t, r, _inspect(t, fd, named=len(fds) > 1)) for t, fd, r in fds]
+            inspected = [(t, r, _identified(_inspect(t, fd, named=len(fds) > 1), fd))
+                         for t, fd, r in fds]
             records = self.core.preserve_fds(caller, session, inspected, command)
         except BaseException:
             for _, fd, _ in fds:
@@ -426,7 +457,8 @@ class LiveUpdate:
             self.vault.keep(key, fd)
             restored[key[1]] = entry.size
             if not entry.restored:
-                records += self.core.fd_restored(*key)
+                st = os.fstat(fd)
+                records += self.core.fd_restored(*key, dev=st.st_dev, ino=st.st_ino)
         if records:
             if self.storage_problem:  # served all the same: the fd is held either way
                 self.journal.enqueue(records)
@@ -452,6 +484,7 @@ class LiveUpdate:
         await self.restores.settle(session)  # its fds let go while being restored: closed
         self._write_restored_log()
         released = [r.token for r in records if isinstance(r, FdReleased)]
+        self.vault.release_spares(session)  # its Finish is durable: the old boot's copies go
         await asyncio.to_thread(self.backend.finish_session, session, released)
 
     async def close_session(self, caller: Caller, session: str) -> None:
@@ -468,6 +501,13 @@ class LiveUpdate:
         self.journal.enqueue(records)
         self._effects(records)
 
+    def drop_departed_elsewhere(self) -> None:
+        """At start: sessions of clients of another bus that never went through Prepare."""
+        records = self.core.departed_elsewhere()
+        self._let_go(records)
+        self.journal.enqueue(records)
+        self._effects(records)
+
     async def drop_session(self, caller: Caller, session: str, reason: str) -> None:
         await self.writable()
         records = self.core.drop_session(caller, session, reason)
@@ -477,17 +517,26 @@ class LiveUpdate:
 
     # ---- quarantine: fds the journal cannot explain ---------------------------------
 
-    def retrieve_quarantined(self, caller: Caller, session: str, token: str) -> int:
-        self.core.quarantined(caller, session, token)
-        log.warning("quarantined_fd_retrieved", session=session, token=token, uid=caller.uid)
-        return self.vault.dup((session, token))
+    def retrieve_quarantined(self, caller: Caller, qid: str) -> int:
+        found = self.core.quarantined(caller, qid)
+        log.warning("quarantined_fd_retrieved", id=qid, session=found.session,
+                    token=found.token, uid=caller.uid)
+        return self.vault.dup(quarantine_key(qid))
 
-    async def release_quarantined(self, caller: Caller, session: str, token: str) -> None:
+    async def release_quarantined(self, caller: Caller, qid: str) -> None:
+        """Only the quarantined entry goes (its own key and store name): never a live fd."""
         await self.writable()
-        records = self.core.release_quarantined(caller, session, token)
-        self.vault.release((session, token))
-        log.warning("quarantined_fd_released", session=session, token=token, uid=caller.uid)
-        await self._durable(records)
+        found = self.core.quarantined(caller, qid)
+        records = self.core.release_quarantined(caller, qid)
+        try:
+            await self._durable(records)
+        except Storage:
+            self.core.apply(FdQuarantined(session=found.session, token=found.token,
+                                          size=found.size, reason=found.reason, id=qid))
+            raise
+        self.vault.release(quarantine_key(qid))
+        log.warning("quarantined_fd_released", id=qid, session=found.session,
+                    token=found.token, uid=caller.uid)
 
     # ---- the host's update -----------------------------------------------------------
 
@@ -556,8 +605,10 @@ class LiveUpdate:
             try:
                 await self._durable(records)
             except Storage:
+                # The handover stays: it is deleted only once a Cancel is durable.
                 log.error("cancel_not_journaled", hint="a restart comes back in "
-                          "prepared or frozen; Cancel again then")
+                          "prepared or frozen with the handover kept; Cancel again then")
+                return
             await asyncio.to_thread(self.backend.discard_handover)
         finally:
             self.core.done("Cancel")
@@ -570,7 +621,10 @@ class LiveUpdate:
         # systemd's reboot counts, where the backend's evidence of a new boot rests on them.
         counts = await asyncio.to_thread(self.backend.reboot_counts)
         records = self.core.begin_reboot(
-            caller, boot_id(), *(counts if counts is not None else (None, None))
+            caller, boot_id(),
+            soft_reboots=counts.soft_reboots if counts is not None else None,
+            kexecs=counts.kexecs if counts is not None else None,
+            pid1_start=pid1_start(),
         )
         try:
             await self._durable(records)
@@ -606,6 +660,18 @@ class LiveUpdate:
         with contextlib.suppress(Storage):
             await self._durable(records)
 
+    async def reboot_did_not_follow(self, reason: str) -> None:
+        """The reboot action failed, or no reboot came: the daemon stays, frozen, with
+        the handover kept; Reboot may be called again, or Cancel."""
+        log.critical("reboot_failed", reason=reason,
+                     hint="the state stays frozen and the handover is kept: Reboot again "
+                          "or Cancel")
+        records = self.core.reboot_failed(reason)
+        with contextlib.suppress(Storage):
+            await self._durable(records)
+        self.notifier.status(f"{self.core.status_line()}; reboot failed: {reason}")
+        self.listeners.reboot_failed(reason)
+
     def _report_progress(self, carried: int) -> None:
         """From the writer thread: keep systemd's start/stop timeout from firing."""
         now = time.monotonic()
@@ -622,10 +688,18 @@ class LiveUpdate:
             await self._durable(records)
             await self.restores.settle()  # fds let go while being restored: closed
             self._write_restored_log()
+            self.vault.release_spares()
             await asyncio.to_thread(self.backend.finish)
             await self.journal.compact(self.core.snapshot)
         finally:
             self.core.done("Finish")
+
+
+def _identified(facts: FdFacts, fd: int) -> FdFacts:
+    """The facts with the file's identity: recovery tells this fd from any other stored
+    under the same name by it."""
+    st = os.fstat(fd)
+    return dataclasses.replace(facts, dev=st.st_dev, ino=st.st_ino)
 
 
 def _inspect(token: str, fd: int, named: bool) -> FdFacts:

@@ -26,8 +26,25 @@ SD_LISTEN_FDS_START = 3
 _STORE_DRAIN_TIMEOUT = 5.0  # seconds to hand the last messages over at exit
 
 
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
 def boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    """The kernel's boot id. In a container behind ProtectKernelTunables= it is the
+    host's (the container's own is mounted over /proc/sys, which the sandbox remounts):
+    recovery does not rest on it alone (see pid1_start)."""
+    return Path(BOOT_ID_PATH).read_text().strip()
+
+
+def pid1_start() -> int | None:
+    """PID 1's start time (/proc/1/stat field 22, clock ticks after the kernel booted).
+    It changes at every boot of a container (whose PID 1 is its own init), not at a
+    restart of this daemon; None if it cannot be read."""
+    try:
+        stat = Path("/proc/1/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def fd_name(session: str, token: str) -> str:
@@ -46,6 +63,12 @@ class Notifier:
         self._queue: deque[tuple[bytes, int | None]] = deque()
         self._drained: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # BARRIER=1: how many fd store messages were sent, and how many of them the
+        # service manager is known to have processed (it closes a barrier's fd after
+        # every earlier message): an fd is acknowledged to a VMM only once it is stored.
+        self._sent = 0
+        self._confirmed = 0
+        self._barrier: asyncio.Future[None] | None = None
         if address:
             if address.startswith("@"):
                 address = "\0" + address[1:]
@@ -68,6 +91,7 @@ class Notifier:
 
     def store_fd(self, name: str, fd: int) -> None:
         point("fd store message")
+        self._sent += 1
         self._send(f"FDSTORE=1\nFDNAME={name}".encode(), fd)
 
     def remove_fd(self, name: str) -> None:
@@ -75,12 +99,51 @@ class Notifier:
         self._send(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), None)
 
     async def stored(self) -> None:
-        """Until every fd store message sent so far is with the service manager."""
-        if not self._queue:
+        """Until the service manager has processed every fd store message sent so far:
+        handed over (the notify queue may be full), then confirmed by BARRIER=1, one
+        barrier for every caller waiting at the time (a group commit's worth)."""
+        if self._store is None:
             return
-        if self._drained is None:
-            self._drained = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._drained)
+        target = self._sent
+        while self._confirmed < target:
+            if self._queue:
+                if self._drained is None:
+                    self._drained = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._drained)
+                continue
+            if self._barrier is None:
+                self._barrier = self._start_barrier()
+            await asyncio.shield(self._barrier)
+
+    def _start_barrier(self) -> "asyncio.Future[None]":
+        """BARRIER=1 with the write end of a pipe: the read end sees EOF once the manager
+        has processed (and closed) it, after every message sent before it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        covers = self._sent
+        read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            self._send(b"BARRIER=1", write_end)
+        finally:
+            os.close(write_end)
+
+        def confirmed() -> None:
+            try:
+                if os.read(read_end, 1):
+                    return  # nothing is ever written: not the end yet
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            loop.remove_reader(read_end)
+            os.close(read_end)
+            self._confirmed = max(self._confirmed, covers)
+            self._barrier = None
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(read_end, confirmed)
+        return done
 
     def _send(self, message: bytes, fd: int | None) -> None:
         if self._store is None:
@@ -223,7 +286,8 @@ def pid1(
 ) -> dict[str, object]:
     """One exchange with systemd on the system bus, from any thread (it runs its own loop
     in a helper thread): properties of the Manager, properties of this process's own
-    service unit (a property systemd does not know is left out), then a Manager method.
+    service unit (a property systemd does not know is left out), then a Manager method
+    (its reply's first value under the method's name).
     Pid1Error if the bus or a call fails (a property that is missing is no error)."""
     import concurrent.futures
 
@@ -284,6 +348,7 @@ async def _pid1(
             reply = await request(SYSTEMD_PATH, SYSTEMD_MANAGER, call, signature, list(args))
             if reply.message_type is MessageType.ERROR:
                 raise Pid1Error(f"{call}: {reply.error_name}: {reply.body}")
+            found[call] = reply.body[0] if reply.body else None  # e.g. ListJobs' list
         return found
 
     try:

@@ -21,6 +21,9 @@ class Vault:
         self._files: dict[Key, tuple[int, int]] = {}  # (st_dev, st_ino) of each held fd
         self._holders: dict[tuple[int, int], int] = {}  # how many keys hold each file
         self._unindexed: set[Key] = set()  # kept from the fd store, not yet in _files
+        # The old boot's own fds after the reboot, whose content the handover carries:
+        # never handed out, closed once their session's Finish is durable.
+        self._spares: dict[Key, list[int]] = {}
         self._notifier = notifier
 
     def __contains__(self, key: Key) -> bool:
@@ -49,6 +52,29 @@ class Vault:
             return
         # systemd keeps one fd per open file description and silently drops the others
         # (same_fd()), so a second key of the same memfd is stored as its own opening.
+        self._store_reopened(key, fd)
+
+    def keep_renamed(self, key: Key, fd: int) -> None:
+        """Take ownership of an fd from the store under another name than it came with:
+        stored anew (as a new opening of the file: systemd keeps one entry per open file
+        description, and the old name's entry goes only when recovery drops that name)."""
+        self._fds[key] = fd
+        os.set_inheritable(fd, False)
+        self._index(key, fd)
+        self._store_reopened(key, fd)
+
+    def keep_spare(self, key: Key, fd: int) -> None:
+        self._spares.setdefault(key, []).append(fd)
+
+    def release_spares(self, session: str | None = None) -> None:
+        """Close the spares of `session` (every spare if None): its Finish is durable."""
+        for key in [k for k in self._spares if session is None or k[0] == session]:
+            for fd in self._spares.pop(key):
+                os.close(fd)
+            if key not in self._fds:  # else its name goes when the held fd is released
+                self._notifier.remove_fd(fd_name(*key))
+
+    def _store_reopened(self, key: Key, fd: int) -> None:
         try:
             reopened = os.open(f"/proc/self/fd/{fd}", _access_mode(fd) | os.O_CLOEXEC)
         except OSError as exc:  # as for any fd store failure: held, not stored

@@ -162,7 +162,7 @@ def _call(core: Orchestrator, op: str, caller: Caller, name: str, token: str) ->
         case "close":
             core.close_session(caller, name)
         case "release_quarantined":
-            core.release_quarantined(caller, name, token)
+            core.release_quarantined(caller, token)
         case _:
             raise AssertionError(op)
 

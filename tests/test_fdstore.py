@@ -16,9 +16,17 @@ from liveupdated.core.codec import from_json, to_json
 from liveupdated.core.errors import Corrupted, NoSuchToken, UnsupportedFd, WrongState
 from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import RebootStarted, Record
-from liveupdated.daemon import reclaim_fds, recover_handover
+from liveupdated.core.recovery import (
+    Adopt,
+    BootEvidence,
+    HandoverFound,
+    Hold,
+    Spare,
+    StartFacts,
+    StoredFd,
+    recover,
+)
 from liveupdated.systemd import Pid1Error, systemd_version
-from liveupdated.vault import Vault
 from tests.test_core import ROOT, VM, core_with, freeze, prepare, replayed
 
 BOOT = "0123456789abcdef0123456789abcdef"
@@ -207,47 +215,47 @@ class Notes:
         self.messages.append(f"remove {name}")
 
 
-def test_after_a_soft_reboot_the_carried_fds_are_kept_and_a_restart_is_no_new_boot(
-    pid1: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("liveupdated.daemon.boot_id", lambda: BOOT)  # a soft-reboot keeps it
+def _facts(core: Orchestrator, names: list[str], keys: frozenset[tuple[str, str]], *,
+           soft_reboots: int, in_store: bool = True) -> StartFacts:
+    stored = tuple(StoredFd(i, name, 1, 100 + i, 4096) for i, name in enumerate(names))
+    return StartFacts(
+        stored=stored, has_store=True, store_survived=True,
+        handover=HandoverFound(boot_id="unknown", keys=keys, in_store=in_store),
+        boot=BootEvidence(BOOT, soft_reboots=soft_reboots, kexecs=0),
+        carrier_keeps_store=in_store,
+    )
+
+
+def test_after_a_soft_reboot_the_carried_fds_are_adopted_and_a_restart_is_no_new_boot() -> None:
     _, records = frozen_after_reboot(0, 0)
+    names = [f"{VM}/ram", f"{VM}/state"]
+    keys = frozenset((VM, t) for t in ("ram", "state"))
 
     # A restart after Reboot, before systemd's soft-reboot: no evidence, still frozen.
     restarted = replayed(Orchestrator(), records)
-    backend = FdStoreBackend()
-    recover_handover(restarted, backend)
+    recovery = recover(restarted, _facts(restarted, names, keys, soft_reboots=0))
     assert restarted.phase is Phase.FROZEN and restarted.reboot is None
+    assert [type(e) for e in recovery.effects] == [Hold, Hold]
 
     # The soft-reboot: SoftRebootsCount 0 -> 1; the store comes back with both fds.
-    pid1["SoftRebootsCount"] = 1
     core = replayed(Orchestrator(), records)
-    fds = {"ram": memfd(b"ram"), "state": memfd(b"state")}
-    inherited = [(f"{VM}/{t}", fd) for t, fd in fds.items()]
-    notes = Notes()
-    vault = Vault(notes)  # type: ignore[arg-type]
-    recovered = recover_handover(core, backend)
-    recovered += reclaim_fds(core, vault, inherited, False, backend.adopt)
+    recovery = recover(core, _facts(core, names, keys, soft_reboots=1))
     assert core.phase is Phase.UPDATED
-    assert [r.type for r in recovered] == ["rebooted"]
-    assert recovered[0].boot_id == BOOT  # type: ignore[union-attr]
-    assert backend.carried() == {(VM, "ram"), (VM, "state")}
-    assert list(vault.items()) == [] and notes.messages == []  # none closed, none removed
-    backend.finish()
-    assert sorted(notes.messages) == []  # the stand-in forgets nothing by itself
+    assert [r.type for r in recovery.records] == ["rebooted"]
+    assert recovery.records[0].boot_id == BOOT  # type: ignore[union-attr]
+    assert recovery.effects == [Adopt(0, (VM, "ram")), Adopt(1, (VM, "state"))]
 
 
-def test_without_a_carrier_the_old_boots_fds_are_closed_as_before(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_without_a_carrier_the_old_boots_fds_are_kept_as_spares_until_finish() -> None:
+    """The handover carries their content; the old boot's own files are not closed on
+    that belief but kept, never handed out, until the durable Finish releases them."""
     core, _ = frozen_after_reboot(None, None)
     core.rebooted("previous")
-    fd = memfd(b"ram")
-    notes = Notes()
-    reclaim_fds(core, Vault(notes), [(f"{VM}/ram", fd)], False)  # type: ignore[arg-type]
-    assert notes.messages == [f"remove {VM}/ram"]
-    with pytest.raises(OSError):
-        os.fstat(fd)
+    facts = StartFacts(stored=(StoredFd(0, f"{VM}/ram", 1, 7, 4096),), has_store=True,
+                       store_survived=True, carrier_keeps_store=False)
+    recovery = recover(core, facts)
+    assert recovery.effects == [Spare(0, (VM, "ram"))]
+    assert recovery.records == []
 
 
 # ---- auto ---------------------------------------------------------------------------------

@@ -5,10 +5,15 @@ explain is quarantined, never closed by recovery; sessions recorded before the d
 stay their owners'.
 """
 
+import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
 
 from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import (
@@ -45,19 +50,43 @@ async def _retrieve(vmm: Client, name: str, token: str = "ram") -> bytes:
         os.close(fd)
 
 
+@contextlib.asynccontextmanager
+async def reboot_failures(address: str) -> AsyncIterator["asyncio.Queue[str]"]:
+    """The reasons of the RebootFailed signals the daemon sends, as they come."""
+    reasons: asyncio.Queue[str] = asyncio.Queue()
+    bus = await MessageBus(bus_address=address).connect()
+
+    def handle(msg: Message) -> None:
+        if msg.member == "RebootFailed" and msg.interface == "org.liveupdate1.Manager":
+            reasons.put_nowait(msg.body[0])
+
+    bus.add_message_handler(handle)
+    reply = await bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+        body=["type='signal',interface='org.liveupdate1.Manager',member='RebootFailed'"]))
+    assert reply is not None and reply.message_type is MessageType.METHOD_RETURN
+    try:
+        yield reasons
+    finally:
+        bus.disconnect()
+
+
 @pytest.mark.parametrize("then", ["cancel", "reboot again"])
 async def test_a_restart_between_reboot_and_the_kexec_is_a_crash_in_frozen(
     host: Host, bus: PrivateBus, then: str
 ) -> None:
     """The reboot command ran but no new boot came (same boot id, no KexecSimulated):
     the handover is not taken, the state is frozen, and Cancel or Reboot works."""
-    old = host.start_now("--reboot-action", "true")
+    old = host.start_now("--reboot-action", "true", "--reboot-timeout", "0.2")
     async with await Client.connect(bus.address) as vmm:
         fd = await _vm(vmm, "vm", b"guest memory")
         await vmm.prepare()
         await vmm.freeze()
-        await vmm.reboot()
-        assert old.wait() == 0
+        async with reboot_failures(bus.address) as failures:
+            await vmm.reboot()
+            assert "no reboot followed" in await failures.get()
+        assert old.stop() == 0  # the daemon stayed, frozen, until it was stopped
         host.start_now()
         assert await vmm.state() == "frozen"
         with pytest.raises(WrongState):
@@ -126,35 +155,39 @@ async def test_fds_the_damaged_journal_cannot_explain_are_quarantined_never_clos
         assert await _retrieve(vmm, "vm-c") == b"vm-c"
         assert sorted(s.name for s in await vmm.list_sessions()) == ["vm-a", "vm-c"]
         quarantined = {(q.session, q.token): q for q in await vmm.list_quarantined()}
+        ids = {key: q.id for key, q in quarantined.items()}
         assert sorted(quarantined) == [
             (f"{NOBODY}-vm", "ram"), ("vm-b", "ram"), ("vm-b", "state")
         ]
         assert quarantined[("vm-b", "ram")].size == 1 << 16
+        # Each stored under its id, never under a name a new session could take.
         assert sorted(host.store.store) == sorted(
-            [f"{s}/{t}" for s in ("vm-a", "vm-b", "vm-c") for t in ("ram", "state")]
-            + [f"{NOBODY}-vm/ram"]
+            [f"{s}/{t}" for s in ("vm-a", "vm-c") for t in ("ram", "state")]
+            + [f"@q/{qid}" for qid in ids.values()]
         )
         # The tenant sees what is named after it, and only that; only root takes it.
         assert await nobody.call("list_quarantined") == [
-            [f"{NOBODY}-vm", "ram", 4096, "its session's records were lost"]
+            [ids[(f"{NOBODY}-vm", "ram")], f"{NOBODY}-vm", "ram", 4096,
+             "its session's records were lost"]
         ]
         with pytest.raises(AccessDenied):
             await nobody.call("drop_session", name="vm-a", reason="")
-        with pytest.raises(SessionExists, match="quarantined"):
-            await vmm.create_session("vm-b")
+        # A quarantined fd does not hold its old session name: its owner starts anew.
+        await vmm.create_session("vm-b")
+        await vmm.drop_session("vm-b")
         # Nothing quarantined may be carried unnoticed into the next kernel.
         await vmm.prepare()
         with pytest.raises(WrongState, match="quarantined fds"):
             await vmm.freeze()
-        salvaged = await vmm.retrieve_quarantined("vm-b", "ram")
+        salvaged = await vmm.retrieve_quarantined(ids[("vm-b", "ram")])
         assert os.pread(salvaged, 4, 0) == b"vm-b"
         os.close(salvaged)
         host.crash_now()  # quarantine is journaled: it survives a restart unchanged
         assert len(await vmm.list_quarantined()) == 3
-        for session, token in quarantined:
-            await vmm.release_quarantined(session, token)
+        for qid in ids.values():
+            await vmm.release_quarantined(qid)
         with pytest.raises(NoSuchToken):
-            await vmm.release_quarantined("vm-b", "ram")
+            await vmm.release_quarantined(ids[("vm-b", "ram")])
         assert sorted(host.store.store) == [
             f"{s}/{t}" for s in ("vm-a", "vm-c") for t in ("ram", "state")
         ]

@@ -177,12 +177,15 @@ async def test_fds_the_journal_does_not_know_are_quarantined_not_closed(
         assert await vmm.list_sessions() == []
         [ghost] = await vmm.list_quarantined()
         assert (ghost.session, ghost.token, ghost.size) == ("ghost", "fd", 4096)
-        back = await vmm.retrieve_quarantined("ghost", "fd")
+        # Kept under an id of its own, in the store too: never under a live name.
+        assert ghost.id == "q1"
+        assert "ghost/fd" not in host.store.store and "@q/q1" in host.store.store
+        back = await vmm.retrieve_quarantined(ghost.id)
         assert os.pread(back, 5, 0) == b"stray"
         os.close(back)
-        await vmm.release_quarantined("ghost", "fd")
+        await vmm.release_quarantined(ghost.id)
         assert await vmm.list_quarantined() == []
-        assert "ghost/fd" not in host.store.store
+        assert "@q/q1" not in host.store.store
     os.close(stray)
 
 

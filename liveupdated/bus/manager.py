@@ -26,7 +26,7 @@ from liveupdated.service import LiveUpdate
 from liveupdated.systemd import boot_id
 
 SessionList = Annotated[list[list[Any]], Sig("a(sousu)")]
-QuarantineList = Annotated[list[list[Any]], Sig("a(ssts)")]
+QuarantineList = Annotated[list[list[Any]], Sig("a(sssts)")]
 HistoryList = Annotated[list[dict[str, Variant]], Sig("aa{sv}")]
 CheckList = Annotated[list[list[str]], Sig("a(sss)")]
 
@@ -38,6 +38,8 @@ def _cycle_fields(cycle: UpdateCycle) -> dict[str, Variant]:
         value = getattr(cycle, f.name)
         if isinstance(value, str):
             fields[f.name] = Variant("s", value)
+        elif isinstance(value, tuple):
+            fields[f.name] = Variant("as", list(value))
         elif f.name.endswith("_by"):
             fields[f.name] = Variant("i", value)
         elif f.name.endswith("_usec") or f.name == "bytes_carried":
@@ -121,21 +123,21 @@ class Manager(ServiceInterface):
     async def list_quarantined(self) -> QuarantineList:
         caller = await self._callers.current()
         return [
-            [q.session, q.token, q.size, q.reason]
+            [q.id, q.session, q.token, q.size, q.reason]
             for q in self._service.core.visible_quarantine(caller)
         ]
 
     @dbus_method(name="RetrieveQuarantined")
     @contract
-    async def retrieve_quarantined(self, session: DBusStr, token: DBusStr) -> DBusUnixFd:
+    async def retrieve_quarantined(self, id: DBusStr) -> DBusUnixFd:  # the wire's arg name
         caller = await self._host_caller(MANAGE)
-        return self._service.retrieve_quarantined(caller, session, token)
+        return self._service.retrieve_quarantined(caller, id)
 
     @dbus_method(name="ReleaseQuarantined")
     @contract
-    async def release_quarantined(self, session: DBusStr, token: DBusStr) -> None:
+    async def release_quarantined(self, id: DBusStr) -> None:  # the wire's arg name
         caller = await self._host_caller(MANAGE)
-        await self._service.release_quarantined(caller, session, token)
+        await self._service.release_quarantined(caller, id)
 
     @dbus_method(name="Check")
     @contract
@@ -188,6 +190,12 @@ class Manager(ServiceInterface):
     def freeze_started(self) -> None:
         """Freeze has begun and waits for the sessions that asked for DelayFreeze: each
         stops its VM, saves what it must and calls ReadyForFreeze."""
+
+    @dbus_signal(name="RebootFailed")
+    def reboot_failed(self, reason: str) -> Annotated[str, Sig("s")]:
+        """The reboot action failed, or no reboot followed: the state stays frozen, the
+        handover is kept; Reboot again or Cancel."""
+        return reason
 
     def announce_phase(self, old: str, new: str) -> None:
         self.state_changed(old, new)

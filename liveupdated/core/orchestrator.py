@@ -66,6 +66,7 @@ from liveupdated.core.records import (
     RebootFailed,
     RebootStarted,
     Record,
+    RecoveryDecided,
     SessionCreated,
     SessionDropped,
     SessionFinished,
@@ -143,6 +144,8 @@ class FdFacts:
     size: int
     name: str
     seals: int
+    dev: int = 0  # which file it is (st_dev, st_ino)
+    ino: int = 0
 
 
 @dataclass
@@ -155,16 +158,21 @@ class FdEntry:
     seals: int
     problem: str = ""  # "lost" (no fd after a restart) or "corrupted" (bad journal record)
     restored: bool = False
+    dev: int = 0  # the file held under it (0: not recorded)
+    ino: int = 0
 
 
 @dataclass(frozen=True)
 class QuarantinedFd:
-    """An fd the journal cannot explain: kept whole, never handed to a VMM."""
+    """An fd the journal cannot explain: kept whole under an id of its own (`q<N>`, so
+    that it never shares a key or a store name with a live fd), never handed to a VMM."""
 
-    session: str
+    id: str
+    session: str  # the name it was stored under, for the admin
     token: str
     size: int
     reason: str
+    legacy: bool = False  # quarantined by an earlier version: stored as session/token
 
     @property
     def likely_uid(self) -> int | None:
@@ -180,6 +188,8 @@ class Session:
     unit: str
     client: str
     fds: dict[str, FdEntry] = field(default_factory=dict)
+    bus: str = ""  # the id of the bus its client is on ("": not recorded)
+    prepared: bool = False  # through Prepare: never dropped for a departed client
     delay_freeze: bool = False
     ready: bool = False
     finished: bool = False
@@ -191,7 +201,7 @@ class Session:
 
 _HOST_RECORDS = (
     PhaseChanged, Rebooted, RebootStarted, RebootFailed, KexecSimulated, FdQuarantined,
-    QuarantineReleased, HandoverWritten, CycleRecorded, DaemonStarted,
+    QuarantineReleased, HandoverWritten, CycleRecorded, DaemonStarted, RecoveryDecided,
 )
 
 
@@ -213,7 +223,9 @@ class Orchestrator:
         self.kexec_simulated = False  # the old daemon left its evidence of a new boot
         self.in_flight = ""  # the host command whose effects are under way, if any
         self.freeze_attempt = 0  # which Freeze holds in_flight "Freeze"
-        self.quarantine: dict[tuple[str, str], QuarantinedFd] = {}
+        self.quarantine: dict[str, QuarantinedFd] = {}  # by id
+        self._quarantine_ids = 0  # the highest N of the ids q<N> given so far
+        self.bus_id = ""  # the bus the daemon is on now (not durable: set at connect)
         self.history: list[UpdateCycle] = []  # ended cycles, oldest first
         self.cycle: UpdateCycle | None = None  # the update under way
         self.started: DaemonStarted | None = None  # the latest start: release and boot
@@ -234,7 +246,8 @@ class Orchestrator:
         match record:
             case SessionCreated():
                 self.sessions[record.session] = Session(
-                    record.session, record.uid, record.unit, record.client
+                    record.session, record.uid, record.unit, record.client,
+                    bus=record.bus, prepared=record.prepared,
                 )
             case FdPreserved():
                 self.sessions[record.session].fds[record.token] = FdEntry(
@@ -244,6 +257,8 @@ class Orchestrator:
                     record.size,
                     record.name,
                     record.seals,
+                    dev=record.dev,
+                    ino=record.ino,
                 )
                 self._count(record.session, record.size)
             case FdReleased():
@@ -257,7 +272,10 @@ class Orchestrator:
                 )
                 self._count(record.session, record.size)
             case FdRestored():
-                self.sessions[record.session].fds[record.token].restored = True
+                entry = self.sessions[record.session].fds[record.token]
+                entry.restored = True
+                if record.ino:
+                    entry.dev, entry.ino = record.dev, record.ino
             case SessionDropped():
                 dropped = self.sessions.pop(record.session)
                 for entry in dropped.fds.values():  # normally released before the drop
@@ -283,6 +301,9 @@ class Orchestrator:
                 if self.phase in (Phase.NORMAL, Phase.PREPARED):
                     for session in self.sessions.values():
                         session.ready = False
+                if self.phase is Phase.PREPARED:
+                    for session in self.sessions.values():
+                        session.prepared = True
             case Rebooted():
                 self.phase = Phase.UPDATED
                 self.last_blackout_usec = record.blackout_usec
@@ -300,11 +321,20 @@ class Orchestrator:
             case KexecSimulated():
                 self.kexec_simulated = True
             case FdQuarantined():
-                self.quarantine[(record.session, record.token)] = QuarantinedFd(
-                    record.session, record.token, record.size, record.reason
+                qid = record.id or f"q{self._quarantine_ids + 1}"
+                self._quarantine_ids = max(self._quarantine_ids, _quarantine_number(qid))
+                self.quarantine[qid] = QuarantinedFd(
+                    qid, record.session, record.token, record.size, record.reason,
+                    legacy=not record.id,
                 )
             case QuarantineReleased():
-                del self.quarantine[(record.session, record.token)]
+                qid = record.id or next(
+                    q.id for q in self.quarantine.values()
+                    if q.legacy and (q.session, q.token) == (record.session, record.token)
+                )
+                del self.quarantine[qid]
+            case RecoveryDecided():
+                pass  # the history's (_track_cycle)
             case DaemonStarted():
                 self.started = record
 
@@ -330,7 +360,11 @@ class Orchestrator:
                                      fds_carried=self._fd_total,
                                      bytes_carried=self._bytes_total)
             case RebootFailed() if cycle is not None:
-                self.cycle = replace(cycle, reboot_usec=0, reboots_failed=cycle.reboots_failed + 1)
+                self.cycle = replace(cycle, reboot_usec=0, reboots_failed=cycle.reboots_failed + 1,
+                                     notes=(*cycle.notes, f"reboot failed: {record.reason}"))
+            case RecoveryDecided() if cycle is not None:
+                self.cycle = replace(cycle, notes=(*cycle.notes,
+                                                   f"{record.decision} ({record.evidence})"))
             case HandoverWritten() if cycle is not None:
                 self.cycle = replace(cycle, handover_written_usec=record.at_usec,
                                      fds_carried=record.fds, bytes_carried=record.bytes)
@@ -357,6 +391,28 @@ class Orchestrator:
     def handover_written(self, fds: int, size: int) -> list[Record]:
         return self._commit([HandoverWritten(at_usec=self._clock_usec(), fds=fds, bytes=size)])
 
+    def revert(self, records: Sequence[Record]) -> list[tuple[str, str]]:
+        """Undo, newest first, the SessionCreated and FdPreserved of a decision the journal
+        refused (their undo is exact; other decisions are not reverted this way). Returns
+        the keys of the fds no longer held, for the caller to let go."""
+        keys: list[tuple[str, str]] = []
+        for record in reversed(records):
+            match record:
+                case FdPreserved() if record.session in self.sessions:
+                    entry = self.sessions[record.session].fds.pop(record.token, None)
+                    if entry is not None:
+                        self._count(record.session, -entry.size, -1)
+                        keys.append((record.session, record.token))
+                case SessionCreated() if record.session in self.sessions:
+                    for token in list(self.sessions[record.session].fds):
+                        keys.append((record.session, token))
+                    self.apply(SessionDropped(session=record.session, reason="refused"))
+                case FdPreserved() | SessionCreated():
+                    pass
+                case _:
+                    raise ValueError(f"cannot revert a {record.type} record")
+        return keys
+
     def snapshot(self) -> list[Record]:
         """Records that rebuild the current state from nothing: what compaction keeps."""
         records: list[Record] = []
@@ -373,7 +429,8 @@ class Orchestrator:
         if self.kexec_simulated:
             records.append(KexecSimulated(boot_id=self.reboot.boot_id if self.reboot else ""))
         records += [
-            FdQuarantined(session=q.session, token=q.token, size=q.size, reason=q.reason)
+            FdQuarantined(session=q.session, token=q.token, size=q.size, reason=q.reason,
+                          id=q.id)
             for q in self.quarantine.values()
         ]
         if self.started is not None:
@@ -383,7 +440,8 @@ class Orchestrator:
             records.append(CycleRecorded(cycle=self.cycle))
         for s in self.sessions.values():
             records.append(
-                SessionCreated(session=s.name, uid=s.uid, unit=s.unit, client=s.client)
+                SessionCreated(session=s.name, uid=s.uid, unit=s.unit, client=s.client,
+                               bus=s.bus, prepared=s.prepared)
             )
             for e in s.fds.values():
                 if e.problem == "corrupted":
@@ -391,12 +449,14 @@ class Orchestrator:
                     continue
                 records.append(
                     FdPreserved(session=s.name, token=e.token, kind=e.kind,
-                                requires=e.requires, size=e.size, name=e.name, seals=e.seals)
+                                requires=e.requires, size=e.size, name=e.name, seals=e.seals,
+                                dev=0 if e.restored else e.dev, ino=0 if e.restored else e.ino)
                 )
                 if e.problem == "lost":
                     records.append(FdLost(session=s.name, token=e.token))
                 if e.restored:
-                    records.append(FdRestored(session=s.name, token=e.token))
+                    records.append(FdRestored(session=s.name, token=e.token,
+                                              dev=e.dev, ino=e.ino))
             if s.delay_freeze:
                 records.append(FreezeDelaySet(session=s.name, enabled=True))
             if s.ready:
@@ -507,15 +567,12 @@ class Orchestrator:
     # ---- session commands ------------------------------------------------------------
 
     def create_session(self, caller: Caller, name: str) -> list[Record]:
+        """A quarantined fd stored under this name does not block it: quarantined fds
+        have ids of their own."""
         check_session_name_for(caller.uid, caller.admin, name)
         self._require_phase("CreateSession", SESSION_COMMAND_PHASES["CreateSession"])
         if name in self.sessions:
             raise SessionExists(f"a session named {name!r} already exists; pick another name")
-        if any(session == name for session, _ in self.quarantine):
-            raise SessionExists(
-                f"the name {name!r} belongs to quarantined fds; an admin must retrieve or "
-                "release them (Manager.ReleaseQuarantined) before it can be used again"
-            )
         if len(self.sessions) >= self.limits.max_sessions:
             raise QuotaExceeded(
                 f"the host holds the maximum of {self.limits.max_sessions} sessions"
@@ -527,7 +584,8 @@ class Orchestrator:
                 f"{self.limits.max_sessions_per_uid} sessions"
             )
         return self._commit(
-            [SessionCreated(session=name, uid=caller.uid, unit=caller.unit, client=caller.client)]
+            [SessionCreated(session=name, uid=caller.uid, unit=caller.unit, client=caller.client,
+                            bus=self.bus_id)]
         )
 
     def retrieve_session(self, caller: Caller, name: str) -> Session:
@@ -645,6 +703,8 @@ class Orchestrator:
                     size=facts.size,
                     name=facts.name,
                     seals=facts.seals,
+                    dev=facts.dev,
+                    ino=facts.ino,
                 )
                 for token, requires, facts in fds
             ]
@@ -722,8 +782,9 @@ class Orchestrator:
             )
         return entry
 
-    def fd_restored(self, name: str, token: str) -> list[Record]:
-        return self._commit([FdRestored(session=name, token=token, at_usec=self._clock_usec())])
+    def fd_restored(self, name: str, token: str, dev: int = 0, ino: int = 0) -> list[Record]:
+        return self._commit([FdRestored(session=name, token=token, at_usec=self._clock_usec(),
+                                        dev=dev, ino=ino)])
 
     def delay_freeze(self, caller: Caller, name: str, enable: bool) -> list[Record]:
         session = self.owned_session(caller, name)
@@ -774,50 +835,103 @@ class Orchestrator:
         why = f"dropped by uid {caller.uid}: {reason}" if reason else f"dropped by uid {caller.uid}"
         return self._commit(self._drop(name, why))
 
+    def next_quarantine_id(self, offset: int = 0) -> str:
+        """The id the next quarantined fd gets (`offset` more for a batch)."""
+        return f"q{self._quarantine_ids + 1 + offset}"
+
     def quarantine_fds(self, found: Iterable[tuple[str, str, int, str]]) -> list[Record]:
-        """(session, token, size, reason) of fds the journal cannot explain: held,
-        reported, released only by an admin; recovery never closes them."""
-        return self._commit(
-            [
-                FdQuarantined(session=s, token=t, size=size, reason=reason)
-                for s, t, size, reason in found
-                if (s, t) not in self.quarantine
-            ]
-        )
+        """(session, token, size, reason) of fds the journal cannot explain, in order:
+        each held under the next id q<N>, reported, released only by an admin; recovery
+        never closes them."""
+        records = [
+            FdQuarantined(session=s, token=t, size=size, reason=reason,
+                          id=self.next_quarantine_id(i))
+            for i, (s, t, size, reason) in enumerate(found)
+        ]
+        return self._commit(list(records))
 
     def visible_quarantine(self, caller: Caller) -> list[QuarantinedFd]:
         """Admins see every quarantined fd; a uid those its session names suggest."""
         return sorted(
             (q for q in self.quarantine.values() if caller.admin or q.likely_uid == caller.uid),
-            key=lambda q: (q.session, q.token),
+            key=lambda q: _quarantine_number(q.id),
         )
 
-    def quarantined(self, caller: Caller, session: str, token: str) -> QuarantinedFd:
+    def quarantined(self, caller: Caller, qid: str) -> QuarantinedFd:
         self._require_admin(caller, "a quarantined fd")
-        check_name(session, "session name")
-        check_name(token, "token")
+        if not isinstance(qid, str) or not qid.startswith("q") or not qid[1:].isdigit():
+            raise InvalidArgument(
+                f"{qid!r} is no quarantine id: ids are q<N>, as ListQuarantined gives them"
+            )
         try:
-            return self.quarantine[(session, token)]
+            return self.quarantine[qid]
         except KeyError:
-            raise NoSuchToken(f"no quarantined fd {session}/{token}") from None
+            raise NoSuchToken(f"no quarantined fd {qid}") from None
 
-    def release_quarantined(self, caller: Caller, session: str, token: str) -> list[Record]:
-        self.quarantined(caller, session, token)
+    def release_quarantined(self, caller: Caller, qid: str) -> list[Record]:
+        found = self.quarantined(caller, qid)
         return self._commit(
-            [QuarantineReleased(session=session, token=token, by_uid=caller.uid)]
+            [QuarantineReleased(session=found.session, token=found.token, by_uid=caller.uid,
+                                id=qid)]
         )
 
-    def client_gone(self, client: str) -> list[Record]:
-        """The connection left the bus: before Prepare its sessions go with it."""
+    def client_gone(self, client: str, bus_id: str | None = None) -> list[Record]:
+        """The connection `client` on bus `bus_id` (this daemon's bus by default) left:
+        its sessions that never went through Prepare go with it. A session created on
+        another bus (before a reboot of the bus) is never matched by a unique name of
+        this one: unique names are reused by a new bus."""
         if self.phase is not Phase.NORMAL:
             return []
+        bus = self.bus_id if bus_id is None else bus_id
         records: list[Record] = []
-        for name in [n for n, s in self.sessions.items() if s.client == client]:
-            records += self._drop(name, "client left the bus before Prepare")
+        for name, session in list(self.sessions.items()):
+            if session.client != client or session.prepared:
+                continue
+            if session.bus != bus:  # a unique name of another bus: not this client
+                continue
+            records += self._drop(name, "its client left the bus before Prepare")
+        return self._commit(records)
+
+    def departed_elsewhere(self) -> list[Record]:
+        """At start, once the bus is known: sessions whose client was on another bus
+        (the bus restarted, or the host rebooted) and that never went through Prepare."""
+        if self.phase is not Phase.NORMAL or not self.bus_id:
+            return []
+        records: list[Record] = []
+        for name, session in list(self.sessions.items()):
+            if session.bus and session.bus != self.bus_id and not session.prepared:
+                records += self._drop(name, "its client's bus is gone (it was never prepared)")
         return self._commit(records)
 
     def clients(self) -> set[str]:
-        return {s.client for s in self.sessions.values()}
+        """Unique names of the clients on this bus whose sessions a departure would drop."""
+        return {s.client for s in self.sessions.values()
+                if not s.prepared and (not s.bus or s.bus == self.bus_id)}
+
+    def fds_never_acknowledged(self, keys: Iterable[tuple[str, str]]) -> list[Record]:
+        """Journaled fds the surviving fd store does not hold: their PreserveFd was never
+        answered (an answer waits for the store), so no VMM counts on them."""
+        return self._commit(
+            [FdReleased(session=s, token=t,
+                        reason="never acknowledged: not in the fd store after a restart")
+             for s, t in keys]
+        )
+
+    def remedy_for_lost(self) -> str:
+        """What the owner or an admin can do about a lost fd now: true in this phase."""
+        if self.phase is Phase.NORMAL:
+            return ("no copy in the fd store: its owner UnpreserveFds it and preserves it "
+                    "again, or an admin drops the session (liveupdatectl drop-session)")
+        if self.phase is Phase.PREPARED:
+            return ("no copy in the fd store: an admin drops the session (liveupdatectl "
+                    "drop-session) or Cancels the update, then its owner preserves it again")
+        return ("no copy in the fd store: the update can only be cancelled (liveupdatectl "
+                "cancel), then its owner preserves it again")
+
+    def recovery_decided(self, decision: str, evidence: str) -> list[Record]:
+        return self._commit([RecoveryDecided(
+            decision=decision[:MAX_REASON_LENGTH * 4], evidence=evidence[:MAX_REASON_LENGTH * 4],
+            at_usec=self._clock_usec())])
 
     def fds_lost(self, keys: Iterable[tuple[str, str]]) -> list[Record]:
         return self._commit(
@@ -871,10 +985,14 @@ class Orchestrator:
                 "drop a session (Manager.DropSession) or Cancel the update"
             )
         if self.quarantine:
-            names = ", ".join(f"{s}/{t}" for s, t in sorted(self.quarantine))
+            names = ", ".join(
+                f"{q.id} ({q.session}/{q.token})"
+                for q in sorted(self.quarantine.values(), key=lambda q: _quarantine_number(q.id))
+            )
             raise WrongState(
                 f"cannot freeze: quarantined fds ({names}) would not survive the reboot; "
-                "an admin must RetrieveQuarantined or ReleaseQuarantined them first"
+                "an admin retrieves or releases them first (liveupdatectl quarantine "
+                "retrieve|release ID, or Manager.RetrieveQuarantined/ReleaseQuarantined)"
             )
 
     def begin_freeze(self, caller: Caller) -> int:
@@ -949,13 +1067,14 @@ class Orchestrator:
         boot_id: str,
         soft_reboots: int | None = None,
         kexecs: int | None = None,
+        pid1_start: int | None = None,
     ) -> list[Record]:
         """Reboot decided and journaled before the handover is written, with systemd's
         reboot counts where the backend has them (evidence for is_new_boot)."""
         self.check_reboot(caller)  # again: the service awaited systemd's counts since
         records = self._commit([RebootStarted(
             boot_id=boot_id, at_usec=self._clock_usec(), soft_reboots=soft_reboots,
-            kexecs=kexecs, by_uid=caller.uid,
+            kexecs=kexecs, by_uid=caller.uid, pid1_start=pid1_start,
         )])
         self.in_flight = "Reboot"
         return records
@@ -984,6 +1103,7 @@ class Orchestrator:
         readable: bool = True,
         soft_reboots: int | None = None,
         kexecs: int | None = None,
+        pid1_start: int | None = None,
     ) -> bool:
         """Evidence that the kexec happened: the boot that wrote the handover (as the
         journal's RebootStarted says, else as the handover says) is not this one, or the
@@ -1003,6 +1123,9 @@ class Orchestrator:
                 self.reboot.kexecs, kexecs
             ):
                 return True
+            if (self.reboot.pid1_start is not None and pid1_start is not None
+                    and pid1_start != self.reboot.pid1_start):
+                return True  # PID 1 was started anew: a (container's) boot
         elif not readable:
             return False
         return written_by != current_boot_id or self.kexec_simulated
@@ -1029,6 +1152,10 @@ class Orchestrator:
         return (
             f"{self.phase.value}, {len(self.sessions)} sessions, {self.fd_count()} fds"
         )
+
+
+def _quarantine_number(qid: str) -> int:
+    return int(qid[1:]) if qid[1:].isdigit() else 0
 
 
 def _grew(recorded: int | None, now: int | None) -> bool:

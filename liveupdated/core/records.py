@@ -20,6 +20,12 @@ class SessionCreated:
     uid: int
     unit: str
     client: str  # unique bus name of the creating connection
+    # The id of the bus it is on (org.freedesktop.DBus.GetId): a new bus reuses unique
+    # names, so a client is known by both. "": written before it was recorded.
+    bus: str = ""
+    # The session has been through Prepare: it is never dropped for a departed client
+    # (compaction keeps this; replay also sets it from the PhaseChanged to prepared).
+    prepared: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +38,10 @@ class FdPreserved:
     size: int
     name: str
     seals: int
+    # Which file it is (st_dev, st_ino): recovery tells the acknowledged fd from any other
+    # under the same name in the fd store. 0: not recorded (journals of earlier versions).
+    dev: int = 0
+    ino: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +81,8 @@ class FdRestored:
     session: str
     token: str
     at_usec: int = 0
+    dev: int = 0  # the file now held (a rebuilt fd is a new file); 0: not recorded
+    ino: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,6 +145,10 @@ class RebootStarted:
     # journals written before they were recorded, and for the other backends.
     soft_reboots: int | None = None
     kexecs: int | None = None
+    # PID 1's start time (/proc/1/stat field 22, clock ticks since the kernel booted): a
+    # container's boot changes it though the boot id (the host's, behind the unit's
+    # sandboxing) may not. None: not read, or a journal of an earlier version.
+    pid1_start: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +194,8 @@ class UpdateCycle:
     fds_lost: int = 0
     fds_corrupted: int = 0
     reboots_failed: int = 0
+    # What recovery and failed reboots said during this update, oldest first.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,13 +218,16 @@ class KexecSimulated:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FdQuarantined:
     """An fd from the fd store that the journal cannot explain (its session's records
-    were damaged): held, reported, handed out or released only by an admin."""
+    were damaged, or a PreserveFd was never acknowledged): held under an id of its own
+    (`q<N>`, never a live session/token key), reported, handed out or released only by
+    an admin."""
 
     type: Literal["fd_quarantined"] = "fd_quarantined"
     session: str
     token: str
     size: int
     reason: str
+    id: str = ""  # "": a journal of an earlier version (replay gives it the next id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -215,6 +236,7 @@ class QuarantineReleased:
     session: str
     token: str
     by_uid: int
+    id: str = ""  # "": a journal of an earlier version (the entry of session/token)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -227,6 +249,22 @@ class DaemonStarted:
     version: str
     boot_id: str
     at_usec: int  # CLOCK_REALTIME
+    # It had systemd's fd store: an fd missing from the store at the next start is then
+    # evidence (of a lost store, or of a PreserveFd never acknowledged), else it is not.
+    fd_store: bool = False
+    pid1_start: int | None = None  # as in RebootStarted
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoveryDecided:
+    """What recovery did at a start whose evidence needed a decision (a handover used
+    while no new boot was seen, fds released as never acknowledged...), with the evidence:
+    shown in the update's history."""
+
+    type: Literal["recovery_decided"] = "recovery_decided"
+    decision: str
+    evidence: str
+    at_usec: int = 0
 
 
 Record = (
@@ -250,6 +288,7 @@ Record = (
     | HandoverWritten
     | CycleRecorded
     | DaemonStarted
+    | RecoveryDecided
 )
 
 _RECORD: Tagged[Record] = Tagged("Record", get_args(Record))

@@ -1,5 +1,5 @@
 # The two commands of the README, and the slower suites beside them.
-.PHONY: demo demo-vm test test-nspawn test-kernel test-slow bench man
+.PHONY: demo demo-vm test test-nspawn test-kernel test-slow bench bench-nspawn man
 
 # Where `make man` writes the manual pages (scdoc sources in man/).
 BUILD ?= build

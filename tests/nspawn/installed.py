@@ -76,10 +76,13 @@ class Installed:
         self.package = package  # the .deb inside
 
     @classmethod
-    def install(cls, box: Container, deb: Path, handover: Path) -> Installed:
-        """apt install the .deb, with the VMM stand-in and the nspawn drop-in beside it."""
+    def install(cls, box: Container, deb: Path, handover: Path, *,
+                drop_in: bool = True) -> Installed:
+        """apt install the .deb, with the VMM stand-in and the nspawn drop-in beside it
+        (`drop_in=False`: the unit as shipped, as a user installs it)."""
         box.copy_in(Path(__file__).with_name("vmm.py"), VMM)
-        box.copy_in(Path(__file__).with_name("liveupdated-nspawn.conf"), DROP_IN)
+        if drop_in:
+            box.copy_in(Path(__file__).with_name("liveupdated-nspawn.conf"), DROP_IN)
         installed = cls(box, handover, f"/var/tmp/{deb.name}")
         box.copy_in(deb, installed.package)
         installed.apt_install()

@@ -42,6 +42,13 @@ bench:
 	@scripts/setup.sh
 	.venv/bin/python bench/run.py
 
+# The blackout on the fdstore backend across a real soft-reboot, in a Debian sid container
+# (systemd 262): tests/nspawn/bench_fdstore.py. Needs root; 10-20 minutes.
+bench-nspawn:
+	@scripts/setup.sh
+	@scripts/nspawn-deps.sh
+	.venv/bin/python tests/nspawn/bench_fdstore.py
+
 # scdoc is installed when it is missing (Debian: apt-get install scdoc; needs root).
 man:
 	@command -v scdoc >/dev/null || apt-get install -y -q scdoc >/dev/null || \

@@ -232,23 +232,7 @@ class Daemon:
         lost_tail = mark.disagrees(self.config.state_dir / "journal") if mark else ""
         if lost_tail:  # a cut at a frame boundary reads as a whole, shorter journal
             log.error("journal_tail_lost", problem=lost_tail)
-        unreadable = ""
-        try:
-            core, journal, damaged = replay(self.config, refused)
-        except OSError as exc:  # the disk refused to create, repair or even read it
-            if not (holds_fds and exc.errno in STORAGE_ERRNOS):
-                raise
-            refused = exc
-            try:
-                core, journal, damaged = replay(self.config, refused)
-            except OSError as again:  # unreadable: every stored fd is quarantined
-                unreadable = describe(again)
-                log.critical("journal_unreadable", error=unreadable,
-                             hint="every fd in the store is quarantined and every change "
-                                  "refused until the daemon restarts with a readable journal")
-                core = Orchestrator(self.config.limits)
-                journal = Journal.unreadable(self.config.state_dir / "journal", again)
-                damaged = True
+        core, journal, damaged, refused, unreadable = self._replay(refused, holds_fds)
         damaged = damaged or bool(lost_tail)
         self.journal_damaged = damaged
         if not unreadable:
@@ -301,6 +285,27 @@ class Daemon:
                               "can be written; RetrieveFd and Cancel work")
         return service
 
+    def _replay(
+        self, refused: OSError | None, holds_fds: bool
+    ) -> tuple[Orchestrator, Journal, bool, OSError | None, str]:
+        """replay(), with the disk's refusals: (core, journal, damaged, refused, why the
+        journal could not even be read or "")."""
+        try:
+            return (*replay(self.config, refused), refused, "")
+        except OSError as exc:  # the disk refused to create, repair or even read it
+            if not (holds_fds and exc.errno in STORAGE_ERRNOS):
+                raise
+            refused = exc
+        try:
+            return (*replay(self.config, refused), refused, "")
+        except OSError as again:  # unreadable: every stored fd is quarantined
+            unreadable = describe(again)
+            log.critical("journal_unreadable", error=unreadable,
+                         hint="every fd in the store is quarantined and every change "
+                              "refused until the daemon restarts with a readable journal")
+            journal = Journal.unreadable(self.config.state_dir / "journal", again)
+            return Orchestrator(self.config.limits), journal, True, refused, unreadable
+
     def _keep_mark(self, journal: Journal, mark_fd: int) -> None:
         """The journal's watermark lives in the fd store, off the disk it judges."""
         if mark_fd < 0:
@@ -331,16 +336,7 @@ class Daemon:
         bus.add_message_handler(sessions.answer_missing)
         bus.add_message_handler(_name_watcher(departed, callers, service))
         await driver.add_match(bus, NAME_OWNER_CHANGED)
-        # A client is its unique name on this bus: a new bus reuses unique names.
-        (core.bus_id,) = await driver.call(bus, "GetId")
-        if core.phase is Phase.NORMAL and not self.journal_damaged:
-            # After damage the phase itself may be a lost record's: drop nothing.
-            service.drop_departed_elsewhere()
-            for client in core.clients():
-                if not await callers.has_owner(client):
-                    service.client_left(client)
-            with contextlib.suppress(Storage):  # degraded: the next compaction has them
-                await service.flush()
+        await self._drop_departed_at_start(service, bus, callers)
 
         manager = Manager(service, callers, bus, self.config)
         service.listeners = Listeners(
@@ -387,6 +383,21 @@ class Daemon:
             return self._reboot_in_process(service.backend.name)
         log.info("stopped", reason=outcome)  # "rebooting": the reboot's own stop
         return 0
+
+    async def _drop_departed_at_start(
+        self, service: LiveUpdate, bus: FdOwningBus, callers: Callers
+    ) -> None:
+        """A client is its unique name on this bus (a new bus reuses unique names): the
+        sessions of clients gone since, that never went through Prepare, are dropped."""
+        (service.core.bus_id,) = await driver.call(bus, "GetId")
+        if service.core.phase is not Phase.NORMAL or self.journal_damaged:
+            return  # after damage the phase itself may be a lost record's: drop nothing
+        service.drop_departed_elsewhere()
+        for client in service.core.clients():
+            if not await callers.has_owner(client):
+                service.client_left(client)
+        with contextlib.suppress(Storage):  # degraded: the next compaction has them
+            await service.flush()
 
     async def _serve(
         self,

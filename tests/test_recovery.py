@@ -20,7 +20,6 @@ from liveupdated.core.errors import (
     AccessDenied,
     NoSuchSession,
     NoSuchToken,
-    SessionExists,
     WrongState,
 )
 from liveupdated.core.names import session_path

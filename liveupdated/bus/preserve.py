@@ -88,7 +88,7 @@ class PreserveFdCalls(MessageHandler):
             raise
         except Exception as exc:  # the journal failed: the service is degraded now
             error = to_dbus_error(exc)
-            for msg, records in reversed(calls):  # nothing changed: refused and undone
+            for _, records in reversed(calls):  # nothing changed: refused and undone
                 self._service.revert(records)
             for msg, _ in calls:
                 self._bus.send(Message.new_error(msg, error.type, error.text))

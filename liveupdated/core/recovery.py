@@ -234,116 +234,126 @@ def _decide_boot(core: Orchestrator, facts: StartFacts, out: Recovery) -> None:
 def _match_stored(core: Orchestrator, facts: StartFacts, out: Recovery) -> dict[Key, StoredFd]:
     """Each stored fd to what it is: held, adopted, spare, quarantined, or a second
     opening of a file already held. Returns what is held (or adopted) under each key."""
-    held: dict[Key, StoredFd] = {}
-    spares: set[tuple[str, tuple[int, int]]] = set()
-    keep_names: set[str] = set()
-    drop_names: set[str] = set()
-    quarantined: list[tuple[StoredFd, str, str, str]] = []  # fd, session, token, reason
-    legacy = {(q.session, q.token): q for q in core.quarantine.values() if q.legacy}
-    updated = core.phase is Phase.UPDATED
+    matcher = _Matcher(core, facts, out)
     for fd in facts.stored:
+        matcher.match(fd)
+    return matcher.finish()
+
+
+class _Matcher:
+    """The state of _match_stored while it goes through the stored fds in order."""
+
+    def __init__(self, core: Orchestrator, facts: StartFacts, out: Recovery) -> None:
+        self.core, self.facts, self.out = core, facts, out
+        self.held: dict[Key, StoredFd] = {}
+        self.spares: set[tuple[str, tuple[int, int]]] = set()
+        self.keep_names: set[str] = set()
+        self.drop_names: set[str] = set()
+        self.quarantined: list[tuple[StoredFd, str, str, str]] = []  # fd, session, token, why
+        self.legacy = {(q.session, q.token): q for q in core.quarantine.values() if q.legacy}
+        self.updated = core.phase is Phase.UPDATED
+
+    def hold(self, fd: StoredFd, key: Key, *, adopt: bool = False) -> None:
+        self.held[key] = fd
+        self.out.effects.append(Adopt(fd.index, key) if adopt else Hold(fd.index, key))
+        self.keep_names.add(fd.name)
+
+    def spare(self, fd: StoredFd, key: Key) -> None:
+        if (fd.name, fd.file) in self.spares:
+            self.out.effects.append(Close(fd.index, "the same file is kept as a spare"))
+            return
+        self.spares.add((fd.name, fd.file))
+        self.out.effects.append(Spare(fd.index, key))
+        self.keep_names.add(fd.name)
+
+    def quarantine(self, fd: StoredFd, session: str, token: str, why: str) -> None:
+        self.quarantined.append((fd, session, token, why))
+        self.drop_names.add(fd.name)
+
+    def second(self, fd: StoredFd, key: Key, what: str) -> None:
+        """Another fd under the name of one held already: the same file is spare, any
+        other file is kept for the admin."""
+        if self.held[key].file == fd.file:
+            self.out.effects.append(Close(fd.index, f"the same file is {what} under this name"))
+        else:
+            self.quarantine(fd, *key, f"a second file under the name of a {what} fd: a "
+                            "PreserveFd that was never acknowledged")
+
+    def match(self, fd: StoredFd) -> None:
         session, slash, token = fd.name.partition("/")
         if session == QUARANTINE:
             key = quarantine_key(token)
-            if token in core.quarantine and key not in held:
-                held[key] = fd
-                out.effects.append(Hold(fd.index, key))
-                keep_names.add(fd.name)
-            elif key in held and held[key].file == fd.file:
-                out.effects.append(Close(fd.index, "the same file is held under this name"))
+            if token in self.core.quarantine and key not in self.held:
+                self.hold(fd, key)
+            elif key in self.held and self.held[key].file == fd.file:
+                self.out.effects.append(Close(fd.index, "the same file is held under this name"))
             else:
-                quarantined.append((fd, session, token, f"stored as {fd.name!r}, which the "
-                                    "journal does not record"))
-                drop_names.add(fd.name)
-            continue
-        if not (slash and is_name(session) and is_name(token)):
-            quarantined.append((fd, "unnamed", fd.name[:64] or "unnamed",
-                                f"stored as {fd.name!r}"))
-            drop_names.add(fd.name)
-            continue
-        key = (session, token)
-        entry = core.sessions[session].fds.get(token) if session in core.sessions else None
-        if entry is None:
-            legacy_entry = legacy.pop(key, None)
-            if legacy_entry is not None:  # quarantined by an earlier version, by name
-                qkey = quarantine_key(legacy_entry.id)
-                held[qkey] = fd
-                out.effects.append(HoldRenamed(fd.index, qkey))
-                drop_names.add(fd.name)
-            elif session in core.sessions and facts.journal_damaged:
-                out.log("error", "fd_record_corrupted", session=session, token=token,
-                        bytes=fd.size)
-                out.records += core.fds_corrupted([(session, token, fd.size)])
-                held[key] = fd
-                out.effects.append(Hold(fd.index, key))
-                keep_names.add(fd.name)
+                self.quarantine(fd, session, token,
+                                f"stored as {fd.name!r}, which the journal does not record")
+        elif not (slash and is_name(session) and is_name(token)):
+            self.quarantine(fd, "unnamed", fd.name[:64] or "unnamed", f"stored as {fd.name!r}")
+        elif session in self.core.sessions and token in self.core.sessions[session].fds:
+            self.match_entry(fd, (session, token), self.core.sessions[session].fds[token])
+        else:
+            self.match_unknown(fd, (session, token))
+
+    def match_unknown(self, fd: StoredFd, key: Key) -> None:
+        session, token = key
+        legacy = self.legacy.pop(key, None)
+        if legacy is not None:  # quarantined by an earlier version, by its name
+            qkey = quarantine_key(legacy.id)
+            self.held[qkey] = fd
+            self.out.effects.append(HoldRenamed(fd.index, qkey))
+            self.drop_names.add(fd.name)
+        elif session in self.core.sessions and self.facts.journal_damaged:
+            self.out.log("error", "fd_record_corrupted", session=session, token=token,
+                         bytes=fd.size)
+            self.out.records += self.core.fds_corrupted([(session, token, fd.size)])
+            self.hold(fd, key)
+        else:
+            why = ("its session's records were lost" if session not in self.core.sessions
+                   else "the journal does not record it: a PreserveFd that was never "
+                        "acknowledged")
+            self.quarantine(fd, session, token, why)
+
+    def match_entry(self, fd: StoredFd, key: Key, entry: FdEntry) -> None:
+        carried = self.updated and not entry.restored
+        if carried and self.facts.carrier_keeps_store:
+            if key in self.held:
+                self.second(fd, key, "carried")
             else:
-                why = ("its session's records were lost" if session not in core.sessions
-                       else "the journal does not record it: a PreserveFd that was never "
-                            "acknowledged")
-                quarantined.append((fd, session, token, why))
-                drop_names.add(fd.name)
-            continue
-        carried = updated and not entry.restored
-        if carried and facts.carrier_keeps_store:
-            if key not in held:
-                held[key] = fd
-                out.effects.append(Adopt(fd.index, key))
-                keep_names.add(fd.name)
-            elif held[key].file == fd.file:
-                out.effects.append(Close(fd.index, "the same file is carried under this name"))
-            else:
-                quarantined.append((fd, session, token, "a second file under the name of a "
-                                    "carried fd"))
-            continue
-        if carried:  # the handover is the source of its content now
-            if (fd.name, fd.file) in spares:
-                out.effects.append(Close(fd.index, "the same file is kept as a spare"))
-            else:
-                spares.add((fd.name, fd.file))
-                out.effects.append(Spare(fd.index, key))
-                keep_names.add(fd.name)
-            continue
-        if updated and entry.ino and (entry.dev, entry.ino) != fd.file:
-            # Restored before a restart: the file the journal names is the rebuilt one; any
-            # other under its name is the old boot's own, which the handover stood for.
-            if (fd.name, fd.file) in spares:
-                out.effects.append(Close(fd.index, "the same file is kept as a spare"))
-            else:
-                spares.add((fd.name, fd.file))
-                out.effects.append(Spare(fd.index, key))
-                keep_names.add(fd.name)
-            continue
-        if key in held:
-            if held[key].file == fd.file:
-                out.effects.append(Close(fd.index, "the same file is held under this name"))
-            else:
-                quarantined.append((fd, session, token, "a second file under the name of a "
-                                    "held fd: a PreserveFd that was never acknowledged"))
-            continue
-        if entry.ino and (entry.dev, entry.ino) != fd.file and entry.problem != "corrupted":
-            quarantined.append((fd, session, token, "not the file the journal records under "
-                                "this name: a PreserveFd that was never acknowledged"))
-            continue
-        held[key] = fd
-        out.effects.append(Hold(fd.index, key))
-        keep_names.add(fd.name)
-    found: list[tuple[str, str, int, str]] = []
-    for fd, session, token, reason in quarantined:
-        qid = core.next_quarantine_id(len(found))
-        key = quarantine_key(qid)
-        held[key] = fd
-        out.effects.append(HoldRenamed(fd.index, key))
-        out.log("error", "fd_quarantined", id=qid, session=session, token=token,
-                bytes=fd.size, reason=reason, fdname=fd.name,
-                hint="an admin may retrieve or release it: liveupdatectl quarantine")
-        found.append((session, token, fd.size, reason))
-    out.records += core.quarantine_fds(found)
-    for qkey in [quarantine_key(q.id) for q in legacy.values()]:
-        out.log("warning", "quarantined_fd_not_stored", id=qkey[1])
-    for name in sorted(drop_names - keep_names):
-        out.effects.append(ForgetName(name))
-    return held
+                self.hold(fd, key, adopt=True)
+        elif carried:  # the handover is the source of its content now
+            self.spare(fd, key)
+        elif self.updated and entry.ino and (entry.dev, entry.ino) != fd.file:
+            # Restored before a restart: the journal names the rebuilt file; any other
+            # under its name is the old boot's own, which the handover stood for.
+            self.spare(fd, key)
+        elif key in self.held:
+            self.second(fd, key, "held")
+        elif entry.ino and (entry.dev, entry.ino) != fd.file and entry.problem != "corrupted":
+            self.quarantine(fd, *key, "not the file the journal records under this name: a "
+                            "PreserveFd that was never acknowledged")
+        else:
+            self.hold(fd, key)
+
+    def finish(self) -> dict[Key, StoredFd]:
+        found: list[tuple[str, str, int, str]] = []
+        for fd, session, token, reason in self.quarantined:
+            qid = self.core.next_quarantine_id(len(found))
+            key = quarantine_key(qid)
+            self.held[key] = fd
+            self.out.effects.append(HoldRenamed(fd.index, key))
+            self.out.log("error", "fd_quarantined", id=qid, session=session, token=token,
+                         bytes=fd.size, reason=reason, fdname=fd.name,
+                         hint="an admin retrieves or releases it: liveupdatectl quarantine")
+            found.append((session, token, fd.size, reason))
+        self.out.records += self.core.quarantine_fds(found)
+        for legacy in self.legacy.values():
+            self.out.log("warning", "quarantined_fd_not_stored", id=legacy.id)
+        for name in sorted(self.drop_names - self.keep_names):
+            self.out.effects.append(ForgetName(name))
+        return self.held
 
 
 def _account_missing(

@@ -5,9 +5,10 @@ bus connection each, through the client library only.
   bench_vmm.py run NAME  the unit's ExecStart. By the bench's config.json and the
                          daemon's state:
                          - updated: RetrieveSession, then RetrieveFd of each token one
-                           after the other, each reply timed; READY=1; then every byte of
-                           every fd checked against what was preserved (outside the timed
-                           span); report written
+                           after the other, each reply timed; READY=1; report written;
+                           then, once the bench opens the check gate (a shared flock it
+                           holds until every VMM has its fds), every byte of every fd
+                           checked against what was preserved; a second report written
                          - normal, mode "hold": CreateSession, FDS memfds of SIZE bytes
                            filled with data, wait at the barrier (a shared flock the bench
                            holds exclusively), PreserveFd of each, each call timed; report
@@ -42,6 +43,7 @@ from liveupdated.client import Client
 DIR = Path("/var/tmp/liveupdated-bench")
 CONFIG = DIR / "config.json"
 BARRIER = DIR / "barrier"
+CHECK_GATE = DIR / "check-gate"  # held by the bench until every VMM has its fds back
 ARMED = DIR / "armed"  # NAME: created just before the VMM takes the barrier
 REPORTS = DIR / "reports"  # NAME.PHASE.json
 UPDATE = DIR / "update.json"
@@ -93,6 +95,37 @@ def write_json(path: Path, value: Any) -> None:
     partial.rename(path)
 
 
+async def retrieve(client: Client, name: str, count: int, size: int,
+                   report: dict[str, Any]) -> list[int]:
+    """After the update: every fd back, timed; READY=1; the bytes checked at the gate."""
+    held: list[int] = []
+    report["phase"] = "retrieve"
+    report["asked"] = time.monotonic()
+    session = await client.retrieve_session(name)
+    report["session"] = time.monotonic()
+    calls = []
+    for token in tokens(count):
+        sent = time.monotonic()
+        fd = await session.retrieve_fd(token)
+        calls.append((sent, time.monotonic()))
+        held.append(fd)
+    report["calls"] = calls
+    sdnotify.SystemdNotifier().notify("READY=1")
+    report["ready"] = time.monotonic()
+    write_json(REPORTS / f"{name}.retrieve.json", report)
+    # The checks wait until every VMM has its fds: one VMM's reading its 32 MiB
+    # must not slow another's RetrieveFd on these 2 cores.
+    with open(CHECK_GATE) as gate:
+        fcntl.flock(gate, fcntl.LOCK_SH)
+    problems = [p for t, fd in zip(tokens(count), held, strict=True)
+                if (p := differs(name, t, size, fd))]
+    report["phase"] = "checked"
+    report["checked"] = len(held)
+    report["problems"] = problems
+    report["bytes"] = count * size
+    return held
+
+
 async def run(name: str) -> None:
     started = time.monotonic()
     config = json.loads(CONFIG.read_text())
@@ -107,23 +140,7 @@ async def run(name: str) -> None:
         state = await client.state()  # the first call: it waits for the daemon's READY
         report["state"], report["answered"] = state, time.monotonic()
         if state == "updated":
-            report["phase"] = "retrieve"
-            report["asked"] = time.monotonic()
-            session = await client.retrieve_session(name)
-            report["session"] = time.monotonic()
-            calls = []
-            for token in tokens(count):
-                sent = time.monotonic()
-                fd = await session.retrieve_fd(token)
-                calls.append((sent, time.monotonic()))
-                held.append(fd)
-            report["calls"] = calls
-            notifier.notify("READY=1")
-            problems = [p for t, fd in zip(tokens(count), held, strict=True)
-                        if (p := differs(name, t, size, fd))]
-            report["checked"] = len(held)
-            report["problems"] = problems
-            report["bytes"] = count * size
+            held = await retrieve(client, name, count, size, report)
         elif config["mode"] == "hold":
             report["phase"] = "preserve"
             session = await client.create_session(name)
@@ -141,7 +158,7 @@ async def run(name: str) -> None:
         else:
             report["phase"] = "bare"
             notifier.notify("READY=1")
-        report["ready"] = time.monotonic()
+        report.setdefault("ready", time.monotonic())
         write_json(REPORTS / f"{name}.{report['phase']}.json", report)
         await stop.wait()
     for fd in held:

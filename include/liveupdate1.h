@@ -2,9 +2,10 @@
  *
  * Names, the signature of each member, and an sd_bus_error_map that turns every
  * org.liveupdate1.Error.* into an errno (register it with sd_bus_error_add_map()).
- * Generated from liveupdated/contract.py and dbus/*.xml; tests/test_header.py keeps it
- * equal to them. Session object paths: sd_bus_path_encode(LIVEUPDATE1_SESSION_PREFIX_PATH,
- * name, &path) gives the daemon's path (a leading digit is escaped too).
+ * Generated from liveupdated/contract.py and dbus/org.liveupdate1.*.xml;
+ * tests/test_header.py keeps it equal to them. Session object paths:
+ * sd_bus_path_encode(LIVEUPDATE1_SESSION_PREFIX_PATH, name, &path) gives the daemon's
+ * path (a leading digit is escaped too). examples/vmm.c uses it all.
  */
 #ifndef LIVEUPDATE1_H
 #define LIVEUPDATE1_H

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(dbus libglib2.0-bin python3-venv python3-dbus scdoc)
+apt_packages=(dbus dbus-broker libglib2.0-bin python3-venv python3-dbus scdoc)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -109,7 +109,15 @@ class RawClient:
                 os.close(fd)
             if message.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR):
                 found.append(message)
+            elif message.member == "Ping" and message.interface == "org.freedesktop.DBus.Peer":
+                self.answer(message)  # as every D-Bus library does, when it reads
         return found
+
+    def answer(self, call: Message) -> None:
+        self._serial += 1
+        reply = Message.new_method_return(call)
+        reply.serial = self._serial
+        self.sock.sendall(bytes(reply._marshall(True)))
 
     def close(self) -> None:
         self.sock.close()

@@ -12,6 +12,13 @@
 #                 be the target Debian release. Needs root either way (dpkg-deb is given
 #                 root-owned files).
 # Prints the path of the .deb.
+#
+# The package's Maintainer (control), its copyright holder and the changelog's signature
+# lines name whoever builds it, never an address made up here:
+#   LIVEUPDATED_MAINTAINER="Full Name <address>"   if set, else
+#   DEBFULLNAME and DEBEMAIL (as dch(1) reads them)   if both are set, else
+#   "liveupdated local build <nobody@liveupdated.invalid>" (.invalid never resolves:
+#   RFC 2606), which says that no one maintains this build.
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,6 +34,21 @@ while (($#)); do
     esac
 done
 [[ -n $wheels ]] || usage
+
+NEUTRAL_MAINTAINER="liveupdated local build <nobody@liveupdated.invalid>"
+if [[ -n ${LIVEUPDATED_MAINTAINER:-} ]]; then
+    maintainer=$LIVEUPDATED_MAINTAINER
+elif [[ -n ${DEBFULLNAME:-} && -n ${DEBEMAIL:-} ]]; then
+    maintainer="$DEBFULLNAME <$DEBEMAIL>"
+else
+    maintainer=$NEUTRAL_MAINTAINER
+fi
+# One "Name <user@host>", nothing sed's replacement would read as its own syntax.
+if [[ ! $maintainer =~ ^[^\<\>@|\\\&]+\ \<[^\<\>@|\\\&[:space:]]+@[^\<\>@|\\\&[:space:]]+\>$ ]]; then
+    echo "build-deb: maintainer '$maintainer' is not 'Full Name <user@host>'" \
+        "(LIVEUPDATED_MAINTAINER, or DEBFULLNAME and DEBEMAIL)" >&2
+    exit 2
+fi
 
 wheel=$(cd "$wheels" && ls liveupdated-*-py3-none-any.whl)
 version=${wheel#liveupdated-}
@@ -70,7 +92,9 @@ done
 find "$pkg" -type f -name '*.so' -exec strip --remove-section=.comment \
     --remove-section=.note --strip-unneeded {} +
 doc=$pkg/usr/share/doc/liveupdated
-install -D -m 0644 "$src/packaging/debian/copyright" "$doc/copyright"
+mkdir -p "$doc"
+sed "s|@MAINTAINER@|$maintainer|" "$src/packaging/debian/copyright" >"$doc/copyright"
+chmod 0644 "$doc/copyright"
 # The changelog's latest entry is this release.
 released=$(sed -n '1s/^liveupdated (\([^)]*\)).*/\1/p' "$src/packaging/debian/changelog")
 if [[ $released != "$version" ]]; then
@@ -78,7 +102,7 @@ if [[ $released != "$version" ]]; then
         "the wheel is $version" >&2
     exit 1
 fi
-gzip -9n <"$src/packaging/debian/changelog" >"$doc/changelog.gz"
+sed "s|@MAINTAINER@|$maintainer|" "$src/packaging/debian/changelog" | gzip -9n >"$doc/changelog.gz"
 chmod 0644 "$doc/changelog.gz"
 mkdir -p "$pkg/DEBIAN"
 install -m 0755 -t "$pkg/DEBIAN" "$src"/packaging/debian/{postinst,prerm,postrm}
@@ -92,7 +116,7 @@ pyver=$(sed -n 's/^version_info *= *\([0-9]*\)\.\([0-9]*\).*/\1.\2/p' \
 [[ $pyver =~ ^3\.[0-9]+$ ]] || { echo "build-deb: no Python version in pyvenv.cfg" >&2; exit 1; }
 pynext=3.$((${pyver#3.} + 1))
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
-    -e "s/@PYTHON@/$pyver/" -e "s/@PYTHON_NEXT@/$pynext/" \
+    -e "s/@PYTHON@/$pyver/" -e "s/@PYTHON_NEXT@/$pynext/" -e "s|@MAINTAINER@|$maintainer|" \
     "$src/packaging/debian/control.in" >"$pkg/DEBIAN/control"
 
 (cd "$pkg" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z |

@@ -6,7 +6,8 @@
 #
 # Built once with debootstrap (about a minute) and cached as a zstd tarball under
 # /var/cache/liveupdated-tests keyed on its package list; DEST is unpacked from the cache
-# when it holds no QEMU yet. The mirror is the host's own Debian mirror. Needs root,
+# when it holds no QEMU yet. The mirror is the host's own Debian mirror from its apt
+# sources, or $LIVEUPDATED_DEBIAN_MIRROR (scripts/debian-mirror.sh). Needs root,
 # debootstrap and zstd (scripts/nspawn-deps.sh installs them).
 set -eu
 PACKAGES="qemu-system-x86,binutils"
@@ -22,9 +23,8 @@ if [ -x "$dest/usr/bin/qemu-system-x86_64" ]; then
 fi
 [ "$(id -u)" -eq 0 ] || { echo "sid-root.sh: needs root" >&2; exit 1; }
 
-mirror=$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\/debian\)\/*[[:space:]]*$/\1/p' \
-    /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
-mirror=${mirror:-http://deb.debian.org/debian}
+# The host's own Debian mirror, or LIVEUPDATED_DEBIAN_MIRROR (one line and exit 1: none).
+mirror=$("$(dirname "$0")/../scripts/debian-mirror.sh")
 
 mkdir -p "$cache"
 exec 9>"$tarball.lock"

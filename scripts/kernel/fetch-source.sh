@@ -1,6 +1,8 @@
 #!/bin/sh
 # Download and unpack Debian's linux-source-7.x from the unstable suite, once, into the
-# test cache. A private apt directory keeps the machine's own sources untouched.
+# test cache. A private apt directory keeps the machine's own sources untouched; its
+# mirror is the host's own Debian mirror from its apt sources, or
+# $LIVEUPDATED_DEBIAN_MIRROR (scripts/debian-mirror.sh).
 # Prints the unpacked source directory.
 set -eu
 CACHE=${LIVEUPDATED_TEST_CACHE:-/var/cache/liveupdated-tests}
@@ -8,23 +10,22 @@ PKG=${LUO_KERNEL_PACKAGE:-linux-source-7.2}
 APT=$CACHE/apt-unstable
 SRC=$CACHE/src
 mkdir -p "$APT/etc/parts" "$APT/lists/partial" "$SRC"
-if [ ! -f "$APT/etc/unstable.sources" ]; then
-    cat >"$APT/etc/unstable.sources" <<SOURCES
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: unstable
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SOURCES
-fi
 set -- -o "Dir::Etc::SourceList=$APT/etc/unstable.sources" \
     -o "Dir::Etc::SourceParts=$APT/etc/parts" -o "Dir::State::Lists=$APT/lists" \
     -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=
 exec 9>"$SRC/.lock"
 flock 9
 deb=$(ls "$SRC"/"${PKG}"_*_all.deb 2>/dev/null | tail -n1 || true)
-if [ -z "$deb" ]; then
-    echo "fetch-source: downloading $PKG from Debian unstable into $SRC" >&2
+if [ -z "$deb" ]; then  # a mirror is needed only to download
+    mirror=$("$(dirname "$0")/../debian-mirror.sh")
+    cat >"$APT/etc/unstable.sources" <<SOURCES
+Types: deb
+URIs: $mirror
+Suites: unstable
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+    echo "fetch-source: downloading $PKG from Debian unstable ($mirror) into $SRC" >&2
     apt-get -q "$@" update >&2
     (cd "$SRC" && apt-get -q "$@" download "$PKG" >&2)
     deb=$(ls "$SRC"/"${PKG}"_*_all.deb | tail -n1)

@@ -42,15 +42,17 @@ class Suite:
 
 BOOKWORM = Suite(SUITE, PACKAGES)
 # python3 (not -minimal): the venv needs ensurepip's pip wheel (python3-venv) to install.
+# gcc, libc6-dev, libsystemd-dev, pkg-config: test_c_vmm.py builds examples/vmm.c there.
 SID = Suite(
     "sid",
     ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "procps",
-     "libglib2.0-bin", "polkitd", "libpam-systemd"),
+     "libglib2.0-bin", "polkitd", "libpam-systemd",
+     "gcc", "libc6-dev", "libsystemd-dev", "pkg-config"),
 )
 SUITES = {suite.name: suite for suite in (BOOKWORM, SID)}
 HOSTNAME = "liveupdated-test"
 CACHE_DIR = Path("/var/cache/liveupdated-tests")
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
+MIRROR_HELPER = Path(__file__).resolve().parents[2] / "scripts" / "debian-mirror.sh"
 # Units that cannot work in a container sharing the host's network and kernel.
 MASKED_UNITS = ("systemd-networkd-wait-online.service",)
 
@@ -113,39 +115,17 @@ def tmpfs(path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
-def host_mirror(suite: str = SUITE) -> str:
-    """Return the Debian mirror the host's apt sources use for suite: else the host's
-    own Debian mirror (one whose path ends in /debian), else deb.debian.org."""
-    deb822 = Path("/etc/apt/sources.list.d/debian.sources")
-    if deb822.exists():
-        for stanza in deb822.read_text().split("\n\n"):
-            fields = _deb822_fields(stanza)
-            if "deb" in fields.get("types", []) and suite in fields.get("suites", []):
-                uris = fields.get("uris", [])
-                if uris:
-                    return uris[0]
-        for stanza in deb822.read_text().split("\n\n"):
-            fields = _deb822_fields(stanza)
-            debian = [u for u in fields.get("uris", []) if u.rstrip("/").endswith("/debian")]
-            if "deb" in fields.get("types", []) and debian:
-                return debian[0]
-    legacy = Path("/etc/apt/sources.list")
-    if legacy.exists():
-        for line in legacy.read_text().splitlines():
-            words = [w for w in line.split("#", 1)[0].split() if not w.startswith("[")]
-            if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
-                return words[1]
-    return DEFAULT_MIRROR
-
-
-def _deb822_fields(stanza: str) -> dict[str, list[str]]:
-    fields: dict[str, list[str]] = {}
-    for line in stanza.splitlines():
-        if line.startswith("#") or ":" not in line or line[:1].isspace():
-            continue
-        name, value = line.split(":", 1)
-        fields[name.strip().lower()] = value.split()
-    return fields
+def host_mirror() -> str:
+    """The Debian mirror to debootstrap from: LIVEUPDATED_DEBIAN_MIRROR, else the host's
+    own from its apt sources (scripts/debian-mirror.sh, shared with the shell scripts).
+    RootfsError with the helper's one line when there is none."""
+    result = subprocess.run(
+        [str(MIRROR_HELPER)], check=False, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0 or not result.stdout.strip():
+        raise RootfsError(result.stderr.strip() or f"{MIRROR_HELPER} printed no mirror")
+    return result.stdout.strip()
 
 
 def _build_tarball(tarball: Path, suite: Suite) -> None:
@@ -162,7 +142,7 @@ def _build_tarball(tarball: Path, suite: Suite) -> None:
                         f"--include={','.join(suite.packages)}",
                         suite.name,
                         str(root),
-                        host_mirror(suite.name),
+                        host_mirror(),
                     ]
                 )
             except RootfsError as exc:

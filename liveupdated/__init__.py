@@ -1,3 +1,3 @@
 """liveupdated: carries VMM file descriptors across a kernel live update (kexec)."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -310,11 +310,24 @@ class SimulatedBackend:
 
     def finish_session(self, session: str, released: Sequence[str]) -> None:
         """Its pack goes (the session is done: what it did not retrieve is released),
-        and the files of its large fds that were released."""
+        and the files of its large fds that were released. The files are those the
+        handover record names, as retrieve_fd reads them: an earlier release escaped
+        names otherwise (0.3.0 wrote `65534_2dvm-pack`, this one `_365534_2dvm-pack`), and
+        a name computed now would miss its files until Finish."""
         data_dir = self.area / DATA_DIR
-        (data_dir / f"{escape_path_label(session)}{PACK_SUFFIX}").unlink(missing_ok=True)
-        for token in released:
-            (data_dir / self._data_file((session, token))).unlink(missing_ok=True)
+        files = {f"{escape_path_label(session)}{PACK_SUFFIX}"}
+        files.update(self._data_file((session, token)) for token in released)
+        with contextlib.suppress(Corrupted):  # a damaged record names nothing: Finish
+            self._load_record()  # loaded by find_handover at start: no read here
+        if self._record is not None:
+            for (owner, token), carried in self._carried.items():
+                if owner == session and (
+                    carried.file.endswith(PACK_SUFFIX) or token in released
+                ):
+                    files.add(carried.file)
+        for file in files:
+            if "/" not in file and file not in (".", ".."):  # inside the area only
+                (data_dir / file).unlink(missing_ok=True)
 
     def finish(self) -> None:
         self.discard_handover()

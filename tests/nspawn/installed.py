@@ -4,6 +4,7 @@ tests use on it: systemctl, busctl (--json), journalctl and the VMM stand-in (vm
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,7 +18,6 @@ UNIT = "liveupdated.service"
 PYTHON = "/usr/lib/liveupdated/bin/python"
 VMM = "/opt/liveupdated-tests/vmm.py"
 HANDOVER = "/var/lib/liveupdated/handover"
-DROP_IN = "/etc/systemd/system/liveupdated.service.d/nspawn.conf"
 MANAGER = ("org.liveupdate1", "/org/liveupdate1", "org.liveupdate1.Manager")
 
 T = TypeVar("T")
@@ -67,6 +67,33 @@ def host_run(argv: list[str]) -> str:
     return result.stdout
 
 
+_LEVELS = {"2": "critical", "3": "error", "4": "warning", "6": "info", "7": "debug"}
+_NATIVE = {"SESSION": "session", "TOKEN": "token", "PHASE": "phase"}
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def logged_event(entry: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's event (`event`, `level` and its fields) from a journal entry: a JSON
+    MESSAGE (releases before native fields, and the fallback line), else the native fields
+    of liveupdated/logs.py (LIVEUPDATED_<KEY>, SESSION, TOKEN, PHASE), integers as int."""
+    message = entry.get("MESSAGE")
+    if isinstance(message, str) and message.startswith("{"):
+        parsed: dict[str, Any] = json.loads(message)
+        return parsed
+    event: dict[str, Any] = {"level": _LEVELS.get(str(entry.get("PRIORITY")), "")}
+    for key, value in entry.items():
+        if key.startswith("LIVEUPDATED_"):
+            name = key.removeprefix("LIVEUPDATED_").lower()
+        elif key in _NATIVE:
+            name = _NATIVE[key]
+        else:
+            continue
+        if not isinstance(value, str):
+            continue  # not UTF-8: journalctl gives bytes; no test reads those
+        event.setdefault(name, int(value) if _INTEGER.fullmatch(value) else value)
+    return event
+
+
 class Installed:
     """A container with the liveupdated package installed (enabled, started by postinst)."""
 
@@ -76,13 +103,10 @@ class Installed:
         self.package = package  # the .deb inside
 
     @classmethod
-    def install(cls, box: Container, deb: Path, handover: Path, *,
-                drop_in: bool = True) -> Installed:
-        """apt install the .deb, with the VMM stand-in and the nspawn drop-in beside it
-        (`drop_in=False`: the unit as shipped, as a user installs it)."""
+    def install(cls, box: Container, deb: Path, handover: Path) -> Installed:
+        """apt install the .deb, its unit as shipped (no drop-in), with the VMM stand-in
+        beside it."""
         box.copy_in(Path(__file__).with_name("vmm.py"), VMM)
-        if drop_in:
-            box.copy_in(Path(__file__).with_name("liveupdated-nspawn.conf"), DROP_IN)
         installed = cls(box, handover, f"/var/tmp/{deb.name}")
         box.copy_in(deb, installed.package)
         installed.apt_install()
@@ -138,14 +162,15 @@ class Installed:
             raise AssertionError(f"NFileDescriptorStore is {seen[-1]}, not {count}") from None
 
     def journal(self, priority: str) -> list[dict[str, Any]]:
-        """The daemon's own journal entries up to `priority`, their MESSAGE parsed (JSON)."""
+        """The daemon's own journal entries up to `priority`, their MESSAGE replaced by the
+        event as logged (see `logged_event`)."""
         out = self.box.run(
             ["journalctl", "--unit", UNIT, "--priority", priority, "--output", "json",
              "--no-pager"]
         ).stdout
         entries = [json.loads(line) for line in out.splitlines()]
         return [
-            {**entry, "MESSAGE": json.loads(entry["MESSAGE"])}
+            {**entry, "MESSAGE": logged_event(entry)}
             for entry in entries
             if entry.get("SYSLOG_IDENTIFIER") == "liveupdated"
             and entry.get("_SYSTEMD_UNIT") == UNIT

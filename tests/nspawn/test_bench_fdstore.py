@@ -27,8 +27,7 @@ def test_bench_reports_every_target_key(
     handover = tmp_path / "handover"
     handover.mkdir(mode=0o700)
     # As a user installs it: the unit as shipped, no test drop-in.
-    installed = Installed.install(sid_container(nspawn_args=CONSOLE), sid_deb, handover,
-                                  drop_in=False)
+    installed = Installed.install(sid_container(nspawn_args=CONSOLE), sid_deb, handover)
     log = io.StringIO()
     sizes = [parse_size("3x2:8192"), parse_size("4x5:4096")]
     report = headline(run(Bench(installed, log=log), sizes, repeats=1))

@@ -31,6 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import signal
 import statistics
 import sys
@@ -64,12 +65,14 @@ MANAGER = ("org.liveupdate1", "/org/liveupdate1", "org.liveupdate1.Manager")
 MIB = 1 << 20
 # The console to the log, read: with --console=passive nobody reads it, and the status
 # lines of 64 VMM units stopping at the soft-reboot filled it until PID 1 blocked in a
-# write to it, for good. And PID 1's fd limit of a host (systemd raises its own to
-# fs.nr_open): it copies every fd of every store to serialize them for the soft-reboot,
-# and with 10,000 in liveupdated's store and this machine's hard limit of 20,000,
-# inherited from nspawn, it failed ("Failed to copy file descriptor for serialization:
-# Too many open files") and exited.
-CONSOLE = ("--console=read-only", "--rlimit=RLIMIT_NOFILE=524288")
+# write to it, for good.
+CONSOLE = ("--console=read-only",)
+# PID 1's fd limit as on a host (systemd raises its own there; in the container it keeps
+# nspawn's, this machine's hard limit of 20,000, whatever --rlimit= says): it copies every
+# fd of every store to serialize them for the soft-reboot, and with 10,000 in
+# liveupdated's store it failed ("Failed to copy file descriptor for serialization: Too
+# many open files") and exited.
+PID1_NOFILE = 524288
 USEC = 1e-6
 
 # How the VMM units start against liveupdated. "after": After= and Wants= it, the way a
@@ -331,6 +334,13 @@ def run(bench: Bench, sizes: Sequence[Size], repeats: int) -> dict[str, Any]:
     for size in sizes:
         rounds: list[dict[str, Any]] = []
         imports: list[float] = []
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if 2 * size.total_fds + 1000 > limit:
+            why = (f"{size.total_fds} fds cannot cross a soft-reboot under PID 1's fd limit "
+                   f"of {limit} (it holds each twice to serialize them)")
+            bench.say(f"{size.label}: skipped: {why}")
+            results.setdefault("skipped", {})[size.label] = why
+            continue
         for repeat in range(repeats):
             bench.say(f"{size.label} round {repeat + 1}/{repeats}: bare soft-reboot "
                       f"(load {load()})")
@@ -381,25 +391,26 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     for label, key in (("64x4", "64x4"), ("10k", "10k")):
         if label in sizes:
             out[f"blackout_over_bare_{key}_s"] = sizes[label]["over_bare_s"]["median"]
+    if not sizes:  # every size skipped
+        sizes = {"none": {"over_bare_s": {"median": None}, "retrieve_ratio": {"median": None}}}
     big = sizes.get("10k") or sizes[list(sizes)[-1]]
     small = sizes.get("64x4") or sizes[next(iter(sizes))]
-    # RetrieveFd against PreserveFd: the 10,000-fd VMMs (100 of them, 100 fds each).
+    # RetrieveFd against PreserveFd: the 10,000-fd VMMs (100 of them, 100 fds each), else
+    # the largest size run.
     out["fdstore_retrieve_ratio"] = big["retrieve_ratio"]["median"]
-    if "start_ratio" in big:
-        out["start_10k_ratio"] = big["start_ratio"]["median"]
+    out["start_10k_ratio"] = big["start_ratio"]["median"] if "start_ratio" in big else None
     for label, figures in sizes.items():
         # A small run's sizes stand in for the two named ones: keys by label as well.
         out.setdefault(f"blackout_over_bare_{label}_s", figures["over_bare_s"]["median"])
     if "blackout_over_bare_64x4_s" not in out:
         out["blackout_over_bare_64x4_s"] = small["over_bare_s"]["median"]
     if "blackout_over_bare_10k_s" not in out:
-        out["blackout_over_bare_10k_s"] = big["over_bare_s"]["median"]
-    out["met"] = {
-        "blackout_over_bare_64x4_s": out["blackout_over_bare_64x4_s"] <= 0.3,
-        "blackout_over_bare_10k_s": out["blackout_over_bare_10k_s"] <= 1.0,
-        "fdstore_retrieve_ratio": out["fdstore_retrieve_ratio"] >= 1.0,
-        "start_10k_ratio": out.get("start_10k_ratio", float("inf")) <= 1.5,
-    }
+        skipped = "10k" in results.get("skipped", {})
+        out["blackout_over_bare_10k_s"] = None if skipped else big["over_bare_s"]["median"]
+    bounds = {"blackout_over_bare_64x4_s": (None, 0.3), "blackout_over_bare_10k_s": (None, 1.0),
+              "fdstore_retrieve_ratio": (1.0, None), "start_10k_ratio": (None, 1.5)}
+    out["met"] = {key: out[key] is not None and (low is None or out[key] >= low)
+                  and (high is None or out[key] <= high) for key, (low, high) in bounds.items()}
     return {**out, **results}
 
 
@@ -414,6 +425,8 @@ def environment(work: Path, log: Any = sys.stderr) -> Iterator[Installed]:
         wheels = build_wheels(work / "wheels", guest_python_version(root))
         deb = build_deb(work / "packages", wheels, root)
         merged = stack.enter_context(overlay_root(root, work / "container"))
+        with contextlib.suppress(ValueError):  # without CAP_SYS_RESOURCE: as it is
+            resource.setrlimit(resource.RLIMIT_NOFILE, (PID1_NOFILE, PID1_NOFILE))
         box = Container(merged, log_path=work / "console.log", nspawn_args=CONSOLE)
         stack.callback(box.close)
         box.start(120)
@@ -468,8 +481,11 @@ def table(results: dict[str, Any]) -> str:
                     + (f"; start / import {s['start_ratio']['median']:.2f}"
                        if "start_ratio" in s else ""))
     for key, met in results["met"].items():
-        rows.append(f"{key:32} {results.get(key, float('nan')):8.3f}  "
-                    f"{'met' if met else 'NOT met'}")
+        value = results.get(key)
+        shown = f"{value:8.3f}" if value is not None else "     n/a"
+        rows.append(f"{key:32} {shown}  {'met' if met else 'NOT met'}")
+    for label, why in results.get("skipped", {}).items():
+        rows.append(f"{label} skipped: {why}")
     return "\n".join(rows)
 
 

@@ -486,6 +486,7 @@ class LiveUpdate:
         released = [r.token for r in records if isinstance(r, FdReleased)]
         self.vault.release_spares(session)  # its Finish is durable: the old boot's copies go
         await asyncio.to_thread(self.backend.finish_session, session, released)
+        await self.notifier.stored()
 
     async def close_session(self, caller: Caller, session: str) -> None:
         await self.writable()
@@ -690,6 +691,8 @@ class LiveUpdate:
             self._write_restored_log()
             self.vault.release_spares()
             await asyncio.to_thread(self.backend.finish)
+            # The store emptied before the journal forgets what was released in it.
+            await self.notifier.stored()
             await self.journal.compact(self.core.snapshot)
         finally:
             self.core.done("Finish")

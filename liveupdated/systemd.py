@@ -96,6 +96,7 @@ class Notifier:
 
     def remove_fd(self, name: str) -> None:
         point("fd store message")
+        self._sent += 1
         self._send(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), None)
 
     async def stored(self) -> None:

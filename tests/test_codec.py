@@ -32,6 +32,7 @@ from liveupdated.core.records import (
     RebootFailed,
     RebootStarted,
     Record,
+    RecoveryDecided,
     SessionCreated,
     SessionDropped,
     SessionFinished,
@@ -58,6 +59,7 @@ EVERY_RECORD: list[Record] = [
     Rebooted(boot_id="0123456789abcdef0123456789abcdef", blackout_usec=0),
     RebootStarted(boot_id="0123456789abcdef0123456789abcdef", at_usec=1),
     RebootFailed(reason="ENOSPC"),
+    RecoveryDecided(decision="the handover is used", evidence="boot id b", at_usec=3),
     KexecSimulated(boot_id="0123456789abcdef0123456789abcdef"),
     FdQuarantined(session="vm", token="ram", size=4096, reason="its session was lost"),
     QuarantineReleased(session="vm", token="ram", by_uid=0),
@@ -108,7 +110,7 @@ def test_the_json_is_compact_utf8_in_declared_order() -> None:
                          name="g", seals=0)
     assert to_json(record) == (
         '{"type":"fd_preserved","session":"vm","token":"ünï","kind":"memfd","requires":[],'
-        '"size":1,"name":"g","seals":0}'
+        '"size":1,"name":"g","seals":0,"dev":0,"ino":0}'
     ).encode()
 
 

@@ -1,6 +1,7 @@
 """The orchestrator core, driven directly: one rule, one test."""
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -16,7 +17,7 @@ from liveupdated.core.errors import (
     WrongState,
 )
 from liveupdated.core.orchestrator import Caller, FdFacts, Limits, Orchestrator, Phase
-from liveupdated.core.records import CycleRecorded, DaemonStarted, Record
+from liveupdated.core.records import CycleRecorded, DaemonStarted, Record, SessionCreated
 
 ROOT = Caller(uid=0, unit="", client=":1.1", admin=True)
 ALICE = Caller(uid=1000, unit="vmm@a.service", client=":1.2", admin=False)
@@ -243,7 +244,11 @@ def test_cancel_returns_exactly_to_normal() -> None:
     cancel(core)
     assert core.phase is Phase.NORMAL
     after = core.snapshot()  # all as before, and the cycle in the history
-    assert [r for r in after if not isinstance(r, CycleRecorded)] == before
+    # ... but that its sessions went through Prepare: never dropped for a departed client.
+    unprepared = [replace(r, prepared=False) if isinstance(r, SessionCreated) else r
+                  for r in after if not isinstance(r, CycleRecorded)]
+    assert unprepared == before
+    assert all(s.prepared for s in core.sessions.values())
     [cancelled] = [r for r in after if isinstance(r, CycleRecorded)]
     assert cancelled.cycle.outcome == "cancelled"
 

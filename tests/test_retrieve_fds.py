@@ -201,14 +201,16 @@ async def test_fds_restored_ahead_and_never_asked_for_are_released_at_finish(
         fd = await first.retrieve_fd("ram3")
         assert _whole(fd) == _expected(vms["vm0"], "ram3", 16384)
         os.close(fd)
-        assert sorted(host.store.store) == ["vm0/ram3"]  # only what was handed out
+        # The old boot's own fds stay in the store as spares until Finish (the handover
+        # is their content's source); what was handed out is stored again beside them.
+        assert "vm0/ram3" in host.store.store
         second = await vmm.retrieve_session("vm1")
         await second.finish()  # none of vm1's fds was asked for
         got = await first.retrieve_fds([f"ram{j}" for j in range(8)])
         for token, fd in got:
             assert _whole(fd) == _expected(vms["vm0"], token, 16384)
             os.close(fd)
-        assert sorted(host.store.store) == sorted(f"vm0/ram{j}" for j in range(8))
+        assert not any(name.startswith("vm1/") for name in host.store.store)
         # A restart now: the restored fds come back from the store, the others from the
         # handover, byte-exact either way.
         host.crash_now()

@@ -7,6 +7,7 @@ still carries everything.
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ import pytest
 
 from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import Timeout
+from liveupdated.core.names import session_path
 from liveupdated.core.orchestrator import Orchestrator
-from liveupdated.core.records import CycleRecorded, Record
+from liveupdated.core.records import CycleRecorded, Record, SessionCreated
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
 from tests.other_uid import OtherUid, content_digest, digest
@@ -33,7 +35,9 @@ def journal_state(records: list[Record]) -> list[Record]:
     core = Orchestrator()
     for record in records:
         core.apply(record)
-    return [r for r in core.snapshot() if not isinstance(r, CycleRecorded)]
+    # Sessions through a Prepare stay marked (never dropped for a departed client).
+    return [replace(r, prepared=False) if isinstance(r, SessionCreated) else r
+            for r in core.snapshot() if not isinstance(r, CycleRecorded)]
 
 
 async def observable_state(
@@ -71,7 +75,7 @@ async def test_cancel_returns_exactly_to_normal(host: Host, cancel_from: str) ->
         await nobody.call("preserve_fd", session="65534-vm-nobody", token="disk",
                           data=b"disk".hex())
         theirs = SessionClient(root, "65534-vm-nobody",
-                               "/org/liveupdate1/session/65534_2dvm_2dnobody")
+                               session_path("65534-vm-nobody"))
         sessions = [vm, theirs]
         before = await observable_state(host, root, nobody, sessions)
 

@@ -12,6 +12,7 @@ import pytest
 
 from liveupdated.client import Client, SessionClient
 from liveupdated.core.errors import AccessDenied
+from liveupdated.core.names import session_path
 from liveupdated.core.records import SessionCreated
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import make_memfd
@@ -177,7 +178,7 @@ async def test_ownership_holds_after_the_reboot(host: Host) -> None:
             await third.call("list_fds", session="65534-vm-nobody")
 
         assert [r[:3] for r in await nobody.call("list_sessions")] == [
-            ["65534-vm-nobody", "/org/liveupdate1/session/65534_2dvm_2dnobody", NOBODY]
+            ["65534-vm-nobody", session_path("65534-vm-nobody"), NOBODY]
         ]
         await nobody.call("retrieve_session", name="65534-vm-nobody")
         got = await nobody.call("retrieve_fd", session="65534-vm-nobody", token="ram")

@@ -226,6 +226,9 @@ class Orchestrator:
         self.quarantine: dict[str, QuarantinedFd] = {}  # by id
         self._quarantine_ids = 0  # the highest N of the ids q<N> given so far
         self.bus_id = ""  # the bus the daemon is on now (not durable: set at connect)
+        # Files whose release is durable in the journal since its last compaction:
+        # (session, token, dev, ino). Compaction follows the store's cleanup.
+        self.released_files: set[tuple[str, str, int, int]] = set()
         self.history: list[UpdateCycle] = []  # ended cycles, oldest first
         self.cycle: UpdateCycle | None = None  # the update under way
         self.started: DaemonStarted | None = None  # the latest start: release and boot
@@ -262,8 +265,11 @@ class Orchestrator:
                 )
                 self._count(record.session, record.size)
             case FdReleased():
-                size = self.sessions[record.session].fds.pop(record.token).size
-                self._count(record.session, -size, -1)
+                entry = self.sessions[record.session].fds.pop(record.token)
+                self._count(record.session, -entry.size, -1)
+                if entry.ino:  # recovery closes this very file if the store still has it
+                    self.released_files.add((record.session, record.token, entry.dev,
+                                             entry.ino))
             case FdLost():
                 self.sessions[record.session].fds[record.token].problem = "lost"
             case FdCorrupted():

@@ -299,6 +299,12 @@ class _Matcher:
 
     def match_unknown(self, fd: StoredFd, key: Key) -> None:
         session, token = key
+        if (session, token, *fd.file) in self.core.released_files:
+            # Its release (Finish, UnpreserveFd, DropSession) is durable: the store's
+            # message to let it go was lost in a crash.
+            self.out.effects.append(Close(fd.index, "its release is journaled"))
+            self.drop_names.add(fd.name)
+            return
         legacy = self.legacy.pop(key, None)
         if legacy is not None:  # quarantined by an earlier version, by its name
             qkey = quarantine_key(legacy.id)
@@ -339,7 +345,12 @@ class _Matcher:
 
     def finish(self) -> dict[Key, StoredFd]:
         found: list[tuple[str, str, int, str]] = []
+        quarantined_files = {fd.file for key, fd in self.held.items() if key[0] == QUARANTINE}
         for fd, session, token, reason in self.quarantined:
+            if fd.file in quarantined_files:  # a second opening of a file kept already
+                self.out.effects.append(Close(fd.index, "the same file is quarantined"))
+                continue
+            quarantined_files.add(fd.file)
             qid = self.core.next_quarantine_id(len(found))
             key = quarantine_key(qid)
             self.held[key] = fd

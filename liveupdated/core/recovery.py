@@ -219,7 +219,8 @@ def _decide_boot(core: Orchestrator, facts: StartFacts, out: Recovery) -> None:
                     hint="every RetrieveFd of it fails with Corrupted; Finish releases it")
         else:
             out.log("info", "handover_found", previous_boot=previous, fds=len(handover.keys),
-                    evidence=boot.describe())
+                    evidence=boot.describe(), soft_reboots=boot.soft_reboots,
+                    kexecs=boot.kexecs, pid1_start=boot.pid1_start)
         out.records += core.rebooted(previous)
         return
     if core.reboot is not None:

@@ -21,7 +21,7 @@ SOURCE = "/opt/liveupdated-src"
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "install.sh now needs include/, which the test does not copy into the container"))  # noqa: E501
+    "install.sh now needs include/, which the test does not copy into the container"))
 def test_install_script(container: ContainerFactory, liveupdated_wheels: Path) -> None:
     box = container()
     for part in ("packaging", "units", "dbus", "polkit", "completions", "man", "docs",
@@ -56,7 +56,7 @@ ACCEPTED_WARNINGS = {"unusual-interpreter"}
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "lintian: no-manual-page for liveupdated-qemu (issue 22, a man page to add)"))  # noqa: E501
+    "lintian: no-manual-page for liveupdated-qemu (issue 22, a man page to add)"))
 def test_lintian_finds_no_errors(liveupdated_deb: Path) -> None:
     """lintian accepts the .deb: no errors, and no overrides to get there."""
     if shutil.which("lintian") is None:

@@ -3,7 +3,7 @@
 
 # Where `make man` writes the manual pages (scdoc sources in man/).
 BUILD ?= build
-MAN_PAGES = $(BUILD)/man/liveupdated.8 $(BUILD)/man/liveupdatectl.1 $(BUILD)/man/org.liveupdate1.5
+MAN_PAGES = $(BUILD)/man/liveupdated.8 $(BUILD)/man/liveupdated-qemu.8 $(BUILD)/man/liveupdatectl.1 $(BUILD)/man/org.liveupdate1.5
 
 demo:
 	@scripts/setup.sh

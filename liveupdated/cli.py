@@ -173,10 +173,13 @@ def _parser() -> argparse.ArgumentParser:
             "Freeze(): waits for the sessions that asked for DelayFreeze, checks every "
             "session's dependencies and budgets; the VMs' blackout starts (root).")
     command("cancel", "Cancel(): back to normal from prepared or frozen (root)")
-    command("reboot", "Reboot(): write the handover, then the daemon stops (root)",
-            "Reboot(): replies once the handover is written; the daemon then stops and "
-            "runs its reboot action (kexec, a reboot, or nothing with --reboot-action "
-            "exit). The state stays frozen until the new boot (root).")
+    command("reboot", "Reboot(): write the handover, then the daemon reboots (root)",
+            "Reboot(): replies once the handover is written; the daemon then runs its "
+            "reboot action (a soft-reboot, kexec, a reboot command, or its own exit with "
+            "--reboot-action exit). The state stays frozen until the new boot; if the "
+            "action fails or no reboot follows, the daemon says RebootFailed and stays "
+            "frozen with the handover kept: reboot again, or cancel. `liveupdatectl "
+            "update` waits for that outcome (root).")
     _update_commands(command)
     _more_commands(command)
     _host_tools(command, sub, common)
@@ -409,10 +412,16 @@ async def _history(client: Client, as_json: bool, last_only: bool = False) -> No
                 "blackout_ms", "handover_ms", "kexec_and_start_ms", "first_fd_ms",
                 "last_fd_ms")),
             f"{c['fds_retrieved']}/{c['fds_carried']}", c["fds_lost"] + c["fds_corrupted"],
+            c.get("reboots_failed", 0),
             c["prepared_by"] if c["prepared_by"] >= 0 else "-",
         ])
     _print_table(rows, ["STARTED", "OUTCOME", "BLACKOUT_MS", "HANDOVER_MS", "KEXEC+START_MS",
-                        "FIRST_FD_MS", "LAST_FD_MS", "FDS_BACK", "LOST", "BY_UID"])
+                        "FIRST_FD_MS", "LAST_FD_MS", "FDS_BACK", "LOST", "REBOOTS_FAILED",
+                        "BY_UID"])
+    # What recovery decided and why reboots failed, by cycle: the table has no room for it.
+    for c in cycles:
+        for note in c.get("notes", []):
+            print(f"{_when(c['started_usec'])}: {note}")
 
 
 async def _list(client: Client, as_json: bool) -> None:
@@ -949,8 +958,8 @@ async def _dispatch(client: Client, args: argparse.Namespace) -> int | Exec:
             await client.reboot()
             _say(args, {"command": "reboot", "state": "frozen", "handover": "written"})
             if not args.json:
-                print("reboot: ok, handover written; state frozen until the new boot, "
-                      "the daemon stops and runs its reboot action")
+                print("reboot: ok, handover written; state frozen until the new boot "
+                      "(the daemon runs its reboot action; RebootFailed if none follows)")
         case "preserve":
             await _preserve(client, args)
         case "unpreserve":

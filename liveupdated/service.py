@@ -434,6 +434,8 @@ class LiveUpdate:
     ) -> dict[str, int]:
         """Rebuild the fds (or take those rebuilt ahead), keep them, and make their
         restore durable in one group commit; the size of each, by token."""
+        if self.backend.keeps_fd_store:
+            return self._take_carried(missing)
         outcomes = await asyncio.gather(
             *[self.restores.wanted(key, entry) for key, entry in missing],
             return_exceptions=True,
@@ -467,6 +469,27 @@ class LiveUpdate:
                 # and served all the same, as in degraded mode.
                 with contextlib.suppress(Storage):
                     await self._durable(records)
+        return restored
+
+    def _take_carried(self, missing: Sequence[tuple[Key, FdEntry]]) -> dict[str, int]:
+        """The fdstore backend: each fd is the very file systemd carried, in the fd store
+        under its name already. A dup of the backend's is kept, not stored again (systemd
+        would only compare it with every fd of the store to drop it), and handed out at
+        once. Its FdRestored is made durable after the reply, by the next group commit:
+        until then recovery takes the fd in the store for one not yet retrieved, which to
+        the journal it still is, and a RetrieveFd after a restart dups it again."""
+        records: list[Record] = []
+        restored: dict[str, int] = {}
+        for key, entry in missing:
+            if key in self.vault:  # the same token twice in one call
+                continue
+            fd = self.backend.retrieve_fd(key, entry)
+            self.vault.keep(key, fd, store=False)
+            restored[key[1]] = entry.size
+            if not entry.restored:
+                st = os.fstat(fd)
+                records += self.core.fd_restored(*key, dev=st.st_dev, ino=st.st_ino)
+        self.journal.enqueue(records)
         return restored
 
     async def delay_freeze(self, caller: Caller, session: str, enable: bool) -> None:

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,10 @@ async def test_a_reboot_that_does_not_follow_keeps_every_fd(
         assert cycle["outcome"] == "finished"
         assert cycle["reboots_failed"] >= 2
         assert any(expected in note for note in cycle["notes"])
+        shown = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "liveupdated.cli", "--bus", bus.address,
+                             "history"], capture_output=True, text=True, check=True)
+        assert "REBOOTS_FAILED" in shown.stdout and expected in shown.stdout
         if store_after == "empty":
             assert any("handover is used" in note for note in cycle["notes"])
 

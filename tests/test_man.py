@@ -14,7 +14,7 @@ from liveupdated.core.errors import ALL_ERRORS
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"
-PAGES = ("liveupdated.8", "liveupdatectl.1", "org.liveupdate1.5")
+PAGES = ("liveupdated.8", "liveupdated-qemu.8", "liveupdatectl.1", "org.liveupdate1.5")
 
 
 def source(page: str) -> str:
@@ -69,6 +69,22 @@ def test_every_option_of_both_command_lines_is_in_its_page() -> None:
     missing = {c for c in subcommands(ctl_parser()) if f"*{c}*" not in text}
     assert not missing, f"liveupdatectl.1 lacks the commands {sorted(missing)}"
     assert "--help" in options(ctl_parser()) and "--version" in options(daemon_parser())
+
+
+def test_every_option_of_the_qemu_adapter_is_in_its_page() -> None:
+    """liveupdated-qemu is a command of the package: its page lists each option, with the
+    choices and defaults the code has."""
+    from liveupdated.vmm.__main__ import parser as adapter_parser
+
+    text = " ".join(source("liveupdated-qemu.8").split())
+    adapter = adapter_parser()
+    missing = {o for o in options(adapter) if o not in ("-h", "--help") and f"*{o}*" not in text}
+    assert not missing, f"liveupdated-qemu.8 lacks {sorted(missing)}"
+    for action in adapter._actions:
+        if action.choices:
+            assert "|".join(str(c) for c in action.choices) in text, action.dest
+        if isinstance(action.default, str) and action.default and action.dest != "help":
+            assert f"default {action.default}" in text, action.dest
 
 
 def test_every_member_and_error_of_the_api_is_in_its_page() -> None:

@@ -81,11 +81,22 @@ def trusted_uids() -> frozenset[int]:
     return frozenset({0} if polkit is None else {0, polkit})
 
 
+async def _owner(bus: MessageBus) -> str:
+    """The owner of the polkit name, activating polkitd first where it is started on
+    demand (Debian's is: its D-Bus activation file starts polkit.service)."""
+    try:
+        (owner,) = await driver.call(bus, "GetNameOwner", "s", AUTHORITY)
+    except LookupError:
+        await driver.call(bus, "StartServiceByName", "su", AUTHORITY, 0)  # LookupError: none
+        (owner,) = await driver.call(bus, "GetNameOwner", "s", AUTHORITY)
+    return str(owner)
+
+
 async def trusted_authority(bus: MessageBus) -> str | None:
     """The unique name of org.freedesktop.PolicyKit1's owner when root or polkitd runs
     it; None when nobody owns the name or someone else does (then nobody is asked)."""
     try:
-        (owner,) = await driver.call(bus, "GetNameOwner", "s", AUTHORITY)
+        owner = await _owner(bus)
         (uid,) = await driver.call(bus, "GetConnectionUnixUser", "s", owner)
     except LookupError:  # no polkit on this bus, or its owner left meanwhile
         return None

@@ -442,8 +442,6 @@ class Orchestrator:
         if self.started is not None:
             records.append(self.started)
         records += [CycleRecorded(cycle=c) for c in self.history]
-        if self.cycle is not None:  # after the PhaseChanged above, which starts one
-            records.append(CycleRecorded(cycle=self.cycle))
         for s in self.sessions.values():
             records.append(
                 SessionCreated(session=s.name, uid=s.uid, unit=s.unit, client=s.client,
@@ -469,6 +467,8 @@ class Orchestrator:
                 records.append(SessionReady(session=s.name))
             if s.finished:
                 records.append(SessionFinished(session=s.name))
+        if self.cycle is not None:  # last: it replaces what the records above counted
+            records.append(CycleRecorded(cycle=self.cycle))
         return records
 
     def _commit(self, records: list[Record]) -> list[Record]:
@@ -557,8 +557,9 @@ class Orchestrator:
         Freeze waiting on its barrier can be cancelled, or unblocked by DropSession."""
         if self.reboot is not None:
             raise WrongState(
-                f"{command} is not possible: Reboot is writing the handover for the next "
-                "kernel (a failed Reboot returns to frozen)"
+                f"{command} is not possible: a Reboot is under way (the handover is being "
+                "written, or the reboot is awaited); a Reboot that fails, or whose reboot "
+                "does not follow, returns to frozen and says RebootFailed"
             )
         interruptible = command in ("Cancel", "DropSession") and self.in_flight == "Freeze"
         if self.in_flight and not interruptible:

@@ -73,7 +73,7 @@ def test_it_interrupts_a_freeze_waiting_on_its_barrier() -> None:
 def test_not_while_reboot_writes_the_handover() -> None:
     core = in_phase(Phase.FROZEN, "ram")
     core.begin_reboot(ROOT, "boot-a")
-    with refused(core, WrongState, "Reboot is writing the handover"):
+    with refused(core, WrongState, "a Reboot is under way"):
         core.cancel(ROOT)
     core.reboot_failed("the disk is full")
     cancel(core)  # a failed Reboot leaves a plain frozen, which Cancel may leave

@@ -56,7 +56,7 @@ def test_a_host_command_under_way_refuses_the_next_naming_itself(
 @pytest.mark.parametrize("second", ["Cancel", "Reboot"])
 def test_while_reboot_writes_the_handover_nothing_else(second: str) -> None:
     core = under_way("Reboot")
-    with refused(core, WrongState, f"{second} is not possible: Reboot is writing the handover"):
+    with refused(core, WrongState, f"{second} is not possible: a Reboot is under way"):
         ASK[second](core)
 
 

@@ -96,5 +96,5 @@ def test_only_in_frozen(phase: Phase) -> None:
 def test_not_twice() -> None:
     core = in_phase(Phase.FROZEN)
     core.begin_reboot(ROOT, "old-boot")
-    with refused(core, WrongState, "Reboot is writing the handover"):
+    with refused(core, WrongState, "a Reboot is under way"):
         core.begin_reboot(ROOT, "old-boot")

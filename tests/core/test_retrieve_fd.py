@@ -89,9 +89,6 @@ def test_unknown_or_invalid_names() -> None:
         core.check_retrieve_fd(ALICE, VM, "r m")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "snapshot() writes FdRestored after the cycle under way, so replaying a compaction in "
-    "updated counts each restored fd again and sets last_fd_usec to 0"))
 def test_a_compaction_after_a_restore_keeps_the_cycle_as_it_was() -> None:
     core = in_phase(Phase.UPDATED, "ram", "rom")
     core.fd_restored(VM, "ram")

@@ -20,12 +20,10 @@ pytestmark = pytest.mark.nspawn
 SOURCE = "/opt/liveupdated-src"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "install.sh now needs include/, which the test does not copy into the container"))
 def test_install_script(container: ContainerFactory, liveupdated_wheels: Path) -> None:
     box = container()
     for part in ("packaging", "units", "dbus", "polkit", "completions", "man", "docs",
-                 "README.md"):
+                 "include", "README.md"):
         box.copy_in(REPO / part, f"{SOURCE}/{part}")
     box.copy_in(liveupdated_wheels, "/opt/wheels")
     install = [f"{SOURCE}/packaging/install.sh", "--wheels", "/opt/wheels"]
@@ -55,8 +53,6 @@ def test_install_script(container: ContainerFactory, liveupdated_wheels: Path) -
 ACCEPTED_WARNINGS = {"unusual-interpreter"}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "lintian: no-manual-page for liveupdated-qemu (issue 22, a man page to add)"))
 def test_lintian_finds_no_errors(liveupdated_deb: Path) -> None:
     """lintian accepts the .deb: no errors, and no overrides to get there."""
     if shutil.which("lintian") is None:

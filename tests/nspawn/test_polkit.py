@@ -26,8 +26,6 @@ def _as(user: str, member: str) -> list[str]:
             "busctl", "--system", "call", *MANAGER, member]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "polkit is asked only when its owner already runs (issue 20): an on-demand polkitd is not started"))  # noqa: E501
 def test_a_polkit_rule_lets_an_operator_drive_the_update(sid_installed: Installed) -> None:
     installed, box = sid_installed, sid_installed.box
     for user in ("lu-operator", "lu-tenant"):

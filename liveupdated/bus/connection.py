@@ -181,6 +181,11 @@ class _Peer:
     ping: tuple[int, int, int] | None = None  # (count, bytes, fds) written before it
     held_fds: int = 0
     closed: set[int] = field(default_factory=set)  # serials of held calls whose fds were closed
+    # Admitted PreserveFd(s) calls: answered once their fds are stored and journaled,
+    # which may take long (a full fd store queue); their small answers carry no fds, so
+    # they do not count against the connection's REPLIES_PER_CONNECTION: a VMM's other
+    # calls are answered meanwhile.
+    slow: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -232,7 +237,7 @@ class FdOwningBus(MessageBus):
     def _admissible(self, peer: _Peer, msg: Message) -> bool:
         if self._ping_denied:
             return True
-        if len(peer.admitted) + peer.count >= REPLIES_PER_CONNECTION:
+        if len(peer.admitted) - len(peer.slow) + peer.count >= REPLIES_PER_CONNECTION:
             return False
         admin = peer.group[0]
         group, total = self._group(peer), self._totals[admin]
@@ -253,6 +258,8 @@ class FdOwningBus(MessageBus):
     def _admit(self, peer: _Peer, msg: Message) -> None:
         need = _fds_in_answer(msg)
         peer.admitted[msg.serial] = need
+        if msg.member in ("PreserveFd", "PreserveFds"):
+            peer.slow.add(msg.serial)
         self._group(peer).fds += need
         self._totals[peer.group[0]].fds += need
 
@@ -321,6 +328,7 @@ class FdOwningBus(MessageBus):
                 return
             peer = self._peer(name)
         reserved = peer.admitted.pop(msg.reply_serial, None) if msg.reply_serial else None
+        peer.slow.discard(msg.reply_serial)
         group, total = self._group(peer), self._totals[peer.group[0]]
         fds = len(msg.unix_fds)
         if reserved:

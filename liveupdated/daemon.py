@@ -377,7 +377,8 @@ class Daemon:
             # No real reboot follows: this exit is the kexec. Recorded as the old boot's
             # last act, it is the next start's evidence of a "new boot" with the same
             # boot id; a crash before this point is a restart in FROZEN instead.
-            service.journal.enqueue(core.simulated_kexec_done(boot_id()))
+            with core.unconditional():
+                service.journal.enqueue(core.simulated_kexec_done(boot_id()))
         await service.journal.aclose()
         if outcome == "reboot":
             return self._reboot_in_process(service.backend.name)

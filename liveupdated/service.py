@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,7 +42,6 @@ from liveupdated.core.orchestrator import (
 )
 from liveupdated.core.records import (
     FdPreserved,
-    FdQuarantined,
     FdReleased,
     FdRestored,
     PhaseChanged,
@@ -113,23 +113,36 @@ class LiveUpdate:
         self.restores = Restores(backend.retrieve_fd, backend.carried_size)
         self._restored_log: dict[str, dict[str, int]] = {}  # session -> token -> bytes
         self._restoring_ahead = False
+        self._session_finishes: set[asyncio.Future[None]] = set()  # Session.Finish under way
+        # Decisions up to this serial are durable; released fds wait here for theirs.
+        self._durable_serial = core.serial
+        core.durable_through(core.serial)
+        self._releasing: deque[tuple[int, Key, int]] = deque()
 
     # ---- plumbing --------------------------------------------------------------------
 
-    async def _durable(self, records: Sequence[Record]) -> None:
+    async def _durable(self, records: Sequence[Record], *, undoable: bool = True) -> None:
         """Journal the records the core already applied, then carry out their effects."""
-        self._let_go(records)
+        self._let_go(records, undoable=undoable)
         self.journal.enqueue(records)
         await self.settle(records)
 
-    def _let_go(self, records: Sequence[Record]) -> None:
-        """Close released fds (and drop them from the fd store) at once, with the decision:
-        a call decided next may hold a new fd under the same key and store name. A crash
-        before the journal has the release reports the fd lost; it was being let go."""
+    def _let_go(self, records: Sequence[Record], *, undoable: bool = True) -> None:
+        """Drop released fds from the fd store at once, with the decision: a call decided
+        next may store a new fd under the same name. The fd itself is closed once the
+        release is durable (or at once for an unconditional decision); if the journal
+        refuses it, it is held and stored again. A crash before the journal has the
+        release reports the fd lost; it was being let go."""
         for record in records:
             if isinstance(record, FdReleased):
-                self.vault.release((record.session, record.token))
-                self.restores.drop((record.session, record.token))
+                key = (record.session, record.token)
+                self.restores.drop(key)
+                if not undoable:
+                    self.vault.release(key)
+                    continue
+                fd = self.vault.take(key)
+                if fd is not None:
+                    self._releasing.append((self.core.serial, key, fd))
 
     async def settle(self, records: Sequence[Record]) -> None:
         """Wait until enqueued records are durable, then carry out their effects."""
@@ -140,10 +153,16 @@ class LiveUpdate:
         """Until what the core decided so far is durable: in the journal, and each held fd
         in the fd store. A journal that cannot be written makes the daemon degraded
         (Storage), never makes it exit."""
+        target = self.core.serial
         try:
             await self.journal.flush()
         except OSError as exc:
+            self._roll_back()
             raise self._degrade(exc) from exc
+        self._durable_serial = max(self._durable_serial, target)
+        self.core.durable_through(target)
+        while self._releasing and self._releasing[0][0] <= target:
+            os.close(self._releasing.popleft()[2])
         await self.notifier.stored()
         if self._compaction is None and self.journal.needs_compaction():
             self._compaction = asyncio.ensure_future(self._compact())
@@ -158,6 +177,21 @@ class LiveUpdate:
             self._degrade(exc)
         finally:
             self._compaction = None
+
+    def _roll_back(self) -> None:
+        """The journal refused what was decided since it last answered: every such
+        decision is undone in the core, and the held fds and the store follow (a PreserveFd
+        lets its fd go, an UnpreserveFd's fd is held and stored again), so that a refused
+        command changes nothing and a later rewrite of the journal writes no ghost."""
+        for change, key in self.core.roll_back_after(self._durable_serial):
+            if change == "unpreserved":
+                self.restores.drop(key)
+                self.vault.release(key)
+                continue
+            kept = [item for item in self._releasing if item[1] == key]
+            if kept:
+                self._releasing.remove(kept[-1])
+                self.vault.keep(key, kept[-1][2])
 
     def _degrade(self, exc: OSError) -> Storage:
         problem = describe(exc)
@@ -253,21 +287,8 @@ class LiveUpdate:
 
     async def create_session(self, caller: Caller, name: str) -> Session:
         await self.writable()
-        records = self.core.create_session(caller, name)
-        try:
-            await self._durable(records)
-        except Storage:
-            self.revert(records)  # Storage means nothing changed: no ghost session
-            raise
+        await self._durable(self.core.create_session(caller, name))
         return self.core.sessions[name]
-
-    def revert(self, records: Sequence[Record]) -> None:
-        """Undo the records of a decision the journal refused (CreateSession, PreserveFd
-        and PreserveFds: the decisions whose undo is exact): the core's state, the held fds
-        and the store as before. Decisions pipelined on them were refused with them."""
-        for key in self.core.revert(records):
-            self.restores.drop(key)
-            self.vault.release(key)
 
     def retrieve_session(self, caller: Caller, name: str) -> Session:
         session = self.core.retrieve_session(caller, name)
@@ -296,11 +317,7 @@ class LiveUpdate:
                 os.close(fd)
             raise
         records = self.begin_preserve_fds(caller, session, fds, command)
-        try:
-            await self.flush()
-        except Storage:
-            self.revert(records)
-            raise
+        await self.flush()
         self.finish_preserve_fds(records)
 
     def begin_preserve_fd(
@@ -460,7 +477,8 @@ class LiveUpdate:
             restored[key[1]] = entry.size
             if not entry.restored:
                 st = os.fstat(fd)
-                records += self.core.fd_restored(*key, dev=st.st_dev, ino=st.st_ino)
+                with self.core.unconditional():  # the fd is held and served either way
+                    records += self.core.fd_restored(*key, dev=st.st_dev, ino=st.st_ino)
         if records:
             if self.storage_problem:  # served all the same: the fd is held either way
                 self.journal.enqueue(records)
@@ -488,7 +506,8 @@ class LiveUpdate:
             restored[key[1]] = entry.size
             if not entry.restored:
                 st = os.fstat(fd)
-                records += self.core.fd_restored(*key, dev=st.st_dev, ino=st.st_ino)
+                with self.core.unconditional():  # the fd is held and served either way
+                    records += self.core.fd_restored(*key, dev=st.st_dev, ino=st.st_ino)
         self.journal.enqueue(records)
         return restored
 
@@ -501,15 +520,24 @@ class LiveUpdate:
         await self._durable(self.core.ready_for_freeze(caller, session))
 
     async def finish_session(self, caller: Caller, session: str) -> None:
+        """The backend's part runs once, by this call or by a Manager.Finish that came
+        during its awaits: that one waits for this to end, then lets go of everything."""
         await self.writable()
         records = self.core.finish_session(caller, session)
-        await self._durable(records)
-        await self.restores.settle(session)  # its fds let go while being restored: closed
-        self._write_restored_log()
-        released = [r.token for r in records if isinstance(r, FdReleased)]
-        self.vault.release_spares(session)  # its Finish is durable: the old boot's copies go
-        await asyncio.to_thread(self.backend.finish_session, session, released)
-        await self.notifier.stored()
+        done = asyncio.get_running_loop().create_future()
+        self._session_finishes.add(done)
+        try:
+            await self._durable(records)
+            await self.restores.settle(session)  # its fds let go while being restored
+            self._write_restored_log()
+            released = [r.token for r in records if isinstance(r, FdReleased)]
+            self.vault.release_spares(session)  # its Finish is durable: the old boot's go
+            if self.core.phase is Phase.UPDATED and self.core.in_flight != "Finish":
+                await asyncio.to_thread(self.backend.finish_session, session, released)
+            await self.notifier.stored()
+        finally:
+            self._session_finishes.discard(done)
+            done.set_result(None)
 
     async def close_session(self, caller: Caller, session: str) -> None:
         await self.writable()
@@ -520,15 +548,17 @@ class LiveUpdate:
         Prepare that follows cannot carry them. Nobody waits for an acknowledgement and
         the owner cannot come back, so the fds are released before the journal's next
         flush makes the drop durable (a crash in between drops them again at restart)."""
-        records = self.core.client_gone(client)
-        self._let_go(records)
+        with self.core.unconditional():
+            records = self.core.client_gone(client)
+        self._let_go(records, undoable=False)
         self.journal.enqueue(records)
         self._effects(records)
 
     def drop_departed_elsewhere(self) -> None:
         """At start: sessions of clients of another bus that never went through Prepare."""
-        records = self.core.departed_elsewhere()
-        self._let_go(records)
+        with self.core.unconditional():
+            records = self.core.departed_elsewhere()
+        self._let_go(records, undoable=False)
         self.journal.enqueue(records)
         self._effects(records)
 
@@ -551,13 +581,7 @@ class LiveUpdate:
         """Only the quarantined entry goes (its own key and store name): never a live fd."""
         await self.writable()
         found = self.core.quarantined(caller, qid)
-        records = self.core.release_quarantined(caller, qid)
-        try:
-            await self._durable(records)
-        except Storage:
-            self.core.apply(FdQuarantined(session=found.session, token=found.token,
-                                          size=found.size, reason=found.reason, id=qid))
-            raise
+        await self._durable(self.core.release_quarantined(caller, qid))
         self.vault.release(quarantine_key(qid))
         log.warning("quarantined_fd_released", id=qid, session=found.session,
                     token=found.token, uid=caller.uid)
@@ -585,7 +609,9 @@ class LiveUpdate:
         except Exception:
             if self.core.phase is Phase.PREPARED:  # the backend refused: back to normal
                 with contextlib.suppress(Storage):
-                    await self._durable(self.core.cancel(caller))
+                    with self.core.unconditional():
+                        records = self.core.cancel(caller)
+                    await self._durable(records, undoable=False)
                 self.core.done("Cancel")
             raise
 
@@ -624,7 +650,8 @@ class LiveUpdate:
     async def cancel(self, caller: Caller) -> None:
         """Served while degraded: a Cancel the journal cannot record leaves the journal
         in PREPARED or FROZEN, which a restart takes back safely."""
-        records = self.core.cancel(caller)
+        with self.core.unconditional():  # served while degraded: it stands
+            records = self.core.cancel(caller)
         try:
             try:
                 await self._durable(records)
@@ -653,7 +680,8 @@ class LiveUpdate:
         try:
             await self._durable(records)
         except BaseException:
-            self.core.reboot_failed("the reboot could not be journaled")
+            with self.core.unconditional():
+                self.core.reboot_failed("the reboot could not be journaled")
             raise
         fds, entries = self._held()
         self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000", "STATUS=writing handover")
@@ -671,7 +699,8 @@ class LiveUpdate:
             raise
         log.info("handover_written", fds=len(entries), bytes=carried)
         # For the update history only: not waited for (the exit writes it).
-        self.journal.enqueue(self.core.handover_written(len(entries), carried))
+        with self.core.unconditional():
+            self.journal.enqueue(self.core.handover_written(len(entries), carried))
         return carried
 
     async def _reboot_failed(self, exc: BaseException) -> None:
@@ -680,7 +709,8 @@ class LiveUpdate:
             await asyncio.to_thread(self.backend.discard_handover)
         except OSError as discard:
             log.error("handover_discard_failed", error=describe(discard))
-        records = self.core.reboot_failed(f"the handover could not be written: {exc}")
+        with self.core.unconditional():
+            records = self.core.reboot_failed(f"the handover could not be written: {exc}")
         with contextlib.suppress(Storage):
             await self._durable(records)
 
@@ -690,7 +720,8 @@ class LiveUpdate:
         log.critical("reboot_failed", reason=reason,
                      hint="the state stays frozen and the handover is kept: Reboot again "
                           "or Cancel")
-        records = self.core.reboot_failed(reason)
+        with self.core.unconditional():
+            records = self.core.reboot_failed(reason)
         with contextlib.suppress(Storage):
             await self._durable(records)
         self.notifier.status(f"{self.core.status_line()}; reboot failed: {reason}")
@@ -710,6 +741,8 @@ class LiveUpdate:
         records = self.core.finish(caller)
         try:
             await self._durable(records)
+            # A Session.Finish under way ends first: the backend lets go once, in order.
+            await asyncio.gather(*self._session_finishes)
             await self.restores.settle()  # fds let go while being restored: closed
             self._write_restored_log()
             self.vault.release_spares()

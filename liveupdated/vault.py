@@ -97,16 +97,24 @@ class Vault:
         return os.dup(self._fds[key])
 
     def release(self, key: Key) -> None:
-        fd = self._fds.pop(key, None)
+        fd = self.take(key)
         if fd is not None:
-            self._unindexed.discard(key)
-            file = self._files.pop(key, None)
-            if file is not None:
-                self._holders[file] -= 1
-                if not self._holders[file]:
-                    del self._holders[file]
-            self._notifier.remove_fd(fd_name(*key))
             os.close(fd)
+
+    def take(self, key: Key) -> int | None:
+        """Let go of `key` in the fd store at once, but hand its fd to the caller instead
+        of closing it (None if not held): a release not yet durable may be undone."""
+        fd = self._fds.pop(key, None)
+        if fd is None:
+            return None
+        self._unindexed.discard(key)
+        file = self._files.pop(key, None)
+        if file is not None:
+            self._holders[file] -= 1
+            if not self._holders[file]:
+                del self._holders[file]
+        self._notifier.remove_fd(fd_name(*key))
+        return fd
 
     def forget_stored(self, name: str) -> None:
         """Drop `name` from the fd store (its fds are held under other names now)."""

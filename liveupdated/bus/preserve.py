@@ -88,8 +88,6 @@ class PreserveFdCalls(MessageHandler):
             raise
         except Exception as exc:  # the journal failed: the service is degraded now
             error = to_dbus_error(exc)
-            for _, records in reversed(calls):  # nothing changed: refused and undone
-                self._service.revert(records)
             for msg, _ in calls:
                 self._bus.send(Message.new_error(msg, error.type, error.text))
             return

@@ -22,8 +22,10 @@ that a restart knows a handover was under way, and a handover is taken as a new 
 on evidence: another boot id, or the old daemon's KexecSimulated.
 """
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -226,6 +228,12 @@ class Orchestrator:
         self.quarantine: dict[str, QuarantinedFd] = {}  # by id
         self._quarantine_ids = 0  # the highest N of the ids q<N> given so far
         self.bus_id = ""  # the bus the daemon is on now (not durable: set at connect)
+        # Every decision's records get a serial; those not yet durable keep an undo.
+        self.serial = 0
+        self._undo: deque[tuple[int, Callable[[], tuple[str, tuple[str, str]] | None]]] = \
+            deque()
+        self._revertible = True
+        self._host_epoch = 0  # unconditional host decisions so far
         # Files whose release is durable in the journal since its last compaction:
         # (session, token, dev, ino). Compaction follows the store's cleanup.
         self.released_files: set[tuple[str, str, int, int]] = set()
@@ -397,27 +405,106 @@ class Orchestrator:
     def handover_written(self, fds: int, size: int) -> list[Record]:
         return self._commit([HandoverWritten(at_usec=self._clock_usec(), fds=fds, bytes=size)])
 
-    def revert(self, records: Sequence[Record]) -> list[tuple[str, str]]:
-        """Undo, newest first, the SessionCreated and FdPreserved of a decision the journal
-        refused (their undo is exact; other decisions are not reverted this way). Returns
-        the keys of the fds no longer held, for the caller to let go."""
-        keys: list[tuple[str, str]] = []
-        for record in reversed(records):
-            match record:
-                case FdPreserved() if record.session in self.sessions:
-                    entry = self.sessions[record.session].fds.pop(record.token, None)
-                    if entry is not None:
-                        self._count(record.session, -entry.size, -1)
-                        keys.append((record.session, record.token))
-                case SessionCreated() if record.session in self.sessions:
-                    for token in list(self.sessions[record.session].fds):
-                        keys.append((record.session, token))
-                    self.apply(SessionDropped(session=record.session, reason="refused"))
-                case FdPreserved() | SessionCreated():
-                    pass
-                case _:
-                    raise ValueError(f"cannot revert a {record.type} record")
-        return keys
+    # ---- undo: a decision the journal refused changes nothing -------------------------
+
+    @contextlib.contextmanager
+    def unconditional(self) -> Iterator[None]:
+        """Decisions that stand even if the journal refuses them (Cancel while degraded,
+        a departed client's drop, a restore, a failed reboot): not undone."""
+        before, self._revertible = self._revertible, False
+        try:
+            yield
+        finally:
+            self._revertible = before
+
+    def durable_through(self, serial: int) -> None:
+        """Every decision up to `serial` is in the journal: no longer to undo."""
+        while self._undo and self._undo[0][0] <= serial:
+            self._undo.popleft()
+
+    def roll_back_after(self, serial: int) -> list[tuple[str, tuple[str, str]]]:
+        """Undo, newest first, every revertible decision after `serial` (the journal
+        refused them: they and every decision taken on them). Returns what the held fds
+        must follow: ("unpreserved", key) to let go, ("unreleased", key) to hold again."""
+        follow: list[tuple[str, tuple[str, str]]] = []
+        while self._undo and self._undo[-1][0] > serial:
+            _, undo = self._undo.pop()
+            done = undo()
+            if done is not None:
+                follow.append(done)
+        return follow
+
+    def _undo_of(self, record: Record) -> Callable[[], tuple[str, tuple[str, str]] | None]:
+        """How to take `record` back, read from the state before it is applied."""
+        host = (self.phase, self.freeze_started_usec, self.reboot, self.kexec_simulated,
+                self.last_blackout_usec, self.handover_boot_id, self.cycle, self.history,
+                self.started)
+        epoch = self._host_epoch
+        flags = ({n: (s.ready, s.prepared) for n, s in self.sessions.items()}
+                 if isinstance(record, PhaseChanged) else {})
+
+        def restore_host() -> None:
+            if self._host_epoch != epoch:
+                return  # an unconditional host decision (a Cancel) came since: it stands
+            (self.phase, self.freeze_started_usec, self.reboot, self.kexec_simulated,
+             self.last_blackout_usec, self.handover_boot_id, self.cycle, self.history,
+             self.started) = host
+            for name, (ready, prepared) in flags.items():
+                if name in self.sessions:
+                    self.sessions[name].ready, self.sessions[name].prepared = ready, prepared
+
+        match record:
+            case SessionCreated():
+                def undo_created() -> None:
+                    restore_host()
+                    self.sessions.pop(record.session, None)
+                return undo_created
+            case FdPreserved():
+                def undo_preserved() -> tuple[str, tuple[str, str]]:
+                    restore_host()
+                    entry = self.sessions[record.session].fds.pop(record.token)
+                    self._count(record.session, -entry.size, -1)
+                    return ("unpreserved", (record.session, record.token))
+                return undo_preserved
+            case FdReleased():
+                entry = self.sessions[record.session].fds[record.token]
+                released = (record.session, record.token, entry.dev, entry.ino)
+
+                def undo_released() -> tuple[str, tuple[str, str]]:
+                    restore_host()
+                    self.sessions[record.session].fds[record.token] = entry
+                    self._count(record.session, entry.size)
+                    self.released_files.discard(released)
+                    return ("unreleased", (record.session, record.token))
+                return undo_released
+            case SessionDropped():
+                session = self.sessions[record.session]
+
+                def undo_dropped() -> None:
+                    restore_host()
+                    self.sessions[record.session] = session
+                    for entry in session.fds.values():
+                        self._count(record.session, entry.size)
+                return undo_dropped
+            case FreezeDelaySet() | SessionReady() | SessionFinished():
+                session = self.sessions[record.session]
+                before = (session.delay_freeze, session.ready, session.finished)
+
+                def undo_flag() -> None:
+                    restore_host()
+                    session.delay_freeze, session.ready, session.finished = before
+                return undo_flag
+            case QuarantineReleased():
+                quarantine = dict(self.quarantine)
+
+                def undo_quarantine() -> None:
+                    restore_host()
+                    self.quarantine = quarantine
+                return undo_quarantine
+            case _:
+                def undo_host() -> None:
+                    restore_host()
+                return undo_host
 
     def snapshot(self) -> list[Record]:
         """Records that rebuild the current state from nothing: what compaction keeps."""
@@ -472,8 +559,16 @@ class Orchestrator:
         return records
 
     def _commit(self, records: list[Record]) -> list[Record]:
+        """Apply a decision's records; each gets the next serial and, unless the decision
+        is unconditional, an undo for the case the journal refuses it."""
         for record in records:
+            undo = self._undo_of(record) if self._revertible else None
+            if not self._revertible and isinstance(record, _HOST_RECORDS):
+                self._host_epoch += 1
             self.apply(record)
+            self.serial += 1
+            if undo is not None:
+                self._undo.append((self.serial, undo))
         return records
 
     # ---- lookups and rules -----------------------------------------------------------

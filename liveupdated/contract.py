@@ -37,7 +37,8 @@ FAILS_WITH: dict[str, tuple[str, ...]] = {
     "Manager.RetrieveSession": (
         "InvalidArgument", "NoSuchSession", "AccessDenied", "WrongState"),
     "Manager.ListSessions": (),
-    "Manager.Prepare": ("AccessDenied", "WrongState", "Storage"),
+    "Manager.Prepare": ("AccessDenied", "WrongState", "UnsupportedFd", "QuotaExceeded",
+                        "Storage"),
     "Manager.Freeze": (
         "AccessDenied", "DependencyMissing", "QuotaExceeded", "Timeout", "WrongState",
         "Storage"),

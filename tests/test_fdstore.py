@@ -3,6 +3,7 @@ systemd's reboot counts recorded at Reboot, recovery that keeps the carried fds,
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,10 +11,16 @@ import pytest
 from liveupdated import config as config_module
 from liveupdated.backends import UNKNOWN_BOOT, RebootCounts
 from liveupdated.backends import fdstore as fdstore_module
-from liveupdated.backends.fdstore import FdStoreBackend
+from liveupdated.backends.fdstore import FdStoreBackend, check_pid1_can_hold, pid1_fd_limit
 from liveupdated.config import Config
 from liveupdated.core.codec import from_json, to_json
-from liveupdated.core.errors import Corrupted, NoSuchToken, UnsupportedFd, WrongState
+from liveupdated.core.errors import (
+    Corrupted,
+    NoSuchToken,
+    QuotaExceeded,
+    UnsupportedFd,
+    WrongState,
+)
 from liveupdated.core.orchestrator import Orchestrator, Phase
 from liveupdated.core.records import RebootStarted, Record
 from liveupdated.core.recovery import (
@@ -300,3 +307,35 @@ def test_pid1_capability_by_version_and_unit_property(pid1: dict[str, Any]) -> N
 )
 def test_systemd_version(text: str, major: int) -> None:
     assert systemd_version(text) == major
+
+
+# ---- PID 1's fd limit: it copies every stored fd at the reboot ----------------------------
+
+
+def test_pid1_fd_limit_is_read_from_its_limits(tmp_path: Path) -> None:
+    limits = tmp_path / "limits"
+    limits.write_text(
+        "Limit                     Soft Limit           Hard Limit           Units     \n"
+        "Max open files            20000                20000                files     \n")
+    assert pid1_fd_limit(str(limits)) == 20000
+    limits.write_text("Max open files            unlimited            unlimited   files\n")
+    assert pid1_fd_limit(str(limits)) is None
+    assert pid1_fd_limit(str(tmp_path / "missing")) is None
+    assert isinstance(pid1_fd_limit(), int | None)  # this machine's PID 1
+
+
+@pytest.mark.parametrize(("stored", "limit", "refused"), [
+    (10_000, 20_000, True),  # what lost every store in a container here
+    (256, 20_000, False),
+    (7_952, 20_000, False),
+    (7_953, 20_000, True),
+    (95_232, None, False),  # unknown: not refused on a guess
+])
+def test_prepare_is_refused_when_pid1_could_not_copy_the_stores(
+    stored: int, limit: int | None, refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(QuotaExceeded, match="PID 1 may hold"):
+            check_pid1_can_hold(stored, limit)
+    else:
+        check_pid1_can_hold(stored, limit)

@@ -21,7 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 import structlog
 
 from liveupdated.backends import UNKNOWN_BOOT, Handover, Key, RebootCounts, luo_uapi
-from liveupdated.core.errors import Corrupted, NoSuchToken, UnsupportedFd, WrongState
+from liveupdated.core.errors import (
+    Corrupted,
+    NoSuchToken,
+    QuotaExceeded,
+    UnsupportedFd,
+    WrongState,
+)
 from liveupdated.core.orchestrator import FdEntry
 from liveupdated.fds import memfd
 from liveupdated.systemd import Pid1Error, fd_name, pid1, systemd_version
@@ -88,6 +94,7 @@ class FdStoreBackend:
                 memfd.inspect(fd)
             except UnsupportedFd as exc:
                 raise UnsupportedFd(f"{session}/{token} cannot be carried: {exc}") from None
+        check_pid1_can_hold(len(fds), pid1_fd_limit())
 
     def prepare_handover(self, fds: Mapping[Key, int], entries: Mapping[Key, FdEntry]) -> None:
         """Brownout: find out now, while the VMs still run, whether systemd will carry them."""
@@ -177,6 +184,40 @@ class FdStoreBackend:
         self._forget_stored(fd_name(*key))
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+# PID 1 copies every fd of every store to hand it to the next userspace (soft-reboot) or
+# kernel (LUO kexec): it needs twice the stored fds under its own RLIMIT_NOFILE. Past it,
+# the copy fails and PID 1 gives up: every store, the VMs' memory, is lost (seen with
+# 10,000 fds in a container whose PID 1 had a limit of 20,000). Room is kept for the
+# daemon's own entries, other units' stores and PID 1's own fds.
+PID1_SPARE_FDS = 4096
+
+
+def pid1_fd_limit(limits: str = "/proc/1/limits") -> int | None:
+    """PID 1's soft limit of open files; None if it cannot be read or is unlimited."""
+    try:
+        with open(limits) as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    return int(soft) if soft.isdigit() else None
+    except OSError:
+        return None
+    return None
+
+
+def check_pid1_can_hold(stored: int, limit: int | None) -> None:
+    """QuotaExceeded if PID 1 could not copy `stored` fds (and the rest) at the reboot."""
+    if limit is None:
+        return
+    needed = 2 * stored + PID1_SPARE_FDS
+    if needed > limit:
+        raise QuotaExceeded(
+            f"PID 1 may hold {limit} open files; carrying {stored} stored fds across the "
+            f"reboot needs about {needed} (it copies each): the stores would be lost. Raise "
+            "systemd's DefaultLimitNOFILE= / PID 1's limit, or carry fewer fds"
+        )
 
 
 # A memfd sealed against growing and shrinking cannot change size: a different size is

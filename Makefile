@@ -16,11 +16,11 @@ demo-vm:
 	@scripts/setup.sh
 	@scripts/nspawn-deps.sh
 	@command -v as >/dev/null || apt-get install -y -q binutils
-	.venv/bin/python -m liveupdated.vmm.demo --root "$$(guest/sid-root.sh)"
+	.venv/bin/python devtools/vm_demo.py --root "$$(guest/sid-root.sh)"
 
 test:
 	@scripts/setup.sh
-	.venv/bin/ruff check liveupdated tests bench
+	.venv/bin/ruff check liveupdated tests bench devtools
 	.venv/bin/mypy
 	.venv/bin/python -m pytest -q
 

@@ -31,7 +31,7 @@ from liveupdated.core import preflight
 from liveupdated.core.errors import LiveUpdateError, WrongState
 from liveupdated.core.names import session_path
 from liveupdated.demo import MAX_SIZE, MIN_SIZE, parse_size
-from liveupdated.statedir import describe
+from liveupdated.durable import describe
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the daemon refused the call; its error on one line

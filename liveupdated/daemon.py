@@ -57,9 +57,10 @@ from liveupdated.core.recovery import (
     StoredFd,
     recover,
 )
+from liveupdated.durable import STORAGE_ERRNOS, describe
 from liveupdated.journal import Journal, Watermark
 from liveupdated.service import Listeners, LiveUpdate
-from liveupdated.statedir import STORAGE_ERRNOS, describe, holds_listen_fds
+from liveupdated.statedir import holds_listen_fds
 from liveupdated.systemd import Notifier, boot_id, pid1_start, take_listen_fds
 from liveupdated.vault import Vault
 

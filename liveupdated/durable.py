@@ -13,6 +13,7 @@ names a file each point's name is appended to, a line per call, before any kill.
 read once, at import. Unset, a point costs a counter increment and one comparison.
 """
 
+import errno
 import itertools
 import os
 import signal
@@ -34,6 +35,21 @@ counts: Counter[str] = Counter()
 
 _armed_lock = threading.Lock()  # so that "the Nth point" is exact across threads
 _armed_calls = itertools.count(1)  # numbers the calls of `point`, once armed
+
+
+# A disk that refuses a write: the storage is at fault, not the configuration.
+STORAGE_ERRNOS = frozenset(
+    {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EACCES,
+     errno.EPERM}
+)
+
+
+def describe(exc: OSError) -> str:
+    """`No space left on device (ENOSPC)`: the text and the errno's name (its number if
+    it has none; nothing for an OSError without an errno)."""
+    name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else ""
+    text = exc.strerror or str(exc)
+    return f"{text} ({name})" if name else text
 
 
 def point(name: str) -> None:

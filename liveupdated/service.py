@@ -51,10 +51,10 @@ from liveupdated.core.records import (
     SessionDropped,
 )
 from liveupdated.core.recovery import quarantine_key
+from liveupdated.durable import describe
 from liveupdated.fds import memfd
 from liveupdated.journal import Journal
 from liveupdated.restores import Restores
-from liveupdated.statedir import describe
 from liveupdated.systemd import Notifier, boot_id, pid1_start
 from liveupdated.vault import Vault
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from liveupdated.config import Config
+from liveupdated.durable import STORAGE_ERRNOS, describe
 
 if TYPE_CHECKING:
     from dbus_fast.aio import MessageBus
@@ -58,12 +59,6 @@ EXIT_CONFIG = 78
 LOCK_NAME = "lock"
 DIR_MODE = 0o700
 PARENT_MODE = 0o755
-
-# A disk that refuses a write: the storage is at fault, not the configuration.
-STORAGE_ERRNOS = frozenset(
-    {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EACCES,
-     errno.EPERM}
-)
 
 
 class StateDirError(Exception):
@@ -99,14 +94,6 @@ def holds_listen_fds() -> bool:
     pid = os.environ.get("LISTEN_PID", "")
     count = os.environ.get("LISTEN_FDS", "")
     return pid.isdigit() and int(pid) == os.getpid() and count.isdigit() and int(count) > 0
-
-
-def describe(exc: OSError) -> str:
-    """`No space left on device (ENOSPC)`: the text and the errno's name (its number if
-    it has none; nothing for an OSError without an errno)."""
-    name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else ""
-    text = exc.strerror or str(exc)
-    return f"{text} ({name})" if name else text
 
 
 def open_state(config: Config) -> StateDir:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from liveupdated import statedir
+from liveupdated import durable
 from liveupdated.config import Config, parse_args
 from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess
@@ -321,6 +321,6 @@ def test_startup_failure_keeps_a_unit_with_fds_restartable() -> None:
     assert held.exit_status == EXIT_TEMPFAIL and held.exit_status not in restart_prevented()
     assert held.message == "/x/journal: No space left on device (ENOSPC)"
     assert startup_failure(RuntimeError("boom"), config, False).exit_status == 1
-    assert statedir.describe(OSError(errno.EIO, "Input/output error")) == (
+    assert durable.describe(OSError(errno.EIO, "Input/output error")) == (
         "Input/output error (EIO)"
     )

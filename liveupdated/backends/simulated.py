@@ -34,9 +34,15 @@ from liveupdated.core.codec import from_json, to_json
 from liveupdated.core.errors import Corrupted, NoSuchToken, Storage
 from liveupdated.core.names import escape_path_label
 from liveupdated.core.orchestrator import FdEntry
-from liveupdated.durable import create_new_file, fsync_directory, point, write_atomically
+from liveupdated.durable import (
+    STORAGE_ERRNOS,
+    create_new_file,
+    describe,
+    fsync_directory,
+    point,
+    write_atomically,
+)
 from liveupdated.fds import memfd
-from liveupdated.statedir import STORAGE_ERRNOS, describe
 
 log = structlog.get_logger("liveupdated")
 

@@ -1,6 +1,6 @@
 """make demo-vm: a QEMU guest that counts in RAM, carried across a simulated kexec.
 
-  python -m liveupdated.vmm.demo --root SIDROOT [--seconds S]
+  python devtools/vm_demo.py --root SIDROOT [--seconds S]
 
 On a private bus: liveupdated (simulated backend, `--reboot-action exit`) and the QEMU
 adapter running QEMU from SIDROOT (guest/qemu-in-root.sh; guest/sid-root.sh builds it).

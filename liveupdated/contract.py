@@ -1,7 +1,8 @@
-"""The D-Bus contract's names and bounds, spelled once: the daemon, the client library,
-the tests and the docs' checks all take them from here.
+"""The D-Bus contract's names, bounds and errors, spelled once: the daemon, the client
+library, the CLI, the QEMU adapter, the tests and the docs' checks all take them from here.
 
-Constants only: no I/O and no imports, so the pure core may use it too.
+Constants, the error classes and pure string functions only: no I/O and no imports, so
+the pure core and every client may use it.
 """
 
 BUS_NAME = "org.liveupdate1"
@@ -20,7 +21,7 @@ MAX_FDS_PER_CALL = 16  # dbus-daemon's default max_message_unix_fds: more drop t
 MAX_REASON_LENGTH = 200  # DropSession's reason, kept in the journal and the log
 HISTORY_KEPT = 16  # update cycles Manager.GetHistory keeps, across compaction
 
-# org.liveupdate1.Error.<name>, one exception class each in liveupdated.core.errors.
+# org.liveupdate1.Error.<name>, one exception class each below (ALL_ERRORS).
 ERRORS = (
     "InvalidArgument", "SessionExists", "NoSuchSession", "TokenExists", "NoSuchToken",
     "WrongState", "AccessDenied", "UnsupportedFd", "DependencyMissing", "QuotaExceeded",
@@ -72,3 +73,159 @@ FAILS_WITH: dict[str, tuple[str, ...]] = {
     "Session.Finish": _SESSION_CHANGE,
     "Session.Close": _SESSION_CHANGE,
 }
+
+
+# ---- object paths ---------------------------------------------------------------------
+
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def escape_path_label(label: str) -> str:
+    """Escape one object-path label exactly as sd_bus_path_encode() does: `_xx` (lower-case
+    hex) for each byte outside [A-Za-z0-9], and for a leading digit too (`65534-probe` is
+    `_365534_2dprobe`), so that a C client computes the same path; "" is `_`."""
+    if not label:
+        return "_"
+    raw = label.encode()
+    return "".join(
+        chr(b) if b in _PLAIN and not (i == 0 and 0x30 <= b <= 0x39) else f"_{b:02x}"
+        for i, b in enumerate(raw)
+    )
+
+
+def session_path(name: str) -> str:
+    """The object path of session `name` (what CreateSession and RetrieveSession return)."""
+    return SESSION_PATH_PREFIX + escape_path_label(name)
+
+
+# ---- Manager.Check ----------------------------------------------------------------------
+
+# Its items, in the order it checks and reports them, and the verdicts of each.
+CHECK_ITEMS = (
+    "state", "backend", "reboot-action", "kexec-kernel", "fd-kinds", "quarantine",
+    "requires", "handover-room",
+)
+CHECK_OK = "ok"
+CHECK_FAIL = "fail"  # an update would be refused: the only verdict that stops one
+CHECK_WARN = "warn"
+CHECK_VERDICTS = (CHECK_OK, CHECK_FAIL, CHECK_WARN)
+
+# ---- errors -----------------------------------------------------------------------------
+
+# An org.liveupdate1.Error.* reply's body: the message a person reads (what sd-bus,
+# libdbus and dbus-fast take as the error's message), then details as data, so that no
+# client parses the message. Errors of the bus itself (org.freedesktop.DBus.Error.*) keep
+# the plain (s) body.
+ERROR_SIGNATURE = "sa{sv}"
+# Every key a details dict may have, with the D-Bus type of its value. An error carries
+# the keys that apply to it (docs/API.md, "Errors", lists them per error) and never more
+# than its message tells that caller: a tenant learns no other uid's or the host's usage.
+ERROR_DETAILS: dict[str, str] = {
+    "command": "s",  # the method that refused: Manager.<Member> or Session.<Member>
+    "state": "s",  # the phase when it refused: normal, prepared, frozen or updated
+    "allowed": "as",  # the phases the method is allowed in
+    "under_way": "s",  # the host command under way that refused it (Prepare, Freeze, ...)
+    "session": "s",  # the session the error is about
+    "token": "s",  # the token the error is about (in "session")
+    "id": "s",  # the quarantined fd the error is about: q<N>
+    "required_by": "as",  # the tokens of "session" that require "token"
+    "blocking": "as",  # the sessions that block Freeze
+    "quarantined": "as",  # the quarantined fds (q<N>) that block Freeze
+    "limit": "s",  # the limit reached: a daemon option (max-sessions, ...) or a bus bound
+    "maximum": "t",  # that limit's value, when the caller may know it
+    "uid": "u",  # the uid whose budget is reached
+}
+
+Details = dict[str, str | int | list[str]]
+
+
+class LiveUpdateError(Exception):
+    """Base of all contract errors; `name` is the suffix of org.liveupdate1.Error.*.
+    `str(exc)` is the message; `details` the error's data (keys of ERROR_DETAILS)."""
+
+    name = "Failed"
+
+    def __init__(self, message: str = "", details: Details | None = None) -> None:
+        super().__init__(message)
+        self.details: Details = dict(details or {})
+
+
+class InvalidArgument(LiveUpdateError):
+    name = "InvalidArgument"
+
+
+class SessionExists(LiveUpdateError):
+    name = "SessionExists"
+
+
+class NoSuchSession(LiveUpdateError):
+    name = "NoSuchSession"
+
+
+class TokenExists(LiveUpdateError):
+    name = "TokenExists"
+
+
+class NoSuchToken(LiveUpdateError):
+    name = "NoSuchToken"
+
+
+class WrongState(LiveUpdateError):
+    name = "WrongState"
+
+
+class AccessDenied(LiveUpdateError):
+    name = "AccessDenied"
+
+
+class UnsupportedFd(LiveUpdateError):
+    name = "UnsupportedFd"
+
+
+class DependencyMissing(LiveUpdateError):
+    name = "DependencyMissing"
+
+
+class QuotaExceeded(LiveUpdateError):
+    name = "QuotaExceeded"
+
+
+class Corrupted(LiveUpdateError):
+    name = "Corrupted"
+
+
+class Timeout(LiveUpdateError):
+    name = "Timeout"
+
+
+class Storage(LiveUpdateError):
+    """The daemon's disk refused a write (read-only, full, I/O error): nothing changed.
+    The message names the errno; held fds stay held and RetrieveFd and Cancel still work."""
+
+    name = "Storage"
+
+
+ALL_ERRORS: tuple[type[LiveUpdateError], ...] = (
+    InvalidArgument,
+    SessionExists,
+    NoSuchSession,
+    TokenExists,
+    NoSuchToken,
+    WrongState,
+    AccessDenied,
+    UnsupportedFd,
+    DependencyMissing,
+    QuotaExceeded,
+    Corrupted,
+    Timeout,
+    Storage,
+)
+
+
+def method_name(command: str) -> str:
+    """The qualified name (a key of FAILS_WITH) of a method named as the messages name it:
+    "Prepare" is Manager.Prepare, "PreserveFd" Session.PreserveFd; the two Finishes are
+    told apart by the messages ("Finish", "Session.Finish")."""
+    if "." in command:
+        return command
+    return f"Manager.{command}" if f"Manager.{command}" in FAILS_WITH else f"Session.{command}"

@@ -3,6 +3,7 @@ systemd's reboot counts recorded at Reboot, recovery that keeps the carried fds,
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -339,3 +340,26 @@ def test_prepare_is_refused_when_pid1_could_not_copy_the_stores(
             check_pid1_can_hold(stored, limit)
     else:
         check_pid1_can_hold(stored, limit)
+
+
+def test_the_start_asks_pid1_once_for_the_backend_and_the_reboot_counts(
+    pid1: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Choosing the backend reads the counts too: recovery's look at them at start-up
+    costs no second connection to PID 1; a later Reboot asks afresh."""
+    asked: list[tuple[str, ...]] = []
+    answer: Callable[..., dict[str, Any]] = fdstore_module.pid1  # type: ignore[attr-defined]
+
+    def counting(manager_props: tuple[str, ...] = (), **rest: Any) -> dict[str, Any]:
+        asked.append(manager_props)
+        return answer(manager_props, **rest)
+
+    monkeypatch.setattr(fdstore_module, "pid1", counting)
+    monkeypatch.setattr(fdstore_module, "_AT_START", {})
+    assert fdstore_module.pid1_carries_fds(kexec=False)
+    pid1["SoftRebootsCount"] = 3
+    backend = FdStoreBackend()
+    assert backend.reboot_counts() == RebootCounts(soft_reboots=0, kexecs=0)  # the start's
+    assert len(asked) == 1
+    assert backend.reboot_counts() == RebootCounts(soft_reboots=3, kexecs=0)  # afresh
+    assert len(asked) == 2

@@ -64,17 +64,19 @@ class FdStoreBackend:
     # ---- before the reboot ---------------------------------------------------------
 
     def reboot_counts(self) -> RebootCounts | None:
-        """systemd's SoftRebootsCount and KExecCount now; None if it cannot say."""
+        """systemd's SoftRebootsCount and KExecCount now; None if it cannot say. At
+        start-up the answer of the exchange that chose this backend is taken (a second
+        connection to PID 1 sat on the blackout path); the counts cannot change while
+        this daemon runs, as a soft-reboot or kexec stops it."""
+        found_at_start = _AT_START.pop("counts", None)
+        if found_at_start is not None:
+            return _counts(found_at_start)
         try:
             found = pid1(manager_props=COUNTS)
         except Pid1Error as exc:
             log.warning("reboot_counts_unknown", error=str(exc))
             return None
-        soft, kexecs = (found.get(name) for name in COUNTS)
-        return RebootCounts(
-            soft_reboots=soft if isinstance(soft, int) else None,
-            kexecs=kexecs if isinstance(kexecs, int) else None,
-        )
+        return _counts(found)
 
     def check_carried(self, fds: Mapping[Key, int]) -> None:
         """Will systemd carry these? The unit must keep its store, and every fd must be
@@ -229,16 +231,29 @@ SOFT_REBOOT_SINCE = 254  # FileDescriptorStorePreserve= and soft-reboot carrying
 LUO_KEXEC_SINCE = 261  # the store carried across kexec on a Live Update Orchestrator kernel
 
 
+# systemd's counts as the start-up's one exchange with PID 1 read them (see reboot_counts).
+_AT_START: dict[str, dict[str, object]] = {}
+
+
+def _counts(found: dict[str, object]) -> RebootCounts:
+    soft, kexecs = (found.get(name) for name in COUNTS)
+    return RebootCounts(
+        soft_reboots=soft if isinstance(soft, int) else None,
+        kexecs=kexecs if isinstance(kexecs, int) else None,
+    )
+
+
 def pid1_carries_fds(kexec: bool) -> bool:
     """Can PID 1 carry this unit's fd store across the reboot (a kexec on a LUO kernel
     when `kexec`, else a soft-reboot)? By capability: this unit keeps its store
     (FileDescriptorStorePreserve=yes, a property systemd < 254 does not have) and
     systemd's Version is recent enough. False off systemd or without an answer."""
     try:
-        found = pid1(manager_props=("Version",), unit_props=(PRESERVE_PROPERTY,))
+        found = pid1(manager_props=("Version", *COUNTS), unit_props=(PRESERVE_PROPERTY,))
     except Pid1Error as exc:
         log.info("fdstore_backend_unavailable", reason=str(exc))
         return False
+    _AT_START["counts"] = found
     version = systemd_version(str(found.get("Version", "")))
     needed = LUO_KEXEC_SINCE if kexec else SOFT_REBOOT_SINCE
     if found.get(PRESERVE_PROPERTY) != KEEPS_STORE or version < needed:

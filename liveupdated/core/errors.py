@@ -1,82 +1,31 @@
 """The errors of the live-update contract, one class per org.liveupdate1.Error name.
 
-Raised by the core and the edges; only bus/errors.py turns them into D-Bus errors.
+They are defined in liveupdated/contract.py (clients raise the same classes); this is
+where the daemon's parts take them from. Raised by the core and the edges; only
+bus/errors.py turns them into D-Bus errors, with their details.
 """
 
-
-class LiveUpdateError(Exception):
-    """Base of all contract errors; `name` is the suffix of org.liveupdate1.Error.*."""
-
-    name = "Failed"
-
-
-class InvalidArgument(LiveUpdateError):
-    name = "InvalidArgument"
-
-
-class SessionExists(LiveUpdateError):
-    name = "SessionExists"
-
-
-class NoSuchSession(LiveUpdateError):
-    name = "NoSuchSession"
-
-
-class TokenExists(LiveUpdateError):
-    name = "TokenExists"
-
-
-class NoSuchToken(LiveUpdateError):
-    name = "NoSuchToken"
-
-
-class WrongState(LiveUpdateError):
-    name = "WrongState"
-
-
-class AccessDenied(LiveUpdateError):
-    name = "AccessDenied"
-
-
-class UnsupportedFd(LiveUpdateError):
-    name = "UnsupportedFd"
-
-
-class DependencyMissing(LiveUpdateError):
-    name = "DependencyMissing"
-
-
-class QuotaExceeded(LiveUpdateError):
-    name = "QuotaExceeded"
-
-
-class Corrupted(LiveUpdateError):
-    name = "Corrupted"
-
-
-class Timeout(LiveUpdateError):
-    name = "Timeout"
-
-
-class Storage(LiveUpdateError):
-    """The daemon's disk refused a write (read-only, full, I/O error): nothing changed.
-    The message names the errno; held fds stay held and RetrieveFd and Cancel still work."""
-
-    name = "Storage"
-
-
-ALL_ERRORS: tuple[type[LiveUpdateError], ...] = (
-    InvalidArgument,
-    SessionExists,
-    NoSuchSession,
-    TokenExists,
-    NoSuchToken,
-    WrongState,
+from liveupdated.contract import (
+    ALL_ERRORS,
     AccessDenied,
-    UnsupportedFd,
-    DependencyMissing,
-    QuotaExceeded,
     Corrupted,
-    Timeout,
+    DependencyMissing,
+    Details,
+    InvalidArgument,
+    LiveUpdateError,
+    NoSuchSession,
+    NoSuchToken,
+    QuotaExceeded,
+    SessionExists,
     Storage,
+    Timeout,
+    TokenExists,
+    UnsupportedFd,
+    WrongState,
 )
+
+__all__ = [
+    "ALL_ERRORS", "AccessDenied", "Corrupted", "DependencyMissing", "Details", "InvalidArgument",
+    "LiveUpdateError", "NoSuchSession", "NoSuchToken", "QuotaExceeded", "SessionExists",
+    "Storage", "Timeout", "TokenExists", "UnsupportedFd", "WrongState",
+]

@@ -1,6 +1,7 @@
 """Session names, tokens and the object paths derived from them.
 
-Pure string rules shared by the core, the bus edge and the client; no I/O.
+Pure string rules of the core and the bus edge; no I/O. The paths themselves
+(escape_path_label, session_path) are the contract's, which clients use too.
 """
 
 import re
@@ -12,6 +13,8 @@ from liveupdated.contract import (
     MAX_REASON_LENGTH,
     MAX_REQUIRES,
     SESSION_PATH_PREFIX,
+    escape_path_label,
+    session_path,
 )
 from liveupdated.core.errors import InvalidArgument
 
@@ -22,7 +25,6 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
-_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
 def check_name(value: str, what: str) -> str:
@@ -57,20 +59,3 @@ def check_reason(reason: str) -> str:
             f"the reason must be at most {MAX_REASON_LENGTH} printable characters"
         )
     return reason
-
-
-def escape_path_label(label: str) -> str:
-    """Escape one object-path label exactly as sd_bus_path_encode() does: `_xx` (lower-case
-    hex) for each byte outside [A-Za-z0-9], and for a leading digit too (`65534-probe` is
-    `_365534_2dprobe`), so that a C client computes the same path; "" is `_`."""
-    if not label:
-        return "_"
-    raw = label.encode()
-    return "".join(
-        chr(b) if b in _PLAIN and not (i == 0 and 0x30 <= b <= 0x39) else f"_{b:02x}"
-        for i, b in enumerate(raw)
-    )
-
-
-def session_path(name: str) -> str:
-    return SESSION_PATH_PREFIX + escape_path_label(name)

@@ -12,18 +12,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from liveupdated.contract import CHECK_FAIL as FAIL
+from liveupdated.contract import CHECK_ITEMS as ITEMS
+from liveupdated.contract import CHECK_OK as OK
+from liveupdated.contract import CHECK_VERDICTS as VERDICTS
+from liveupdated.contract import CHECK_WARN as WARN
 from liveupdated.core.orchestrator import Orchestrator, Phase
 
-OK = "ok"
-FAIL = "fail"
-WARN = "warn"
-VERDICTS = (OK, FAIL, WARN)
-
-# The items, in the order they are checked and reported (docs/API.md lists them).
-ITEMS = (
-    "state", "backend", "reboot-action", "kexec-kernel", "fd-kinds", "quarantine",
-    "requires", "handover-room",
-)
+# The items (in the order they are checked and reported: docs/API.md lists them) and
+# their verdicts are the contract's: clients read the reply by them.
+__all__ = ["FAIL", "ITEMS", "OK", "VERDICTS", "WARN", "Facts", "Item", "failures", "gather",
+           "passed", "verdicts"]
 
 Item = tuple[str, str, str]  # item, verdict, detail
 

@@ -70,12 +70,13 @@ def host_run(argv: list[str]) -> str:
 _LEVELS = {"2": "critical", "3": "error", "4": "warning", "6": "info", "7": "debug"}
 _NATIVE = {"SESSION": "session", "TOKEN": "token", "PHASE": "phase"}
 _INTEGER = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"-?[0-9]+\.[0-9]+(?:e[-+]?[0-9]+)?")
 
 
 def logged_event(entry: dict[str, Any]) -> dict[str, Any]:
     """The daemon's event (`event`, `level` and its fields) from a journal entry: a JSON
     MESSAGE (releases before native fields, and the fallback line), else the native fields
-    of liveupdated/logs.py (LIVEUPDATED_<KEY>, SESSION, TOKEN, PHASE), integers as int."""
+    of liveupdated/logs.py (LIVEUPDATED_<KEY>, SESSION, TOKEN, PHASE), numbers as numbers."""
     message = entry.get("MESSAGE")
     if isinstance(message, str) and message.startswith("{"):
         parsed: dict[str, Any] = json.loads(message)
@@ -90,7 +91,9 @@ def logged_event(entry: dict[str, Any]) -> dict[str, Any]:
             continue
         if not isinstance(value, str):
             continue  # not UTF-8: journalctl gives bytes; no test reads those
-        event.setdefault(name, int(value) if _INTEGER.fullmatch(value) else value)
+        number: Any = (int(value) if _INTEGER.fullmatch(value)
+                       else float(value) if _FLOAT.fullmatch(value) else value)
+        event.setdefault(name, number)
     return event
 
 

@@ -43,11 +43,13 @@ class Suite:
 BOOKWORM = Suite(SUITE, PACKAGES)
 # python3 (not -minimal): the venv needs ensurepip's pip wheel (python3-venv) to install.
 # gcc, libc6-dev, libsystemd-dev, pkg-config: test_c_vmm.py builds examples/vmm.c there.
+# dbus-broker: installed, not enabled; test_broker.py makes it the system bus.
 SID = Suite(
     "sid",
     ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "procps",
      "libglib2.0-bin", "polkitd", "libpam-systemd",
-     "gcc", "libc6-dev", "libsystemd-dev", "pkg-config"),
+     "gcc", "libc6-dev", "libsystemd-dev", "pkg-config",
+     "dbus-broker"),
 )
 SUITES = {suite.name: suite for suite in (BOOKWORM, SID)}
 HOSTNAME = "liveupdated-test"

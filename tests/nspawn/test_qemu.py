@@ -27,6 +27,7 @@ from .installed import (
     build_deb,
     build_wheels,
     guest_python_version,
+    logged_event,
     wait_for,
 )
 from .rootfs import SID, Suite, cached_rootfs, tarball_path, tmpfs
@@ -138,9 +139,10 @@ def wait_count(box: Container, beyond: int, timeout: float = 60) -> list[tuple[i
 
 
 def adapter_log(installed: Installed, event: str) -> list[dict[str, Any]]:
-    out = installed.box.run(["journalctl", "--unit", ADAPTER, "--output", "cat",
+    """The adapter's events: native journal fields (logs.py) or a JSON line, as logged."""
+    out = installed.box.run(["journalctl", "--unit", ADAPTER, "--output", "json",
                              "--no-pager"], check=False).stdout
-    entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    entries = [logged_event(json.loads(line)) for line in out.splitlines() if line.strip()]
     return [e for e in entries if e.get("event") == event]
 
 
@@ -243,6 +245,7 @@ def test_qemu_guest_across_container_reboot(
     qemu_box: Installed, capsys: pytest.CaptureFixture[str]
 ) -> None:
     drop_in = qemu_box.box.host_path("/etc/systemd/system/liveupdated.service.d")
+    drop_in.mkdir(parents=True, exist_ok=True)  # a user's own drop-in: the package has none
     (drop_in / "simulated.conf").write_text(SIMULATED)
     qemu_box.systemctl("daemon-reload")
     qemu_box.systemctl("restart", "liveupdated")  # started by the package's postinst

@@ -12,24 +12,35 @@ import fcntl
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import sys
 import textwrap
 import time
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from liveupdated import __version__
-from liveupdated.client import BusError, Client, SessionClient
+from liveupdated.client import (
+    BusError,
+    Client,
+    Corrupted,
+    LiveUpdateError,
+    SessionClient,
+    TokenExists,
+    WrongState,
+)
 from liveupdated.config import _bus as _bus_spec
-from liveupdated.contract import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, SESSION_INTERFACE
-from liveupdated.core import preflight
-from liveupdated.core.errors import LiveUpdateError, WrongState
-from liveupdated.core.names import session_path
+from liveupdated.contract import (
+    BUS_NAME,
+    CHECK_FAIL,
+    MANAGER_INTERFACE,
+    MANAGER_PATH,
+    SESSION_INTERFACE,
+    session_path,
+)
 from liveupdated.demo import MAX_SIZE, MIN_SIZE, parse_size
 from liveupdated.durable import describe
 
@@ -575,44 +586,52 @@ def _say(args: argparse.Namespace, result: dict[str, Any]) -> None:
         print(json.dumps(result))
 
 
-# A daemon's message names the D-Bus method that refused; say the command the user typed.
-_ALLOWED_IN = re.compile(r"^([A-Z][A-Za-z]+) is allowed in state")
-_ADVICE = {
-    "; UnpreserveFd it first": "; `liveupdatectl unpreserve {session} {token}` first",
-    ": UnpreserveFd it and preserve it again":
-        ": `liveupdatectl unpreserve {session} {token}`, then preserve it again",
-}
-
-
-async def _explain(client: Client, args: argparse.Namespace, exc: LiveUpdateError) -> str:
-    """The daemon's refusal in the terms of the command the user ran."""
+def _explain(args: argparse.Namespace, exc: LiveUpdateError) -> str:
+    """The daemon's refusal in the terms of the command the user ran: its message names
+    the D-Bus method that refused and the method to call; its details (the method, the
+    state, the session and token) say them as data, so they are said here again as the
+    command and the liveupdatectl command to run."""
     text = _one_line(str(exc))
+    details = exc.details
     command = args.command if args.command != "update" else ""
-    if (said := _ALLOWED_IN.match(text)) and command and said[1].lower() != command:
-        text = f"{command}{text[len(said[1]):]}"
-    for advice, instead in _ADVICE.items():
-        if advice not in text:
-            continue
-        try:
-            state = await client.state()
-        except (LiveUpdateError, BusError, OSError):
-            state = "?"
-        if state == "normal":
-            text = text.replace(advice, instead.format(session=getattr(args, "session", ""),
-                                                       token=getattr(args, "token", "")))
-        else:  # UnpreserveFd is refused outside normal
-            text = text.replace(advice, "; Finish releases it" if state == "updated" else "")
+    method = str(details.get("command", "")).rsplit(".", 1)[-1]
+    allowed, state = details.get("allowed"), details.get("state")
+    if (isinstance(exc, WrongState) and isinstance(allowed, list) and command and method
+            and method.lower() != command):
+        text = f"{command} is allowed in state {' or '.join(allowed)}, not {state}"
+    session, token = details.get("session"), details.get("token")
+    unpreserve = f"`liveupdatectl unpreserve {session} {token}`"
+    if isinstance(exc, TokenExists) and session is not None and token is not None:
+        text = f"session {session!r} already holds token {token!r}; {unpreserve} first"
+    elif (isinstance(exc, Corrupted) and state == "normal" and session is not None
+          and token is not None):  # outside normal its message says what to do already
+        text = (f"the journal record of {session}/{token} failed its checksum; the fd is "
+                f"held but never handed out: {unpreserve}, then preserve it again")
     return f"{exc.name}: {text}"
 
 
 # ---- the preflight, the update and the end of it ---------------------------------------
 
-async def _check_items(client: Client) -> list[preflight.Item]:
+CheckItem = tuple[str, str, str]  # Manager.Check's (item, verdict, detail)
+
+
+def _check_passed(items: Iterable[CheckItem]) -> bool:
+    """Nothing failed (a warning does not stop an update)."""
+    return all(verdict != CHECK_FAIL for _, verdict, _ in items)
+
+
+def _check_failures(items: Iterable[CheckItem]) -> str:
+    """The failed items on one line."""
+    return "; ".join(f"{item}: {detail}" for item, verdict, detail in items
+                     if verdict == CHECK_FAIL)
+
+
+async def _check_items(client: Client) -> list[CheckItem]:
     (rows,) = await client.call(MANAGER_PATH, MANAGER_INTERFACE, "Check")
     return [(str(item), str(verdict), str(detail)) for item, verdict, detail in rows]
 
 
-def _print_check(items: Sequence[preflight.Item], as_json: bool) -> None:
+def _print_check(items: Sequence[CheckItem], as_json: bool) -> None:
     if as_json:
         print(json.dumps([{"item": i, "verdict": v, "detail": d} for i, v, d in items]))
         return
@@ -622,7 +641,7 @@ def _print_check(items: Sequence[preflight.Item], as_json: bool) -> None:
 async def _check(client: Client, args: argparse.Namespace) -> int:
     items = await _check_items(client)
     _print_check(items, args.json)
-    return EXIT_OK if preflight.passed(items) else EXIT_PREFLIGHT
+    return EXIT_OK if _check_passed(items) else EXIT_PREFLIGHT
 
 
 def _progress(args: argparse.Namespace, step: str, text: str) -> None:
@@ -639,7 +658,7 @@ class StepFailed(Exception):
         self.reason = reason
 
 
-async def _step(client: Client, args: argparse.Namespace, name: str,
+async def _step(args: argparse.Namespace, name: str,
                 call: Callable[[], Awaitable[None]], seconds: float | None) -> None:
     try:
         async with asyncio.timeout(seconds):
@@ -647,7 +666,7 @@ async def _step(client: Client, args: argparse.Namespace, name: str,
     except TimeoutError:
         raise StepFailed(name, f"no reply within {seconds:g}s (--timeout)") from None
     except LiveUpdateError as exc:
-        raise StepFailed(name, await _explain(client, args, exc)) from None
+        raise StepFailed(name, _explain(args, exc)) from None
     except BusError as exc:
         raise StepFailed(name, _bus_error_text(exc, args.bus)) from None
 
@@ -664,7 +683,7 @@ async def _cancel_after_failure(client: Client, seconds: float) -> str:
                 await client.cancel()
             return ""
         except WrongState as exc:
-            if await client.state() == "normal" and "under way" not in str(exc):
+            if await client.state() == "normal" and "under_way" not in exc.details:
                 return ""  # the step undid itself (Prepare's backend refused)
             last = f"{exc.name}: {_one_line(str(exc))}"
         except TimeoutError:
@@ -719,8 +738,8 @@ async def _watch_reboot(client: Client) -> tuple[asyncio.Future[str], Callable[[
 async def _update(client: Client, args: argparse.Namespace) -> int:
     args.steps = []
     items = await _check_items(client)
-    if not preflight.passed(items):
-        reason = preflight.failures(items)
+    if not _check_passed(items):
+        reason = _check_failures(items)
         _say(args, {"command": "update", "outcome": "preflight failed", "reason": reason,
                     "check": [list(i) for i in items]})
         print(f"liveupdatectl: update: preflight failed, nothing changed: {reason}",
@@ -728,13 +747,13 @@ async def _update(client: Client, args: argparse.Namespace) -> int:
         return EXIT_PREFLIGHT
     _progress(args, "check", "ok")
     try:
-        await _step(client, args, "prepare", client.prepare, args.timeout)
+        await _step(args, "prepare", client.prepare, args.timeout)
         _progress(args, "prepare", "ok")
-        await _step(client, args, "freeze", client.freeze, args.timeout)
+        await _step(args, "freeze", client.freeze, args.timeout)
         _progress(args, "freeze", "ok")
         outcome, stop = await _watch_reboot(client)
         try:
-            await _step(client, args, "reboot", client.reboot, None)
+            await _step(args, "reboot", client.reboot, None)
             _progress(args, "reboot", "handover written")
             try:
                 async with asyncio.timeout(args.reboot_timeout):
@@ -999,7 +1018,7 @@ async def _run(args: argparse.Namespace) -> int | Exec:
         return await _dispatch(client, args)
     except LiveUpdateError as exc:
         if not quiet:
-            print(f"liveupdatectl: {await _explain(client, args, exc)}", file=sys.stderr)
+            print(f"liveupdatectl: {_explain(args, exc)}", file=sys.stderr)
         return EXIT_REFUSED
     except BusError as exc:
         if not quiet:

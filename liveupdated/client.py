@@ -1,7 +1,10 @@
 """An asyncio client of the org.liveupdate1 contract, for VMMs written in Python.
 
-Speaks D-Bus only. Contract errors come back as the same exception classes the daemon
-raises (liveupdated.core.errors), so `except NoSuchToken:` works on the client side.
+Speaks D-Bus only, and takes every name, bound and error of the contract from
+liveupdated.contract. Contract errors come back as the same exception classes the daemon
+raises (contract.ALL_ERRORS, also importable from here), so `except NoSuchToken:` works on
+the client side: `str(exc)` is the message, `exc.details` the error's details as data
+(contract.ERROR_DETAILS; empty from a daemon that sends none).
 Signals are believed only from liveupdated itself (`Client.follow_daemon`): on the
 system bus anyone may send a look-alike StateChanged.
 """
@@ -17,19 +20,35 @@ from typing import Any, Self
 from dbus_fast import DBusError, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from liveupdated.bus import (
+from liveupdated.bus import driver
+from liveupdated.bus.address import connect
+from liveupdated.contract import (
+    ALL_ERRORS,
     BUS_NAME,
+    ERROR_DETAILS,
     ERROR_PREFIX,
     MANAGER_INTERFACE,
-    MAX_FDS_PER_MESSAGE,
+    MANAGER_PATH,
     SESSION_INTERFACE,
-    driver,
+    AccessDenied,
+    Corrupted,
+    DependencyMissing,
+    Details,
+    InvalidArgument,
+    LiveUpdateError,
+    NoSuchSession,
+    NoSuchToken,
+    QuotaExceeded,
+    SessionExists,
+    Storage,
+    Timeout,
+    TokenExists,
+    UnsupportedFd,
+    WrongState,
 )
-from liveupdated.bus.address import connect
-from liveupdated.core import errors
-from liveupdated.core.names import MANAGER_PATH
+from liveupdated.contract import MAX_FDS_PER_CALL as MAX_FDS_PER_MESSAGE
 
-_ERRORS = {ERROR_PREFIX + cls.name: cls for cls in errors.ALL_ERRORS}
+_ERRORS = {ERROR_PREFIX + cls.name: cls for cls in ALL_ERRORS}
 # The bus refused to deliver the call (a queue or quota of the bus was full): the daemon
 # never saw it, so sending it again is safe. Waits before each retry, then the error.
 LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
@@ -145,9 +164,7 @@ class Client:
                 break
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         if reply.message_type is MessageType.ERROR:
-            text = reply.body[0] if reply.body else ""
-            name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
-            raise _ERRORS[name](text) if name in _ERRORS else BusError(name, text)
+            raise error_of(reply)
         return reply
 
     async def add_match(self, rule: str) -> None:
@@ -290,7 +307,7 @@ class SessionClient:
         preserved, or none. At most MAX_FDS_PER_MESSAGE (16) a call: dbus-daemon drops
         the connection of a client that sends more in one message."""
         if len(fds) > MAX_FDS_PER_MESSAGE:
-            raise errors.InvalidArgument(
+            raise InvalidArgument(
                 f"PreserveFds takes at most {MAX_FDS_PER_MESSAGE} fds a call (dbus-daemon's "
                 f"max_message_unix_fds), not {len(fds)}: hand the set over in several calls"
             )
@@ -353,6 +370,25 @@ class SessionClient:
         return await self.client.properties(self.path, SESSION_INTERFACE)
 
 
+def error_of(reply: Message) -> LiveUpdateError | BusError:
+    """The exception for an error reply: a contract error by its name, with the message
+    (the body's first string) and its details (the body's a{sv}, when it has one: a
+    daemon before 0.4.0 sent the message alone); BusError for any other error."""
+    body = list(reply.body)
+    text = body[0] if body and isinstance(body[0], str) else ""
+    name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
+    if name not in _ERRORS:
+        return BusError(name, text)
+    details: Details = {}
+    if len(body) > 1 and isinstance(body[1], dict):
+        for key, variant in body[1].items():
+            # An unknown key (of a newer daemon) is kept; a value of another type is not.
+            value = getattr(variant, "value", None)
+            if isinstance(value, str | int | list):
+                details[str(key)] = value
+    return _ERRORS[name](text, details)
+
+
 def daemon_signal_rule(interface: str, member: str, path: str = MANAGER_PATH) -> str:
     """A match rule for one of liveupdated's signals. The bus matches sender= against
     the owner of the name, which spares this connection most look-alikes; the check in
@@ -361,5 +397,9 @@ def daemon_signal_rule(interface: str, member: str, path: str = MANAGER_PATH) ->
             f"member='{member}'")
 
 
-__all__ = ["BusError", "Client", "DBusError", "FdInfo", "SessionClient", "SessionInfo",
-           "daemon_signal_rule"]
+__all__ = [
+    "ERROR_DETAILS", "AccessDenied", "BusError", "Client", "Corrupted", "DBusError",
+    "DependencyMissing", "FdInfo", "InvalidArgument", "LiveUpdateError", "NoSuchSession",
+    "NoSuchToken", "QuotaExceeded", "SessionClient", "SessionExists", "SessionInfo", "Storage",
+    "Timeout", "TokenExists", "UnsupportedFd", "WrongState", "daemon_signal_rule", "error_of",
+]

@@ -98,6 +98,29 @@ def session_path(name: str) -> str:
     return SESSION_PATH_PREFIX + escape_path_label(name)
 
 
+def session_name_of(path: str) -> str | None:
+    """The session name whose object path is `path` (session_path's inverse), or None
+    when `path` is no session's path as session_path spells them."""
+    label = path[len(SESSION_PATH_PREFIX):] if path.startswith(SESSION_PATH_PREFIX) else ""
+    raw = bytearray()
+    i = 0
+    while i < len(label):
+        if label[i] == "_":
+            digits = label[i + 1:i + 3]
+            if len(digits) != 2 or digits.strip("0123456789abcdef"):
+                return None
+            raw.append(int(digits, 16))
+            i += 3
+        else:
+            raw += label[i].encode()
+            i += 1
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        return None
+    return name if name and session_path(name) == path else None
+
+
 # ---- Manager.Check ----------------------------------------------------------------------
 
 # Its items, in the order it checks and reports them, and the verdicts of each.

@@ -139,7 +139,7 @@ async def _serve(address: str) -> None:
             try:
                 answer: dict[str, Any] = {"ok": await _execute(client, op, command)}
             except errors.LiveUpdateError as exc:
-                answer = {"error": exc.name, "message": str(exc)}
+                answer = {"error": exc.name, "message": str(exc), "details": exc.details}
             except BusError as exc:
                 answer = {"error": exc.name, "message": exc.text}
             except Exception as exc:
@@ -207,7 +207,7 @@ class OtherUid:
         if "error" in answer:
             name, message = answer["error"], answer["message"]
             if name in _ERRORS:
-                raise _ERRORS[name](message)
+                raise _ERRORS[name](message, answer.get("details"))
             if name.startswith("test-client:"):
                 raise RuntimeError(f"{name}: {message}")
             raise BusError(name, message)

@@ -48,6 +48,7 @@ from dbus_fast.aio.message_bus import _MessageWriter
 
 from liveupdated.bus import ERROR_PREFIX, SESSION_INTERFACE
 from liveupdated.bus.callers import CURRENT_MESSAGE
+from liveupdated.bus.errors import error_message
 
 # The bound on one connection's calls in flight: the system bus's own bound on a
 # connection's calls awaiting replies (max_replies_per_connection, 128 by default), so
@@ -304,9 +305,10 @@ class FdOwningBus(MessageBus):
             self._admit(peer, msg)
             if msg.serial in peer.closed:
                 peer.closed.discard(msg.serial)
-                self.send(Message.new_error(
+                self.send(error_message(
                     msg, QUOTA_EXCEEDED, "too many fds held for this uid while its "
-                    "connections did not read their replies; the call's fds were closed"))
+                    "connections did not read their replies; the call's fds were closed",
+                    {"limit": "held-fds"}))
                 continue
             if msg.unix_fds:
                 peer.held_fds -= len(msg.unix_fds)
@@ -549,7 +551,8 @@ def limit_calls(
         if bus.call_arrived(msg.sender, msg.serial, limit):
             return bus.gate(msg)  # held (answered later) or on to dispatch
         _close_all(msg.unix_fds)
-        return Message.new_error(msg, QUOTA_EXCEEDED, text)
+        return error_message(msg, QUOTA_EXCEEDED, text,
+                             {"limit": "calls-in-flight", "maximum": limit})
 
     return handle
 
@@ -576,7 +579,8 @@ def fd_guard(
         if keep is None:  # also with no fds at all: an index must never reach a method
             if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
                 return True
-            return Message.new_error(msg, ERROR_PREFIX + "InvalidArgument", _BAD_FD[member])
+            return error_message(msg, ERROR_PREFIX + "InvalidArgument", _BAD_FD[member],
+                                 {"command": f"Session.{member}"})
         if member == "PreserveFd":
             return take_preserve_fd(msg, next(iter(keep)))
         if member == "PreserveFds":

@@ -12,7 +12,7 @@ from dbus_fast import Message, MessageFlag
 
 from liveupdated.bus.callers import Callers
 from liveupdated.bus.connection import FdOwningBus
-from liveupdated.bus.errors import to_dbus_error
+from liveupdated.bus.errors import error_reply
 from liveupdated.bus.handler import MessageHandler
 from liveupdated.bus.session import SessionObjects
 from liveupdated.core.orchestrator import Caller
@@ -55,8 +55,8 @@ class PreserveFdCalls(MessageHandler):
             records = self._service.begin_preserve_fd(caller, session, token, fd, requires)
         except Exception as exc:
             with structlog.contextvars.bound_contextvars(sender=msg.sender, method=METHOD):
-                error = to_dbus_error(exc)
-            self._bus.send(Message.new_error(msg, error.type, error.text))
+                reply = error_reply(msg, exc)
+            self._bus.send(reply)
         else:
             self._waiting.append((msg, records))
         self._arrived.set()
@@ -87,9 +87,8 @@ class PreserveFdCalls(MessageHandler):
             self._waiting[:0] = calls  # still to answer, at finish()
             raise
         except Exception as exc:  # the journal failed: the service is degraded now
-            error = to_dbus_error(exc)
             for msg, _ in calls:
-                self._bus.send(Message.new_error(msg, error.type, error.text))
+                self._bus.send(error_reply(msg, exc))
             return
         by_sender: dict[str | None, list[Record]] = {}
         for msg, records in calls:

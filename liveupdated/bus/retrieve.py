@@ -12,7 +12,7 @@ import structlog
 from dbus_fast import Message, MessageFlag, MessageType
 
 from liveupdated.bus import SESSION_INTERFACE
-from liveupdated.bus.errors import to_dbus_error
+from liveupdated.bus.errors import error_reply
 from liveupdated.bus.handler import MessageHandler
 from liveupdated.core.orchestrator import Caller
 
@@ -42,7 +42,6 @@ class RetrieveFdCalls(MessageHandler):
             try:
                 fd = await self._service.retrieve_fd(caller, session, token)
             except Exception as exc:
-                error = to_dbus_error(exc)
-                self._bus.send(Message.new_error(msg, error.type, error.text))
+                self._bus.send(error_reply(msg, exc))
                 return
         self._bus.send(Message.new_method_return(msg, "h", [0], unix_fds=[fd]))

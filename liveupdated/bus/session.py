@@ -12,7 +12,8 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
 from liveupdated.bus import ERROR_PREFIX, SESSION_INTERFACE
 from liveupdated.bus.callers import Callers
-from liveupdated.bus.errors import contract
+from liveupdated.bus.errors import contract, error_message
+from liveupdated.contract import session_name_of
 from liveupdated.core.names import SESSION_PATH_PREFIX, session_path
 from liveupdated.core.orchestrator import Session
 from liveupdated.service import LiveUpdate
@@ -214,10 +215,12 @@ class SessionObjects:
             return False
         if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return True
-        return Message.new_error(
+        name = session_name_of(path)
+        return error_message(
             msg, ERROR_PREFIX + "NoSuchSession",
             f"no session at {path}: CreateSession it in normal (a session lives with the "
             "connection that made it until Prepare), or RetrieveSession it after a reboot",
+            {"session": name} if name is not None else {},
         )
 
     # dbus-fast's export and unexport broadcast ObjectManager's InterfacesAdded and

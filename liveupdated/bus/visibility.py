@@ -24,7 +24,7 @@ from dbus_fast.send_reply import SendReply
 
 from liveupdated.bus import ERROR_PREFIX
 from liveupdated.bus.callers import CURRENT_MESSAGE
-from liveupdated.bus.errors import to_dbus_error
+from liveupdated.bus.errors import error_message, error_reply
 from liveupdated.bus.handler import MessageHandler
 from liveupdated.core.errors import AccessDenied
 from liveupdated.core.names import SESSION_PATH_PREFIX
@@ -68,8 +68,7 @@ class Visibility(MessageHandler):
                     self._dispatch(msg)
                     return
             except Exception as exc:
-                error = to_dbus_error(exc)
-                answer = Message.new_error(msg, error.type, error.text)
+                answer = error_reply(msg, exc)
         self._bus.send(answer)
 
     def _answer(self, msg: Message, caller: Caller) -> Message | None:
@@ -78,13 +77,13 @@ class Visibility(MessageHandler):
             return None
         path = msg.path or ""
         if msg.interface == OBJECT_MANAGER:
-            return Message.new_error(
+            return error_message(
                 msg, ACCESS_DENIED, "GetManagedObjects lists every session; only root may call it"
             )
         if path.startswith(SESSION_PATH_PREFIX):
             if self._may_see(path, caller):
                 return None
-            return Message.new_error(
+            return error_message(
                 msg, ACCESS_DENIED, f"only the owner of a session or root may inspect {path}"
             )
         return self._listing(msg, path, caller)

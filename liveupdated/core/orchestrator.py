@@ -29,11 +29,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from liveupdated.contract import HISTORY_KEPT
+from liveupdated.contract import FAILS_WITH, HISTORY_KEPT, method_name
 from liveupdated.core.errors import (
     AccessDenied,
     Corrupted,
     DependencyMissing,
+    Details,
     InvalidArgument,
     NoSuchSession,
     NoSuchToken,
@@ -577,14 +578,15 @@ class Orchestrator:
         try:
             return self.sessions[name]
         except KeyError:
-            raise NoSuchSession(f"no session named {name!r}") from None
+            raise NoSuchSession(f"no session named {name!r}", {"session": name}) from None
 
     def owned_session(self, caller: Caller, name: str) -> Session:
         """The session, if the caller is its owner or root; AccessDenied otherwise."""
         session = self.session(name)
         if caller.uid != session.uid and not caller.admin:
             raise AccessDenied(
-                f"session {name!r} belongs to uid {session.uid}; only it or root may use it"
+                f"session {name!r} belongs to uid {session.uid}; only it or root may use it",
+                {"session": name},
             )
         return session
 
@@ -604,7 +606,8 @@ class Orchestrator:
         try:
             return session.fds[token]
         except KeyError:
-            raise NoSuchToken(f"session {session.name!r} has no token {token!r}") from None
+            raise NoSuchToken(f"session {session.name!r} has no token {token!r}",
+                              {"session": session.name, "token": token}) from None
 
     def _count(self, session: str, size: int, fds: int = 1) -> None:
         self._bytes_total += size
@@ -628,15 +631,20 @@ class Orchestrator:
     def _require_phase(self, command: str, allowed: Iterable[Phase]) -> None:
         allowed = frozenset(allowed)
         if self.phase not in allowed:
-            wanted = " or ".join(sorted(p.value for p in allowed))
-            raise WrongState(f"{command} is allowed in state {wanted}, not {self.phase.value}")
+            phases = sorted(p.value for p in allowed)
+            raise WrongState(
+                f"{command} is allowed in state {' or '.join(phases)}, not {self.phase.value}",
+                {"command": method_name(command), "state": self.phase.value, "allowed": phases},
+            )
 
     def _require_admin(self, caller: Caller, command: str) -> None:
         if not caller.admin:
             action = "drop-session" if command == "DropSession" else "manage"
+            method = method_name(command)
             raise AccessDenied(
                 f"{command} is for the host's administrator: root, or a user that polkit "
-                f"allows org.liveupdate1.{action}"
+                f"allows org.liveupdate1.{action}",
+                {"command": method} if method in FAILS_WITH else {},
             )
 
     def _transition(self, caller: Caller, command: str) -> list[Record]:
@@ -654,11 +662,17 @@ class Orchestrator:
             raise WrongState(
                 f"{command} is not possible: a Reboot is under way (the handover is being "
                 "written, or the reboot is awaited); a Reboot that fails, or whose reboot "
-                "does not follow, returns to frozen and says RebootFailed"
+                "does not follow, returns to frozen and says RebootFailed",
+                {"command": method_name(command), "state": self.phase.value,
+                 "under_way": "Reboot"},
             )
         interruptible = command in ("Cancel", "DropSession") and self.in_flight == "Freeze"
         if self.in_flight and not interruptible:
-            raise WrongState(f"{command} is not possible while {self.in_flight} is under way")
+            raise WrongState(
+                f"{command} is not possible while {self.in_flight} is under way",
+                {"command": method_name(command), "state": self.phase.value,
+                 "under_way": self.in_flight},
+            )
 
     def done(self, command: str, attempt: int = 0) -> None:
         """The effects of host command `command` are over (succeeded or not); a Freeze
@@ -674,16 +688,20 @@ class Orchestrator:
         check_session_name_for(caller.uid, caller.admin, name)
         self._require_phase("CreateSession", SESSION_COMMAND_PHASES["CreateSession"])
         if name in self.sessions:
-            raise SessionExists(f"a session named {name!r} already exists; pick another name")
+            raise SessionExists(f"a session named {name!r} already exists; pick another name",
+                                {"session": name})
         if len(self.sessions) >= self.limits.max_sessions:
             raise QuotaExceeded(
-                f"the host holds the maximum of {self.limits.max_sessions} sessions"
+                f"the host holds the maximum of {self.limits.max_sessions} sessions",
+                {"limit": "max-sessions", "maximum": self.limits.max_sessions},
             )
         owned = sum(1 for s in self.sessions.values() if s.uid == caller.uid)
         if caller.uid != 0 and owned >= self.limits.max_sessions_per_uid:
             raise QuotaExceeded(
                 f"uid {caller.uid} already has the maximum of "
-                f"{self.limits.max_sessions_per_uid} sessions"
+                f"{self.limits.max_sessions_per_uid} sessions",
+                {"limit": "max-sessions-per-uid", "maximum": self.limits.max_sessions_per_uid,
+                 "uid": caller.uid},
             )
         return self._commit(
             [SessionCreated(session=name, uid=caller.uid, unit=caller.unit, client=caller.client,
@@ -730,20 +748,24 @@ class Orchestrator:
         for token in new:
             if token in session.fds:
                 raise TokenExists(
-                    f"session {name!r} already holds token {token!r}; UnpreserveFd it first"
+                    f"session {name!r} already holds token {token!r}; UnpreserveFd it first",
+                    {"session": name, "token": token},
                 )
         if len(session.fds) + len(new) > self.limits.max_fds_per_session:
             most = self.limits.max_fds_per_session
             raise QuotaExceeded(
                 f"session {name!r} holds the maximum of {most} fds" if len(new) == 1 else
                 f"session {name!r} holds {len(session.fds)} fds; {len(new)} more would pass "
-                f"the maximum of {most} fds"
+                f"the maximum of {most} fds",
+                {"limit": "max-fds-per-session", "maximum": most, "session": name},
             )
         held_fds, _ = self.uid_usage(session.uid)
         if session.uid != 0 and held_fds + len(new) > self.limits.max_fds_per_uid:
             raise QuotaExceeded(
                 f"uid {session.uid} holds {held_fds} fds; {len(new)} more would pass its "
-                f"limit of {self.limits.max_fds_per_uid} fds"
+                f"limit of {self.limits.max_fds_per_uid} fds",
+                {"limit": "max-fds-per-uid", "maximum": self.limits.max_fds_per_uid,
+                 "uid": session.uid},
             )
         for token, requires in wanted:
             cycle = self._cycle_through(session, token, requires, new)
@@ -821,18 +843,21 @@ class Orchestrator:
         if owner != 0 and held + size > limit:
             raise QuotaExceeded(
                 f"uid {owner} holds {held} bytes; {size} more would pass its limit of "
-                f"{limit} bytes (sizes are apparent sizes: holes count)"
+                f"{limit} bytes (sizes are apparent sizes: holes count)",
+                {"limit": "max-bytes-per-uid", "maximum": limit, "uid": owner},
             )
         total = self.total_preserved_bytes() + size
         if total > self.limits.max_preserved_bytes:
             if not caller.admin:
-                raise QuotaExceeded(
+                raise QuotaExceeded(  # the host's limit, not its value nor its usage
                     f"the host has no room for {size} more preserved bytes now; "
-                    "ask the host's administrator"
+                    "ask the host's administrator",
+                    {"limit": "max-preserved-bytes"},
                 )
             raise QuotaExceeded(
                 f"preserving {size} bytes would bring the host to {total} bytes, over "
-                f"the limit of {self.limits.max_preserved_bytes} bytes"
+                f"the limit of {self.limits.max_preserved_bytes} bytes",
+                {"limit": "max-preserved-bytes", "maximum": self.limits.max_preserved_bytes},
             )
 
     def unpreserve_fd(self, caller: Caller, name: str, token: str) -> list[Record]:
@@ -844,7 +869,8 @@ class Orchestrator:
         if dependents:
             raise DependencyMissing(
                 f"token {token!r} is required by {', '.join(dependents)} in session "
-                f"{name!r}; unpreserve those first"
+                f"{name!r}; unpreserve those first",
+                {"session": name, "token": token, "required_by": dependents},
             )
         return self._commit([FdReleased(session=name, token=token, reason="unpreserved")])
 
@@ -867,11 +893,14 @@ class Orchestrator:
         session = self.owned_session(caller, name)
         self._require_phase("RetrieveFd", SESSION_COMMAND_PHASES["RetrieveFd"])
         if session.finished:
-            raise WrongState(f"session {name!r} is finished; its fds were released")
+            raise WrongState(f"session {name!r} is finished; its fds were released",
+                             {"command": "Session.RetrieveFd", "state": self.phase.value,
+                              "session": name})
         entry = self.fd_entry(session, token)
         if entry.problem == "lost":
             raise NoSuchToken(
-                f"the fd of {name}/{token} was lost in a daemon restart without an fd store"
+                f"the fd of {name}/{token} was lost in a daemon restart without an fd store",
+                {"session": name, "token": token},
             )
         if entry.problem == "corrupted":
             remedy = (
@@ -880,7 +909,8 @@ class Orchestrator:
             )
             raise Corrupted(
                 f"the journal record of {name}/{token} failed its checksum; the fd is held "
-                f"but never handed out: {remedy}"
+                f"but never handed out: {remedy}",
+                {"session": name, "token": token, "state": self.phase.value},
             )
         return entry
 
@@ -968,7 +998,7 @@ class Orchestrator:
         try:
             return self.quarantine[qid]
         except KeyError:
-            raise NoSuchToken(f"no quarantined fd {qid}") from None
+            raise NoSuchToken(f"no quarantined fd {qid}", {"id": qid}) from None
 
     def release_quarantined(self, caller: Caller, qid: str) -> list[Record]:
         found = self.quarantined(caller, qid)
@@ -1084,17 +1114,18 @@ class Orchestrator:
             raise DependencyMissing(
                 "cannot freeze, missing: " + "; ".join(missing)
                 + f". Sessions blocking: {', '.join(blocking)}. Preserve what is missing, "
-                "drop a session (Manager.DropSession) or Cancel the update"
+                "drop a session (Manager.DropSession) or Cancel the update",
+                {"command": "Manager.Freeze", "blocking": blocking},
             )
         if self.quarantine:
-            names = ", ".join(
-                f"{q.id} ({q.session}/{q.token})"
-                for q in sorted(self.quarantine.values(), key=lambda q: _quarantine_number(q.id))
-            )
+            held = sorted(self.quarantine.values(), key=lambda q: _quarantine_number(q.id))
+            names = ", ".join(f"{q.id} ({q.session}/{q.token})" for q in held)
             raise WrongState(
                 f"cannot freeze: quarantined fds ({names}) would not survive the reboot; "
                 "an admin retrieves or releases them first (liveupdatectl quarantine "
-                "retrieve|release ID, or Manager.RetrieveQuarantined/ReleaseQuarantined)"
+                "retrieve|release ID, or Manager.RetrieveQuarantined/ReleaseQuarantined)",
+                {"command": "Manager.Freeze", "state": self.phase.value,
+                 "quarantined": [q.id for q in held]},
             )
 
     def begin_freeze(self, caller: Caller) -> int:
@@ -1112,7 +1143,10 @@ class Orchestrator:
         if self.in_flight != "Freeze" or attempt != self.freeze_attempt:
             moved = f"{self.in_flight} is under way" if self.in_flight else (
                 f"the state is {self.phase.value}")
-            raise WrongState(f"Freeze was interrupted while it waited: {moved}")
+            details: Details = {"command": "Manager.Freeze", "state": self.phase.value}
+            if self.in_flight:
+                details["under_way"] = self.in_flight
+            raise WrongState(f"Freeze was interrupted while it waited: {moved}", details)
 
     def _check_carried_bytes(self, sizes: Mapping[tuple[str, str], int]) -> None:
         """The fds' sizes now (a memfd may have grown since PreserveFd) against each
@@ -1136,11 +1170,15 @@ class Orchestrator:
             over = sorted(by_session, key=lambda n: -by_session[n])[:3]
             problem = (f"the fds have grown to {total} bytes, over the host's limit of "
                        f"{self.limits.max_preserved_bytes} bytes")
+            reached = ("max-preserved-bytes", self.limits.max_preserved_bytes)
         else:
             problem = f"fds have grown past their uid's limit of {limit} bytes"
-        raise QuotaExceeded(
+            reached = ("max-bytes-per-uid", limit)
+        raise QuotaExceeded(  # Freeze is the host's administrator's: it may see them all
             f"cannot freeze: {problem}. Sessions blocking: {', '.join(over)}. Shrink them, "
-            "drop a session (Manager.DropSession) or Cancel the update"
+            "drop a session (Manager.DropSession) or Cancel the update",
+            {"command": "Manager.Freeze", "blocking": over, "limit": reached[0],
+             "maximum": reached[1]},
         )
 
     def freeze(

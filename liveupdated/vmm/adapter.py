@@ -15,10 +15,16 @@ import sdnotify
 import structlog
 from dbus_fast import Message
 
-from liveupdated.bus import MANAGER_INTERFACE
 from liveupdated.client import BusError, Client, SessionClient, daemon_signal_rule
-from liveupdated.core import errors
-from liveupdated.core.names import MANAGER_PATH, session_path
+from liveupdated.contract import (
+    MANAGER_INTERFACE,
+    MANAGER_PATH,
+    Corrupted,
+    LiveUpdateError,
+    NoSuchSession,
+    NoSuchToken,
+    session_path,
+)
 
 from .qemu import (
     AdapterError,
@@ -158,7 +164,7 @@ class Adapter:
         assert self.client is not None
         try:
             now = await self.client.state()
-        except (errors.LiveUpdateError, BusError) as exc:
+        except (LiveUpdateError, BusError) as exc:
             log.warning("state_unconfirmed", expected=state, error=str(exc),
                         detail="the guest stays stopped")
             return False
@@ -229,18 +235,18 @@ class Adapter:
                                                   await self.client.list_sessions()}:
                 session = SessionClient(self.client, name, session_path(name))
             else:
-                raise errors.NoSuchSession(name)
-        except errors.NoSuchSession:
+                raise NoSuchSession(name)
+        except NoSuchSession:
             log.info("no_session", session=name, detail="booting the guest fresh")
             return None
         try:
             ram = await session.retrieve_fd(RAM_TOKEN)
-        except (errors.NoSuchToken, errors.Corrupted) as exc:
+        except (NoSuchToken, Corrupted) as exc:
             raise RamMissing(f"session {name} holds no usable guest RAM ({exc}): the guest "
                              "cannot be continued, and is not booted over it") from None
         try:
             state = await session.retrieve_fd(STATE_TOKEN)
-        except (errors.NoSuchToken, errors.Corrupted) as exc:
+        except (NoSuchToken, Corrupted) as exc:
             os.close(ram)
             raise StateRejected(f"session {name} holds no usable device state ({exc}): "
                                 "the guest cannot be continued") from None
@@ -262,7 +268,7 @@ class Adapter:
             await session.preserve_fds([(RAM_TOKEN, self.ram, ()),
                                         (STATE_TOKEN, self.state, (RAM_TOKEN,))])
             await session.delay_freeze(True)
-        except (errors.LiveUpdateError, BusError) as exc:
+        except (LiveUpdateError, BusError) as exc:
             log.error("join_failed", session=name, error=str(exc),
                       detail="the guest runs, but an update now would not carry it")
             return
@@ -332,7 +338,7 @@ class Adapter:
         self.saved = True
         try:
             await self.session.ready_for_freeze()
-        except errors.LiveUpdateError as exc:
+        except LiveUpdateError as exc:
             log.error("ready_refused", error=str(exc), detail="continuing the guest")
             Header.clear(self.state)
             await self.qemu.cont()

@@ -462,3 +462,19 @@ def test_no_edge_builds_a_contract_error_with_a_bare_message() -> None:
                     and node.func.attr == "new_error"):
                 assert len(node.args) > 1 and ast.unparse(node.args[1]).startswith(
                     "ErrorType."), f"{path.relative_to(REPO)}:{node.lineno}"
+
+
+def test_the_client_the_cli_and_the_adapter_take_the_contract_from_contract_py() -> None:
+    """No contract name, error class or path from the daemon's own modules: the client's
+    side of the contract is contract.py (and the bus plumbing: driver, address)."""
+    clients = [REPO / "liveupdated" / "client.py", REPO / "liveupdated" / "cli.py",
+               *sorted((REPO / "liveupdated" / "vmm").glob("*.py"))]
+    for path in clients:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                where = f"{path.relative_to(REPO)}:{node.lineno}"
+                assert not node.module.startswith("liveupdated.core"), where
+                if node.module == "liveupdated.bus":
+                    assert {a.name for a in node.names} <= {"driver"}, where
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("liveupdated.core") for a in node.names)

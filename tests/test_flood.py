@@ -174,3 +174,32 @@ async def test_losing_the_bus_is_one_line_and_an_exit_for_a_restart(
     assert "Traceback" not in log and "internal_error" not in log, log[-3000:]
     errors = [line for line in log.splitlines() if line.startswith(("<3>", "<2>"))]
     assert len(errors) == 1 and "exiting_for_a_restart" in errors[0], errors
+
+
+async def test_root_vmms_that_stop_reading_hold_no_other_root_vmms_fds(
+    bus: PrivateBus, tmp_path: Path
+) -> None:
+    """The host's own VMMs (root) are bounded each alone: 40 of them each asking for an fd
+    and then reading nothing for a while (a VMM busy loading its guest) do not keep a 41st
+    from its fds. A budget shared by all of root's connections did: after a soft-reboot
+    of 64 VMMs, 30 never got their fds back."""
+    state = tmp_path / "state"
+    with DaemonProcess(bus.address, state) as daemon:
+        async with await Client.connect(bus.address) as vmm:
+            session = await vmm.create_session("vm")
+            fd = make_memfd(4096, b"guest")
+            await session.preserve_fd("ram", fd)
+            os.close(fd)
+            open_fds_before = open_fds(daemon.pid)
+            busy = [RawClient.connect_as(0, bus) for _ in range(40)]
+            for client in busy:  # each asks for the fd, and reads nothing meanwhile
+                client.send(session_path("vm"), SESSION_INTERFACE, "RetrieveFd", "s", ["ram"])
+            for _ in range(16):
+                retrieved = asyncio.ensure_future(session.retrieve_fd("ram"))
+                await within(ANSWER_WITHIN, "another root VMM's RetrieveFd", retrieved)
+                os.close(retrieved.result())
+            for client in busy:
+                client.close()
+            # Whatever became of their answers, nothing of theirs stays in the daemon.
+            assert await settles_to(daemon.pid, open_fds_before, vmm) <= open_fds_before
+        assert daemon.process is not None and daemon.process.poll() is None

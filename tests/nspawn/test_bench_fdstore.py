@@ -34,7 +34,8 @@ def test_bench_reports_every_target_key(
     json.dumps(report)  # the bench's last line
     for key in KEYS:
         assert math.isfinite(report[key]), (key, report[key])
-        assert isinstance(report["met"][key], bool)
+        # Small sizes stand in for the named ones: shown, never judged against a target.
+        assert report["met"][key] is None and report["stand_in"][key] in report["sizes"]
     assert report["fdstore_retrieve_ratio"] > 0 and report["start_10k_ratio"] > 0
     for label, size in (("3x2:8192", 6), ("4x5:4096", 20)):
         [cycle] = report["sizes"][label]["rounds"]

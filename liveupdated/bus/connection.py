@@ -317,9 +317,7 @@ class FdOwningBus(MessageBus):
                 _close_all(fds)
                 peer.closed.add(msg.serial)
         peer.held.append(msg)
-        if peer.ping is None:
-            # Even with nothing of its own unconfirmed (held by a total, or while its uid
-            # was not known yet): its answer releases, here and for every connection.
+        if peer.ping is None and peer.count:
             self._ping(msg.sender or "", peer)
 
     def _release(self, name: str, peer: _Peer) -> None:

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -1132,6 +1133,10 @@ def main(argv: list[str] | None = None) -> None:
     args.json = getattr(args, "json", False)
     out = _Output(sys.stdout, _read_only(args))
     sys.stdout = out
+    # dbus-fast logs what its own handlers meet with a traceback on stderr (a Ping from the
+    # daemon answered as the connection closes, say): every failure of this command is
+    # one line of its own, so the library's are not shown.
+    logging.getLogger("dbus_fast").setLevel(logging.CRITICAL + 1)
     to_exec: Exec | None = None
     try:
         _check_args(args, inherited, bus_given)

@@ -115,6 +115,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        # A Ping the daemon's flow control sent may still be read after this: answering it
+        # on the closed connection made dbus-fast log a traceback. Nobody is there to ask.
+        self.bus.add_message_handler(_swallow_ping)
         self.bus.disconnect()
 
     async def call(
@@ -403,3 +406,7 @@ __all__ = [
     "NoSuchToken", "QuotaExceeded", "SessionClient", "SessionExists", "SessionInfo", "Storage",
     "Timeout", "TokenExists", "UnsupportedFd", "WrongState", "daemon_signal_rule", "error_of",
 ]
+
+
+def _swallow_ping(msg: Message) -> bool:
+    return msg.member == "Ping" and msg.interface == "org.freedesktop.DBus.Peer"

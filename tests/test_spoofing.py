@@ -204,6 +204,7 @@ async def test_a_cancel_from_the_daemon_still_continues_the_guest(
     adapter = vm.start()
     vm.wait("joined")
     target = await unique_name_of(host.bus, adapter.pid)
+    vm.wait_count(1)  # the guest runs: there is a count to carry
     await call(host.bus, "Prepare", "Freeze")
     vm.wait("qemu_exited")
     last = vm.counts()[-1][0]

@@ -198,7 +198,8 @@ async def test_root_vmms_that_stop_reading_hold_no_other_root_vmms_fds(
                 retrieved = asyncio.ensure_future(session.retrieve_fd("ram"))
                 await within(ANSWER_WITHIN, "another root VMM's RetrieveFd", retrieved)
                 os.close(retrieved.result())
-            for client in busy:
+            for client in busy:  # once they read, each has its answer
+                assert outcome(client.replies(1)[0]) == "ok"
                 client.close()
             # Whatever became of their answers, nothing of theirs stays in the daemon.
             assert await settles_to(daemon.pid, open_fds_before, vmm) <= open_fds_before

@@ -319,6 +319,10 @@ class FdOwningBus(MessageBus):
         peer.held.append(msg)
         if peer.ping is None and peer.count:
             self._ping(msg.sender or "", peer)
+        elif not peer.count and len(peer.held) == 1:
+            # Held by a total, or while its uid was not known, with nothing of its own to
+            # confirm: no Ping of its own will release it; look again now and then.
+            self._loop.call_later(PING_RETRY, self._release_later, msg.sender or "", peer)
 
     def _release(self, name: str, peer: _Peer) -> None:
         """Dispatch held calls, in order, while the connection has room."""
@@ -353,6 +357,8 @@ class FdOwningBus(MessageBus):
             if msg.message_type is MessageType.SIGNAL:
                 return
             peer = self._peer(name)
+        elif isinstance(peer.group[1], str):
+            self._peer(name)  # its uid is known by its answer's time: counted under it
         reserved = peer.admitted.pop(msg.reply_serial, None) if msg.reply_serial else None
         peer.slow.discard(msg.reply_serial)
         group, total = self._group(peer), self._totals[peer.group[0]]
@@ -405,6 +411,15 @@ class FdOwningBus(MessageBus):
             self._no_pings(reply)
         else:
             self._loop.call_later(PING_RETRY, self._ping_again, name, peer)
+
+    def _release_later(self, name: str, peer: _Peer) -> None:
+        if self._peers.get(name) is not peer or not peer.held or self._disconnected:
+            return
+        self._release(name, peer)
+        if peer.held and not peer.count and peer.ping is None:
+            self._loop.call_later(PING_RETRY, self._release_later, name, peer)
+        elif peer.held and peer.ping is None:
+            self._ping(name, peer)
 
     def _ping_again(self, name: str, peer: _Peer) -> None:
         if self._peers.get(name) is peer and peer.ping is None and (peer.count or peer.held):

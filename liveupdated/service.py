@@ -15,7 +15,6 @@ once a compaction of the whole state succeeds.
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
 import itertools
 import os
 import time
@@ -338,8 +337,7 @@ class LiveUpdate:
             if self.storage_problem:  # the fast path's check; writable() may end it
                 raise Storage(f"the daemon cannot write its journal ({self.storage_problem})")
             self.core.check_preserve_all(caller, session, [(t, r) for t, _, r in fds], command)
-            inspected = [(t, r, _identified(_inspect(t, fd, named=len(fds) > 1), fd))
-                         for t, fd, r in fds]
+            inspected = [(t, r, _inspect(t, fd, named=len(fds) > 1)) for t, fd, r in fds]
             records = self.core.preserve_fds(caller, session, inspected, command)
         except BaseException:
             for _, fd, _ in fds:
@@ -752,13 +750,6 @@ class LiveUpdate:
             await self.journal.compact(self.core.snapshot)
         finally:
             self.core.done("Finish")
-
-
-def _identified(facts: FdFacts, fd: int) -> FdFacts:
-    """The facts with the file's identity: recovery tells this fd from any other stored
-    under the same name by it."""
-    st = os.fstat(fd)
-    return dataclasses.replace(facts, dev=st.st_dev, ino=st.st_ino)
 
 
 def _inspect(token: str, fd: int, named: bool) -> FdFacts:

@@ -12,8 +12,9 @@ from typing import NamedTuple, Protocol
 
 from liveupdated.core.orchestrator import FdEntry
 
-Key = tuple[str, str]  # (session, token)
-UNKNOWN_BOOT = "unknown"  # a handover that cannot say which boot wrote it
+# What a key is, and how a handover says it cannot name its boot, are recovery's words.
+from liveupdated.core.recovery import UNKNOWN_BOOT as UNKNOWN_BOOT
+from liveupdated.core.recovery import Key as Key
 
 
 class RebootCounts(NamedTuple):

@@ -208,6 +208,11 @@ _HOST_RECORDS = (
 )
 
 
+# What the held fds must follow when a decision is taken back: ("unpreserved", key) to
+# let go, ("unreleased", key) to hold again.
+Follow = tuple[str, tuple[str, str]]
+
+
 def _realtime_usec() -> int:
     return time.time_ns() // 1000
 
@@ -231,8 +236,7 @@ class Orchestrator:
         self.bus_id = ""  # the bus the daemon is on now (not durable: set at connect)
         # Every decision's records get a serial; those not yet durable keep an undo.
         self.serial = 0
-        self._undo: deque[tuple[int, Callable[[], tuple[str, tuple[str, str]] | None]]] = \
-            deque()
+        self._undo: deque[tuple[int, Callable[[], Follow | None]]] = deque()
         self._revertible = True
         self._host_epoch = 0  # unconditional host decisions so far
         # Files whose release is durable in the journal since its last compaction:
@@ -423,11 +427,11 @@ class Orchestrator:
         while self._undo and self._undo[0][0] <= serial:
             self._undo.popleft()
 
-    def roll_back_after(self, serial: int) -> list[tuple[str, tuple[str, str]]]:
+    def roll_back_after(self, serial: int) -> list[Follow]:
         """Undo, newest first, every revertible decision after `serial` (the journal
         refused them: they and every decision taken on them). Returns what the held fds
         must follow: ("unpreserved", key) to let go, ("unreleased", key) to hold again."""
-        follow: list[tuple[str, tuple[str, str]]] = []
+        follow: list[Follow] = []
         while self._undo and self._undo[-1][0] > serial:
             _, undo = self._undo.pop()
             done = undo()
@@ -435,7 +439,7 @@ class Orchestrator:
                 follow.append(done)
         return follow
 
-    def _undo_of(self, record: Record) -> Callable[[], tuple[str, tuple[str, str]] | None]:
+    def _undo_of(self, record: Record) -> Callable[[], Follow | None]:
         """How to take `record` back, read from the state before it is applied."""
         host = (self.phase, self.freeze_started_usec, self.reboot, self.kexec_simulated,
                 self.last_blackout_usec, self.handover_boot_id, self.cycle, self.history,
@@ -454,58 +458,61 @@ class Orchestrator:
                 if name in self.sessions:
                     self.sessions[name].ready, self.sessions[name].prepared = ready, prepared
 
+        take_back = self._take_back(record)
+
+        def undo() -> Follow | None:
+            restore_host()
+            return take_back()
+
+        return undo
+
+    def _take_back(self, record: Record) -> Callable[[], Follow | None]:
+        """The part of `record` outside the host's state, to take back (read now, from the
+        state before it is applied); what the held fds must follow, if anything."""
         match record:
             case SessionCreated():
-                def undo_created() -> None:
-                    restore_host()
+                def created() -> None:
                     self.sessions.pop(record.session, None)
-                return undo_created
+                return created
             case FdPreserved():
-                def undo_preserved() -> tuple[str, tuple[str, str]]:
-                    restore_host()
+                def preserved() -> Follow:
                     entry = self.sessions[record.session].fds.pop(record.token)
                     self._count(record.session, -entry.size, -1)
                     return ("unpreserved", (record.session, record.token))
-                return undo_preserved
+                return preserved
             case FdReleased():
                 entry = self.sessions[record.session].fds[record.token]
-                released = (record.session, record.token, entry.dev, entry.ino)
+                file = (record.session, record.token, entry.dev, entry.ino)
 
-                def undo_released() -> tuple[str, tuple[str, str]]:
-                    restore_host()
+                def released() -> Follow:
                     self.sessions[record.session].fds[record.token] = entry
                     self._count(record.session, entry.size)
-                    self.released_files.discard(released)
+                    self.released_files.discard(file)
                     return ("unreleased", (record.session, record.token))
-                return undo_released
+                return released
             case SessionDropped():
                 session = self.sessions[record.session]
 
-                def undo_dropped() -> None:
-                    restore_host()
+                def dropped() -> None:
                     self.sessions[record.session] = session
-                    for entry in session.fds.values():
-                        self._count(record.session, entry.size)
-                return undo_dropped
+                    for held in session.fds.values():
+                        self._count(record.session, held.size)
+                return dropped
             case FreezeDelaySet() | SessionReady() | SessionFinished():
-                session = self.sessions[record.session]
-                before = (session.delay_freeze, session.ready, session.finished)
+                flagged = self.sessions[record.session]
+                before = (flagged.delay_freeze, flagged.ready, flagged.finished)
 
-                def undo_flag() -> None:
-                    restore_host()
-                    session.delay_freeze, session.ready, session.finished = before
-                return undo_flag
+                def flag() -> None:
+                    flagged.delay_freeze, flagged.ready, flagged.finished = before
+                return flag
             case QuarantineReleased():
                 quarantine = dict(self.quarantine)
 
-                def undo_quarantine() -> None:
-                    restore_host()
+                def unreleased() -> None:
                     self.quarantine = quarantine
-                return undo_quarantine
+                return unreleased
             case _:
-                def undo_host() -> None:
-                    restore_host()
-                return undo_host
+                return lambda: None  # a host record: restoring the host's state is all
 
     def snapshot(self) -> list[Record]:
         """Records that rebuild the current state from nothing: what compaction keeps."""

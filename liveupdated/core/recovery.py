@@ -18,15 +18,10 @@ The table of what is done for each combination is in docs/DESIGN.md ("Recovery")
 from dataclasses import dataclass, field
 
 from liveupdated.core.names import is_name
-from liveupdated.core.orchestrator import FdEntry, Orchestrator, Phase, QuarantinedFd
-from liveupdated.core.records import (
-    FdCorrupted,
-    FdQuarantined,
-    FdReleased,
-    Record,
-)
+from liveupdated.core.orchestrator import FdEntry, Orchestrator, Phase
+from liveupdated.core.records import Record
 
-Key = tuple[str, str]
+Key = tuple[str, str]  # (session, token): the backends' too
 UNKNOWN_BOOT = "unknown"  # a handover that cannot say which boot wrote it
 QUARANTINE = "@q"  # the session part of a quarantined fd's key: no session has an "@"
 
@@ -179,10 +174,6 @@ class Recovery:
 
     def log(self, level: str, event: str, **fields: object) -> None:
         self.events.append(Event(level, event, tuple(fields.items())))
-
-
-def stored_name(key: Key) -> str:
-    return f"{key[0]}/{key[1]}"
 
 
 def recover(core: Orchestrator, facts: StartFacts, now_usec: int = 0) -> Recovery:
@@ -447,16 +438,11 @@ __all__ = [
     "Close",
     "DiscardHandover",
     "Effect",
-    "FdCorrupted",
-    "FdEntry",
-    "FdQuarantined",
-    "FdReleased",
     "ForgetName",
     "HandoverFound",
     "Hold",
     "HoldRenamed",
     "KeepHandover",
-    "QuarantinedFd",
     "Rebuild",
     "Recovery",
     "Spare",
@@ -464,5 +450,4 @@ __all__ = [
     "StoredFd",
     "quarantine_key",
     "recover",
-    "stored_name",
 ]

@@ -91,7 +91,8 @@ def inspect(fd: int) -> FdFacts:
             f"memfd from memfd_create; {SUPPORTED}")
     if flags & os.O_ACCMODE == os.O_WRONLY:
         raise UnsupportedFd("memfd is open write-only; hand over a readable fd")
-    return FdFacts(kind=KIND, size=st.st_size, name=name, seals=seals_of(fd))
+    return FdFacts(kind=KIND, size=st.st_size, name=name, seals=seals_of(fd),
+                   dev=st.st_dev, ino=st.st_ino)
 
 
 def _fs_name(fs_type: int) -> str:

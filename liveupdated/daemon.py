@@ -159,7 +159,6 @@ def carry_out(
 ) -> list[Key]:
     """The effects of recovery, in order; returns the keys to rebuild from the handover."""
     rebuild: list[Key] = []
-    adopt = getattr(backend, "adopt", None)
     for event in recovery.events:
         getattr(log, event.level)(event.event, **dict(event.fields))
     for effect in recovery.effects:
@@ -168,9 +167,8 @@ def carry_out(
                 vault.keep(key, inherited[index][1], store=False)
             case HoldRenamed(index=index, key=key):
                 vault.keep_renamed(key, inherited[index][1])
-            case Adopt(index=index, key=key):
-                assert adopt is not None, "only a backend that keeps the fd store adopts"
-                adopt(key, inherited[index][1])
+            case Adopt(index=index, key=key):  # decided only where backend.keeps_fd_store
+                backend.adopt(key, inherited[index][1])
             case Spare(index=index, key=key):
                 vault.keep_spare(key, inherited[index][1])
             case Close(index=index, why=why):
@@ -209,6 +207,13 @@ def rebuild_from_handover(core: Orchestrator, vault: Vault, backend: Backend,
     return core.fds_corrupted(corrupted)
 
 
+def reboots_in_process(action: str, backend: Backend) -> bool:
+    """The reboot is this process's own doing once the serve loop ends: its exit (the
+    simulated kexec), or the kexec syscall where the backend makes it itself. Any other
+    action is started while the daemon serves on, and the reboot's SIGTERM ends it."""
+    return action == "exit" or (action == "kexec" and backend.kexec_in_process)
+
+
 class Daemon:
     def __init__(self, config: Config, storage_problem: str = "") -> None:
         self.config = config
@@ -242,7 +247,7 @@ class Daemon:
         backend = make_backend(self.config, _from_any_thread(vault.forget_stored),
                                [name for name, _ in inherited],
                                _store_from_any_thread(self.notifier), adopted)
-        if backend.name != "kernel":
+        if not backend.stores_own_fds:
             for name, fd in adopted.items():  # another backend now: nothing to adopt
                 log.warning("kernel_session_fd_closed", fdname=name)
                 vault.refuse(name, fd)
@@ -414,7 +419,7 @@ class Daemon:
         reboot action runs while the daemon serves on: the reboot's SIGTERM ends it
         ("rebooting"); a failed action, or no reboot within --reboot-timeout, leaves it
         running, frozen, its handover kept (RebootFailed)."""
-        in_process = self._in_process_reboot(service.backend.name)
+        in_process = reboots_in_process(self.config.resolved_reboot_action(), service.backend)
         async with asyncio.TaskGroup() as tasks:
             helpers = [
                 tasks.create_task(self._drop_departed(departed, service)),
@@ -444,10 +449,6 @@ class Daemon:
             for helper in helpers:
                 helper.cancel()
         return outcome
-
-    def _in_process_reboot(self, backend: str) -> bool:
-        action = self.config.resolved_reboot_action()
-        return action == "exit" or (action == "kexec" and backend == "kernel")
 
     async def _reboot(self, service: LiveUpdate, stop: asyncio.Event) -> str:
         """Start the reboot action, then wait for the reboot to stop the daemon. "" once

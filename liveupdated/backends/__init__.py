@@ -8,6 +8,7 @@ everything over, retrieval by the next boot, and finish.
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from liveupdated.core.orchestrator import FdEntry
@@ -41,16 +42,36 @@ class Backend(Protocol):
     slow, the VMs still run); write_handover at Reboot (blackout: minimal work); then
     the kexec. discard_handover undoes the last two on Cancel. After the kexec,
     retrieve_fd rebuilds fds on request and finish ends the update. Every method but
-    find_handover and carried_size runs in a worker thread and may block, but
+    find_handover, adopt and carried_size runs in a worker thread and may block, but
     retrieve_fd of an fd carried_size calls small, which runs on the event loop.
     """
 
+    # Every member is declared here and defined by every backend, so that the daemon asks
+    # a backend what it does instead of probing it (getattr) or switching on its name;
+    # `name` is for people (logs, Manager.Backend, Check), never for a decision.
     name: str
-    # The fds it carries come back in the fd store (LISTEN_FDS): recovery keeps them.
+    # The fds it carries come back in the fd store (LISTEN_FDS): recovery keeps them, and
+    # hands those of the old boot to `adopt`.
     keeps_fd_store: bool
+    # retrieve_fd is slow enough (it copies the data) that the service restores every fd
+    # ahead, in workers, on the first call after the reboot that needs one; where it is
+    # cheap (a dup, the kernel's own retrieve) each fd is restored when asked for.
+    restores_ahead: bool
+    # With the reboot action `kexec`, the daemon makes the kexec syscall itself once its
+    # serve loop ends, from the process that holds the backend's outgoing sessions; False:
+    # `kexec` is asked of PID 1 (kexec.target) like any other reboot action.
+    kexec_in_process: bool
+    # It keeps fds of its own in the fd store (the kernel's retrieved sessions and their
+    # manifests, under the daemon's LUO_STORE_PREFIX) and takes them back at the next
+    # start; any other backend finds such fds left over and they are closed.
+    stores_own_fds: bool
 
     def reboot_counts(self) -> RebootCounts | None:
         """Evidence for the next start, recorded at Reboot: None if the backend has none."""
+
+    def handover_area(self) -> Path | None:
+        """The directory the handover is written to (Check asks its free space), or None
+        where the backend writes none to disk."""
 
     def find_handover(self) -> Handover | None:
         """The previous kernel's handover, if this start is the first of a new boot."""
@@ -69,6 +90,12 @@ class Backend(Protocol):
 
     def discard_handover(self) -> None:
         """Cancel: remove every trace of a (partial) handover."""
+
+    def adopt(self, key: Key, fd: int) -> None:
+        """At start, recovery's Adopt: an fd of the old boot, carried in the fd store, that
+        is the handover's copy of `key` (RetrieveFd gets a dup, Finish releases it). Only
+        asked of a backend that keeps_fd_store; any other refuses it (a programming error,
+        as recovery never decides it)."""
 
     def carried_size(self, key: Key) -> int | None:
         """After the reboot, without blocking: the size of the fd as the previous boot

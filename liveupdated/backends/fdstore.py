@@ -17,6 +17,7 @@ since Reboot recorded them (core.is_new_boot), or the boot id changed.
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import structlog
 
@@ -43,6 +44,9 @@ COUNTS = ("SoftRebootsCount", "KExecCount")
 class FdStoreBackend:
     name = "fdstore"
     keeps_fd_store = True  # the carried fds come back in LISTEN_FDS, not from here
+    restores_ahead = False  # retrieve_fd is a dup: nothing to do ahead
+    kexec_in_process = False  # PID 1 holds the fds: `kexec` is asked of it over D-Bus
+    stores_own_fds = False
 
     def __init__(
         self,
@@ -142,6 +146,10 @@ class FdStoreBackend:
             for session, _, token in (name.partition("/") for name in names if "/" in name)
         )
         return Handover(boot_id=UNKNOWN_BOOT, keys=keys)
+
+    def handover_area(self) -> Path | None:
+        """PID 1 carries the fds themselves: nothing is written to disk."""
+        return None
 
     def adopt(self, key: Key, fd: int) -> None:
         """Recovery in UPDATED: an fd the old boot held, carried by systemd, not yet

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import structlog
@@ -275,10 +276,24 @@ class KernelBackend:
 
     name = "kernel"
     keeps_fd_store = False
+    restores_ahead = False  # the kernel's retrieve is cheap: each fd when it is asked for
+    # The outgoing sessions live in this process's fds: the reboot action `kexec` is the
+    # syscall, made from here (`systemctl kexec` is PID 1's, the holder keeping them).
+    kexec_in_process = True
+    stores_own_fds = True  # the retrieved sessions and manifests, under STORE_PREFIX
 
     def reboot_counts(self) -> None:
         """No evidence but the boot id (and KexecSimulated)."""
         return None
+
+    def handover_area(self) -> Path | None:
+        """The kernel carries the handover in memory: nothing is written to disk."""
+        return None
+
+    def adopt(self, key: Key, fd: int) -> None:
+        """Never asked: the fds it carries do not come back in the fd store
+        (keeps_fd_store is False), so recovery decides no Adopt for it."""
+        raise AssertionError(f"the {self.name} backend adopts no fd ({key[0]}/{key[1]})")
 
     def __init__(
         self,

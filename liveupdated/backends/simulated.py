@@ -93,17 +93,27 @@ class _Source:
 class SimulatedBackend:
     name = "simulated"
     keeps_fd_store = False
+    restores_ahead = True  # retrieve_fd copies data: worth doing before it is asked for
+    kexec_in_process = False  # no kernel sessions to hold: a `kexec` is PID 1's
+    stores_own_fds = False
 
     def reboot_counts(self) -> None:
         """No evidence but the boot id (and KexecSimulated)."""
         return None
 
-    restores_ahead = True  # retrieve_fd copies data: worth doing before it is asked for
-
     def __init__(self, area: Path) -> None:
         self.area = area
         self._record: KexecRecord | None = None
         self._carried: dict[Key, CarriedFd] = {}  # the record's fds by key
+
+    def handover_area(self) -> Path:
+        """The record and the copies of the fds' data are written here."""
+        return self.area
+
+    def adopt(self, key: Key, fd: int) -> None:
+        """Never asked: the fds it carries do not come back in the fd store
+        (keeps_fd_store is False), so recovery decides no Adopt for it."""
+        raise AssertionError(f"the {self.name} backend adopts no fd ({key[0]}/{key[1]})")
 
     def _data_file(self, key: Key) -> str:
         return f"{escape_path_label(key[0])}.{escape_path_label(key[1])}"

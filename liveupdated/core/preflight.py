@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from liveupdated.contract import CHECK_FAIL as FAIL
 from liveupdated.contract import CHECK_ITEMS as ITEMS
@@ -141,29 +142,37 @@ def _free_bytes(area: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+class _Carrier(Protocol):
+    """What Check asks of the running backend: the part of backends.Backend it needs,
+    restated so that the core does not import the backends (they import the core)."""
+
+    name: str
+
+    def handover_area(self) -> Path | None: ...
+
+
 def gather(
-    backend: object,
+    backend: _Carrier,
     reboot_action: str,
     held: Mapping[tuple[str, str], int],
     inspect: Callable[[int], object],
     storage_problem: str = "",
 ) -> Facts:
-    """The facts of one Check: `backend` is the running backend (its `name`, and the
-    simulated backend's `area`), `held` the fds held by key, `inspect` the fd handler's
-    check (raises for an fd of a kind no backend carries)."""
-    name = str(getattr(backend, "name", "unknown"))
+    """The facts of one Check: `backend` is the running backend (its name, and the
+    directory its handover is written to, if any), `held` the fds held by key, `inspect`
+    the fd handler's check (raises for an fd of a kind no backend carries)."""
     unsupported = []
     for (session, token), fd in sorted(held.items()):
         try:
             inspect(fd)
         except Exception as exc:  # the handler's refusal, whatever its class
             unsupported.append((session, token, " ".join(str(exc).split())))
-    area = getattr(backend, "area", None) if name == "simulated" else None
+    area = backend.handover_area()
     return Facts(
-        backend=name,
+        backend=backend.name,
         reboot_action=reboot_action,
         kexec_loaded=_kexec_loaded() if reboot_action == "kexec" else None,
         unsupported=tuple(unsupported),
-        free_bytes=_free_bytes(Path(area)) if area is not None else None,
+        free_bytes=_free_bytes(area) if area is not None else None,
         storage_problem=storage_problem,
     )

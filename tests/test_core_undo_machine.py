@@ -44,7 +44,6 @@ class Undoable(RuleBasedStateMachine):
         self.durable: list[Record] = []  # what the journal holds
         self.pending: list[Record] = []  # decided, not yet answered
         self.at_durable = self.core.snapshot()
-        self.durable_serial = 0
         self.ino = 0
 
     def _decide(self, decision: Callable[[], list[Record]]) -> None:
@@ -103,12 +102,11 @@ class Undoable(RuleBasedStateMachine):
         self.durable += self.pending
         self.pending = []
         self.core.durable_through(self.core.serial)
-        self.durable_serial = self.core.serial
         self.at_durable = self.core.snapshot()
 
     @rule()
     def journal_refuses(self) -> None:
-        self.core.roll_back_after(self.durable_serial)
+        self.core.roll_back()
         self.pending = []
         assert self.core.snapshot() == self.at_durable, "a refused decision changed state"
 

@@ -1,8 +1,10 @@
 """PreserveFd without dbus-fast's generic dispatch: the one call a VMM makes per fd.
 
-A well-formed PreserveFd from a caller already known is decided at once, and answered
-when the group commit holding its records is durable, in order of arrival. Anything
-else (an unknown caller first of all) falls through to the Session object's method.
+A well-formed PreserveFd from a caller already known has its plan started at once (it
+decides, and waits on the flush), and is answered when the group commit holding its
+records is durable, in order of arrival: the plans started meanwhile are carried on
+together, one flush for all. Anything else (an unknown caller first of all) falls through
+to the Session object's method.
 """
 
 import asyncio
@@ -15,9 +17,9 @@ from liveupdated.bus.connection import FdOwningBus
 from liveupdated.bus.errors import error_reply
 from liveupdated.bus.handler import MessageHandler
 from liveupdated.bus.session import SessionObjects
+from liveupdated.core import commands
 from liveupdated.core.orchestrator import Caller
-from liveupdated.core.records import Record
-from liveupdated.service import LiveUpdate
+from liveupdated.service import LiveUpdate, Running
 
 METHOD = "preserve_fd"  # the name the Session object's method logs under
 
@@ -29,7 +31,7 @@ class PreserveFdCalls(MessageHandler):
         super().__init__(bus, service, callers, sessions)
         self._taking = True  # until finish()
         self._scheduled = 0  # taken calls not yet decided
-        self._waiting: list[tuple[Message, list[Record]]] = []  # decided, not yet answered
+        self._waiting: list[tuple[Message, Running[None]]] = []  # started, not yet answered
         self._arrived = asyncio.Event()
 
     def take(self, msg: Message, index: int) -> bool:
@@ -39,8 +41,6 @@ class PreserveFdCalls(MessageHandler):
         order they were sent."""
         if not self._taking or msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             return False  # the Session object's method handles it
-        if self._service.storage_problem:
-            return False  # degraded: the method tries to end that before it decides
         call = self._session_call(msg)
         if call is None:
             return False
@@ -51,15 +51,26 @@ class PreserveFdCalls(MessageHandler):
     def _decide(self, msg: Message, caller: Caller, session: str, fd: int) -> None:
         self._scheduled -= 1
         token, _, requires = msg.body
+        service = self._service
+        running = service.start(
+            commands.preserve_fds(
+                service.core, caller, session, [(token, fd, requires)], "PreserveFd"),
+            {"sender": msg.sender, "method": METHOD})
+        if running.pending is None:  # refused before it waited on anything
+            self._reply(msg, running)
+        else:
+            self._waiting.append((msg, running))
+        self._arrived.set()
+
+    def _reply(self, msg: Message, running: Running[None]) -> None:
         try:
-            records = self._service.begin_preserve_fd(caller, session, token, fd, requires)
+            running.result()
         except Exception as exc:
             with structlog.contextvars.bound_contextvars(sender=msg.sender, method=METHOD):
                 reply = error_reply(msg, exc)
             self._bus.send(reply)
         else:
-            self._waiting.append((msg, records))
-        self._arrived.set()
+            self._bus.send(Message.new_method_return(msg))
 
     async def answer(self) -> None:
         """Reply to each taken call once its records are durable; runs for the daemon's life."""
@@ -82,19 +93,9 @@ class PreserveFdCalls(MessageHandler):
         if not calls:
             return
         try:
-            await self._service.flush()
+            await self._service.run_together([running for _, running in calls])
         except asyncio.CancelledError:
             self._waiting[:0] = calls  # still to answer, at finish()
             raise
-        except Exception as exc:  # the journal failed: the service is degraded now
-            for msg, _ in calls:
-                self._bus.send(error_reply(msg, exc))
-            return
-        by_sender: dict[str | None, list[Record]] = {}
-        for msg, records in calls:
-            by_sender.setdefault(msg.sender, []).extend(records)
-        for sender, records in by_sender.items():
-            with structlog.contextvars.bound_contextvars(sender=sender, method=METHOD):
-                self._service.finish_preserve_fds(records)
-        for msg, _ in calls:
-            self._bus.send(Message.new_method_return(msg))
+        for msg, running in calls:
+            self._reply(msg, running)

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TypeVar
 
 from liveupdated.contract import FAILS_WITH, HISTORY_KEPT, method_name
 from liveupdated.core.errors import (
@@ -83,6 +84,17 @@ class Phase(StrEnum):
     PREPARED = "prepared"
     FROZEN = "frozen"
     UPDATED = "updated"
+
+
+class UnderWay(StrEnum):
+    """The host command whose effects are under way (from its decision to its `done`)."""
+
+    NOTHING = ""
+    PREPARE = "Prepare"  # the backend's brownout work
+    FREEZE = "Freeze"  # waiting on the freeze barrier
+    CANCEL = "Cancel"  # discarding the handover
+    REBOOT = "Reboot"  # writing the handover, then awaiting the reboot
+    FINISH = "Finish"  # the backend letting go, the journal compacted
 
 
 # Which phase each host-wide command needs, and where it leads.
@@ -213,6 +225,9 @@ _HOST_RECORDS = (
 Follow = tuple[str, tuple[str, str]]
 
 
+V = TypeVar("V")
+
+
 def _realtime_usec() -> int:
     return time.time_ns() // 1000
 
@@ -229,14 +244,23 @@ class Orchestrator:
         self.handover_boot_id = ""
         self.reboot: RebootStarted | None = None  # journaled: a handover is being written
         self.kexec_simulated = False  # the old daemon left its evidence of a new boot
-        self.in_flight = ""  # the host command whose effects are under way, if any
-        self.freeze_attempt = 0  # which Freeze holds in_flight "Freeze"
+        self.in_flight = UnderWay.NOTHING
+        self.freeze_attempt = 0  # which Freeze holds in_flight FREEZE
+        self.session_finishes = 0  # Session.Finish calls between decision and backend
+        self.restoring_ahead = False  # fds of the previous boot rebuilt ahead (once)
+        # Not durable: why the journal cannot be written (degraded while set), and why it
+        # could not be read at start (then degraded until a restart reads it).
+        self.storage_problem = ""
+        self.journal_unreadable = ""
         self.quarantine: dict[str, QuarantinedFd] = {}  # by id
         self._quarantine_ids = 0  # the highest N of the ids q<N> given so far
         self.bus_id = ""  # the bus the daemon is on now (not durable: set at connect)
         # Every decision's records get a serial; those not yet durable keep an undo.
         self.serial = 0
-        self._undo: deque[tuple[int, Callable[[], Follow | None]]] = deque()
+        self.durable_serial = 0  # decisions up to here are in the journal
+        # (serial, the serial its decision ends at, undo), oldest first.
+        self._undo: deque[tuple[int, int, Callable[[], Follow | None]]] = deque()
+        self._taken_back: set[int] = set()  # decisions rolled back, by their last serial
         self._revertible = True
         self._host_epoch = 0  # unconditional host decisions so far
         # Files whose release is durable in the journal since its last compaction:
@@ -424,20 +448,32 @@ class Orchestrator:
 
     def durable_through(self, serial: int) -> None:
         """Every decision up to `serial` is in the journal: no longer to undo."""
+        self.durable_serial = max(self.durable_serial, serial)
         while self._undo and self._undo[0][0] <= serial:
             self._undo.popleft()
 
-    def roll_back_after(self, serial: int) -> list[Follow]:
-        """Undo, newest first, every revertible decision after `serial` (the journal
+    def roll_back(self) -> list[Follow]:
+        """Undo, newest first, every revertible decision not yet durable (the journal
         refused them: they and every decision taken on them). Returns what the held fds
         must follow: ("unpreserved", key) to let go, ("unreleased", key) to hold again."""
         follow: list[Follow] = []
-        while self._undo and self._undo[-1][0] > serial:
-            _, undo = self._undo.pop()
+        while self._undo and self._undo[-1][0] > self.durable_serial:
+            _, decision, undo = self._undo.pop()
+            self._taken_back.add(decision)
             done = undo()
             if done is not None:
                 follow.append(done)
         return follow
+
+    def taken_back(self, decision: int) -> bool:
+        """Was the decision that ended at serial `decision` rolled back (the journal
+        refused it, or one it was pipelined on)? Asked once, by its plan, after its
+        flush: a flush that succeeds after the journal was rewritten does not make a
+        decision taken back before the rewrite durable."""
+        if decision in self._taken_back:
+            self._taken_back.discard(decision)
+            return True
+        return False
 
     def _undo_of(self, record: Record) -> Callable[[], Follow | None]:
         """How to take `record` back, read from the state before it is applied."""
@@ -475,26 +511,32 @@ class Orchestrator:
                     self.sessions.pop(record.session, None)
                 return created
             case FdPreserved():
-                def preserved() -> Follow:
+                def preserved() -> Follow | None:
+                    if record.session not in self.sessions:
+                        return None  # dropped since, unconditionally: its fds went with it
                     entry = self.sessions[record.session].fds.pop(record.token)
                     self._count(record.session, -entry.size, -1)
                     return ("unpreserved", (record.session, record.token))
                 return preserved
             case FdReleased():
-                entry = self.sessions[record.session].fds[record.token]
+                fds = self.sessions[record.session].fds
+                entry, position = fds[record.token], list(fds).index(record.token)
                 file = (record.session, record.token, entry.dev, entry.ino)
 
-                def released() -> Follow:
-                    self.sessions[record.session].fds[record.token] = entry
-                    self._count(record.session, entry.size)
+                def released() -> Follow | None:
                     self.released_files.discard(file)
+                    if record.session not in self.sessions:
+                        return None  # dropped since, unconditionally: the fd goes all the same
+                    _put_back(self.sessions[record.session].fds, record.token, entry, position)
+                    self._count(record.session, entry.size)
                     return ("unreleased", (record.session, record.token))
                 return released
             case SessionDropped():
                 session = self.sessions[record.session]
+                at = list(self.sessions).index(record.session)
 
                 def dropped() -> None:
-                    self.sessions[record.session] = session
+                    _put_back(self.sessions, record.session, session, at)
                     for held in session.fds.values():
                         self._count(record.session, held.size)
                 return dropped
@@ -569,6 +611,7 @@ class Orchestrator:
     def _commit(self, records: list[Record]) -> list[Record]:
         """Apply a decision's records; each gets the next serial and, unless the decision
         is unconditional, an undo for the case the journal refuses it."""
+        decision = self.serial + len(records)
         for record in records:
             undo = self._undo_of(record) if self._revertible else None
             if not self._revertible and isinstance(record, _HOST_RECORDS):
@@ -576,7 +619,7 @@ class Orchestrator:
             self.apply(record)
             self.serial += 1
             if undo is not None:
-                self._undo.append((self.serial, undo))
+                self._undo.append((self.serial, decision, undo))
         return records
 
     # ---- lookups and rules -----------------------------------------------------------
@@ -673,19 +716,22 @@ class Orchestrator:
                 {"command": method_name(command), "state": self.phase.value,
                  "under_way": "Reboot"},
             )
-        interruptible = command in ("Cancel", "DropSession") and self.in_flight == "Freeze"
+        interruptible = (command in ("Cancel", "DropSession")
+                         and self.in_flight is UnderWay.FREEZE)
         if self.in_flight and not interruptible:
             raise WrongState(
                 f"{command} is not possible while {self.in_flight} is under way",
                 {"command": method_name(command), "state": self.phase.value,
-                 "under_way": self.in_flight},
+                 "under_way": self.in_flight.value},
             )
 
     def done(self, command: str, attempt: int = 0) -> None:
         """The effects of host command `command` are over (succeeded or not); a Freeze
         says which attempt, so that an interrupted one cannot end the next one's wait."""
-        if self.in_flight == command and (command != "Freeze" or attempt == self.freeze_attempt):
-            self.in_flight = ""
+        if self.in_flight == command and (
+            command != UnderWay.FREEZE or attempt == self.freeze_attempt
+        ):
+            self.in_flight = UnderWay.NOTHING
 
     # ---- session commands ------------------------------------------------------------
 
@@ -921,6 +967,13 @@ class Orchestrator:
             )
         return entry
 
+    def check_restorable(self, key: tuple[str, str]) -> None:
+        """A journaled fd the daemon does not hold is restored from the previous boot's
+        handover; before a reboot, nothing can explain it."""
+        if self.phase is not Phase.UPDATED:
+            raise Corrupted(f"{key[0]}/{key[1]} is journaled but its fd is not held",
+                            {"session": key[0], "token": key[1], "state": self.phase.value})
+
     def fd_restored(self, name: str, token: str, dev: int = 0, ino: int = 0) -> list[Record]:
         return self._commit([FdRestored(session=name, token=token, at_usec=self._clock_usec(),
                                         dev=dev, ino=ino)])
@@ -1091,7 +1144,7 @@ class Orchestrator:
 
     def prepare(self, caller: Caller) -> list[Record]:
         records = self._commit(self._transition(caller, "Prepare"))
-        self.in_flight = "Prepare"  # until the backend's brownout work is done
+        self.in_flight = UnderWay.PREPARE
         return records
 
     def freeze_laggards(self) -> list[str]:
@@ -1140,19 +1193,19 @@ class Orchestrator:
         the attempt, which the Freeze shows again when it decides."""
         self._transition(caller, "Freeze")
         self._check_freezable()
-        self.in_flight = "Freeze"
+        self.in_flight = UnderWay.FREEZE
         self.freeze_attempt += 1
         return self.freeze_attempt
 
     def check_freeze_attempt(self, attempt: int) -> None:
         """Is the Freeze `attempt` still the one waiting? A Cancel (or Cancel, Prepare
         and another Freeze) may have come during its wait."""
-        if self.in_flight != "Freeze" or attempt != self.freeze_attempt:
+        if self.in_flight is not UnderWay.FREEZE or attempt != self.freeze_attempt:
             moved = f"{self.in_flight} is under way" if self.in_flight else (
                 f"the state is {self.phase.value}")
             details: Details = {"command": "Manager.Freeze", "state": self.phase.value}
             if self.in_flight:
-                details["under_way"] = self.in_flight
+                details["under_way"] = self.in_flight.value
             raise WrongState(f"Freeze was interrupted while it waited: {moved}", details)
 
     def _check_carried_bytes(self, sizes: Mapping[tuple[str, str], int]) -> None:
@@ -1194,7 +1247,7 @@ class Orchestrator:
         """Decide Freeze after the barrier, asking every question again: the phase, a
         Cancel that came meanwhile, the dependencies, the bytes carried now."""
         self.check_freeze_attempt(attempt)
-        waiting, self.in_flight = self.in_flight, ""
+        waiting, self.in_flight = self.in_flight, UnderWay.NOTHING
         try:
             records = self._transition(caller, "Freeze")
             self._check_freezable()
@@ -1205,7 +1258,7 @@ class Orchestrator:
 
     def cancel(self, caller: Caller) -> list[Record]:
         records = self._commit(self._transition(caller, "Cancel"))
-        self.in_flight = "Cancel"  # until the handover is discarded
+        self.in_flight = UnderWay.CANCEL
         return records
 
     def begin_reboot(
@@ -1223,7 +1276,7 @@ class Orchestrator:
             boot_id=boot_id, at_usec=self._clock_usec(), soft_reboots=soft_reboots,
             kexecs=kexecs, by_uid=caller.uid, pid1_start=pid1_start,
         )])
-        self.in_flight = "Reboot"
+        self.in_flight = UnderWay.REBOOT
         return records
 
     def check_reboot(self, caller: Caller) -> None:
@@ -1234,7 +1287,7 @@ class Orchestrator:
 
     def reboot_failed(self, reason: str) -> list[Record]:
         """The handover was not completed: a plain FROZEN again."""
-        self.done("Reboot")
+        self.done(UnderWay.REBOOT)
         if self.reboot is None:
             return []
         return self._commit([RebootFailed(reason=reason[:MAX_REASON_LENGTH])])
@@ -1281,7 +1334,7 @@ class Orchestrator:
         """The handover of the previous boot was found: this is the new kernel."""
         if self.phase is not Phase.FROZEN:
             raise WrongState(f"a handover was found but the journal says {self.phase.value}")
-        self.in_flight = ""  # the old boot's Reboot is over
+        self.in_flight = UnderWay.NOTHING  # the old boot's Reboot is over
         blackout = max(0, self._clock_usec() - self.freeze_started_usec)
         return self._commit([Rebooted(boot_id=boot_id, blackout_usec=blackout,
                                       at_usec=self._clock_usec())])
@@ -1292,13 +1345,22 @@ class Orchestrator:
         for name in list(self.sessions):
             dropped += self._drop(name, "update finished")
         records = self._commit([*dropped, *transition])
-        self.in_flight = "Finish"  # until the backend let go and the journal is compacted
+        self.in_flight = UnderWay.FINISH
         return records
 
     def status_line(self) -> str:
         return (
             f"{self.phase.value}, {len(self.sessions)} sessions, {self.fd_count()} fds"
         )
+
+
+def _put_back(items: dict[str, V], key: str, value: V, position: int) -> None:
+    """Insert `key` where it was (sessions and fds keep the order they came in)."""
+    after = list(items.items())[position:]
+    for moved, _ in after:
+        del items[moved]
+    items[key] = value
+    items.update(after)
 
 
 def _quarantine_number(qid: str) -> int:

@@ -1,0 +1,242 @@
+"""A command's life after its decision, rule by rule: the plans of core/commands.py driven
+by hand in an in-memory world (tests/core/world.py), each effect answered or refused.
+
+The decisions themselves are tested command by command beside this file; these are the
+rules about what follows each effect's outcome.
+"""
+
+import pytest
+
+from liveupdated.core import commands
+from liveupdated.core import effects as fx
+from liveupdated.core.errors import Storage, Timeout, WrongState
+from liveupdated.core.orchestrator import Phase, UnderWay
+from tests.core.steps import ALICE, BOB, PAGE, ROOT, VM, core_with, in_phase, new_core
+from tests.core.world import Running, World
+
+BOBS = "1001-vm"
+
+
+def preserve(world: World, token: str) -> Running:
+    """ALICE's PreserveFd of a new page under `token`, started: it waits on its flush."""
+    fd = world.new_fd(PAGE)
+    return world.start("preserve_fd", commands.preserve_fds(
+        world.core, ALICE, VM, [(token, fd, ())], "PreserveFd"), owned=(fd,))
+
+
+def world_with(*tokens: str) -> World:
+    """ALICE's session VM holding `tokens`, all durable and held."""
+    world = World(new_core())
+    world.run("create_session", commands.create_session(world.core, ALICE, VM))
+    for token in tokens:
+        running = preserve(world, token)
+        while not running.ended:
+            world.perform(running)
+        assert running.error is None
+    return world
+
+
+def test_a_flush_that_succeeds_after_a_rewrite_does_not_acknowledge_a_decision_taken_back() -> None:
+    """PreserveFd B was pipelined on A; A's flush was refused, which took B back too.
+    The journal was then rewritten (C, once the disk had room) and B's own flush
+    succeeds: B is still refused, its fd let go, and nothing of it is kept."""
+    world = world_with()
+    a = preserve(world, "a")
+    b = preserve(world, "b")
+    assert isinstance(a.pending, fx.Flush) and isinstance(b.pending, fx.Flush)
+    world.perform(a, fail=True)
+    assert isinstance(a.error, Storage)
+    c = world.start("create_session", commands.create_session(world.core, BOB, BOBS))
+    assert isinstance(c.pending, fx.Rewrite)
+    while not c.ended:
+        world.perform(c)
+    assert c.error is None and not world.journal_failed
+    world.perform(b)
+    assert isinstance(b.error, Storage), "a decision taken back was acknowledged"
+    assert set(world.core.sessions[VM].fds) == set() and world.held == {}
+    assert set(world.sizes) == set(), "the fd of the refused PreserveFd is still open"
+
+
+def test_a_refused_flush_takes_back_every_decision_pipelined_on_it() -> None:
+    world = world_with("kept")
+    unpreserve = world.start("unpreserve_fd",
+                             commands.unpreserve_fd(world.core, ALICE, VM, "kept"))
+    added = preserve(world, "added")
+    assert "kept" not in world.core.sessions[VM].fds  # decided: later calls see it
+    world.perform(unpreserve, fail=True)
+    assert isinstance(unpreserve.error, Storage)
+    assert set(world.core.sessions[VM].fds) == {"kept"}
+    assert set(world.held) == {(VM, "kept")}  # held and stored again; "added" let go
+    world.perform(added)
+    assert isinstance(added.error, Storage)
+    assert world.core.storage_problem  # degraded until a rewrite succeeds
+
+
+def test_a_refused_rewrite_keeps_the_daemon_degraded_and_the_fds_closed() -> None:
+    world = world_with()
+    world.core.storage_problem = "Read-only file system (EROFS)"
+    running = preserve(world, "ram")
+    assert isinstance(running.pending, fx.Rewrite)
+    world.perform(running, fail=True)
+    assert isinstance(running.error, Storage) and world.core.storage_problem
+    assert world.sizes == {} and VM in world.core.sessions
+
+
+def test_a_backend_that_refuses_prepare_takes_the_update_back_to_normal() -> None:
+    world = world_with("ram")
+    running = world.start("prepare", commands.prepare(world.core, ROOT))
+    while not isinstance(running.pending, fx.PrepareHandover):
+        world.perform(running)
+    world.perform(running, fail=True)
+    while not running.ended:
+        world.perform(running)
+    assert isinstance(running.error, RuntimeError)
+    assert world.core.phase is Phase.NORMAL and world.core.in_flight is UnderWay.NOTHING
+    assert world.core.history[-1].outcome == "cancelled"
+
+
+def test_freeze_times_out_naming_the_sessions_not_ready() -> None:
+    world = World(in_phase(Phase.NORMAL, "ram"))
+    world.run("delay", commands.delay_freeze(world.core, ALICE, VM, True))
+    for token in ("ram",):
+        world.held[(VM, token)] = world.new_fd(PAGE)
+    world.run("prepare", commands.prepare(world.core, ROOT))
+    running = world.start("freeze", commands.freeze(world.core, ROOT, 5.0))
+    world.perform(running)  # the deadline
+    assert isinstance(running.pending, fx.WaitChange)
+    world.changed = False
+    world.perform(running)  # the deadline passes with nothing changed
+    assert isinstance(running.error, Timeout) and VM in str(running.error)
+    assert world.core.phase is Phase.PREPARED and world.core.in_flight is UnderWay.NOTHING
+
+
+def test_a_cancel_interrupts_a_freeze_waiting_on_its_barrier() -> None:
+    world = world_with("ram")
+    world.run("delay", commands.delay_freeze(world.core, ALICE, VM, True))
+    world.run("prepare", commands.prepare(world.core, ROOT))
+    freezing = world.start("freeze", commands.freeze(world.core, ROOT, 5.0))
+    world.perform(freezing)
+    assert isinstance(freezing.pending, fx.WaitChange)
+    cancel = world.run("cancel", commands.cancel(world.core, ROOT))
+    assert cancel.error is None and world.core.phase is Phase.NORMAL
+    world.perform(freezing)  # woken by the Cancel
+    assert isinstance(freezing.error, WrongState)
+    assert world.core.phase is Phase.NORMAL and world.core.in_flight is UnderWay.NOTHING
+
+
+def test_a_failed_handover_is_discarded_and_the_state_stays_frozen() -> None:
+    world = world_with("ram")
+    world.run("prepare", commands.prepare(world.core, ROOT))
+    world.run("freeze", commands.freeze(world.core, ROOT, 5.0))
+    running = world.start("reboot", commands.reboot(world.core, ROOT))
+    while not isinstance(running.pending, fx.WriteHandover):
+        world.perform(running)
+    world.handover = True  # partly written
+    world.perform(running, fail=True)
+    while not running.ended:
+        world.perform(running)
+    assert isinstance(running.error, Storage) and "handover" in str(running.error)
+    assert not world.handover
+    assert world.core.phase is Phase.FROZEN and world.core.reboot is None
+    assert world.core.in_flight is UnderWay.NOTHING
+    assert world.run("cancel", commands.cancel(world.core, ROOT)).error is None
+
+
+def test_cancel_is_served_while_degraded_and_keeps_the_handover_when_not_journaled() -> None:
+    world = world_with("ram")
+    world.run("prepare", commands.prepare(world.core, ROOT))
+    world.run("freeze", commands.freeze(world.core, ROOT, 5.0))
+    world.handover = True
+    world.core.storage_problem = "No space left on device (ENOSPC)"
+    world.journal_failed = True
+    running = world.run("cancel", commands.cancel(world.core, ROOT))
+    assert running.error is None  # answered: the Cancel stands
+    assert world.core.phase is Phase.NORMAL
+    assert world.handover, "the handover went before the Cancel was durable"
+
+
+def test_finish_lets_a_session_finish_under_way_end_first_and_the_backend_go_once() -> None:
+    core = in_phase(Phase.UPDATED, "ram")
+    world = World(core)
+    world.held[(VM, "ram")] = world.new_fd(PAGE)
+    yielded: list[fx.Effect] = []
+    session = world.start("finish_session", commands.finish_session(core, ALICE, VM))
+    while not isinstance(session.pending, fx.SettleRestores):
+        world.perform(session)
+    manager = world.start("finish", commands.finish(core, ROOT))
+    while not isinstance(manager.pending, fx.WaitChange):
+        world.perform(manager)
+    world.changed = False
+    while not session.ended:
+        if session.pending is not None:
+            yielded.append(session.pending)
+        world.perform(session)
+    assert session.error is None
+    assert not any(isinstance(e, fx.BackendFinishSession) for e in yielded)
+    while not manager.ended:
+        yielded.append(manager.pending)
+        world.perform(manager)
+    assert manager.error is None and core.phase is Phase.NORMAL
+    assert sum(isinstance(e, fx.BackendFinish) for e in yielded) == 1
+
+
+def test_a_session_finish_alone_lets_its_backend_part_go() -> None:
+    core = in_phase(Phase.UPDATED, "ram")
+    world = World(core)
+    world.held[(VM, "ram")] = world.new_fd(PAGE)
+    seen: list[fx.Effect] = []
+    running = world.start("finish_session", commands.finish_session(core, ALICE, VM))
+    while not running.ended:
+        seen.append(running.pending)  # type: ignore[arg-type]
+        world.perform(running)
+    assert fx.BackendFinishSession(VM, ("ram",)) in seen  # never retrieved: released
+
+
+def test_a_journaled_fd_not_held_before_the_reboot_is_corrupted_not_restored() -> None:
+    world = world_with("ram")
+    world.close(world.held.pop((VM, "ram")))
+    running = world.start("retrieve_fd", commands.retrieve_fds(
+        world.core, ALICE, VM, ["ram"], "RetrieveFd", carried_in_store=False))
+    assert running.ended and "not held" in str(running.error)
+
+
+@pytest.mark.parametrize("carried_in_store", [False, True])
+def test_a_restore_is_decided_unconditionally_and_handed_out(carried_in_store: bool) -> None:
+    core = in_phase(Phase.UPDATED, "ram")
+    world = World(core)
+    rebuilt = world.new_fd(PAGE)
+    original = World.answer
+
+    def answer(self: World, effect: fx.Effect) -> object:
+        if isinstance(effect, fx.TakeCarried | fx.Claim):
+            self.held[(VM, "ram")] = rebuilt
+            return {(VM, "ram"): (1, rebuilt)}
+        if isinstance(effect, fx.Restore):
+            return None
+        return original(self, effect)
+
+    World.answer = answer  # type: ignore[method-assign]
+    try:
+        running = world.start("retrieve_fd", commands.retrieve_fds(
+            core, ALICE, VM, ["ram"], "RetrieveFd", carried_in_store=carried_in_store))
+        while not running.ended:
+            world.perform(running)
+    finally:
+        World.answer = original  # type: ignore[method-assign]
+    assert running.error is None and len(running.value) == 1
+    assert core.sessions[VM].fds["ram"].restored
+    assert core.roll_back() == [], "a restore was left to undo"
+
+
+def test_a_client_gone_drops_its_unprepared_sessions_at_once() -> None:
+    world = world_with("ram")
+    world.run("client_left", commands.client_left(world.core, ALICE.client))
+    assert VM not in world.core.sessions and world.held == {} and world.sizes == {}
+
+
+def test_quarantined_fds_never_block_a_session_of_the_same_name() -> None:
+    core = core_with()
+    world = World(core)
+    core.quarantine_fds([(VM, "ram", PAGE, "found in the store")])
+    running = world.start("release", commands.release_quarantined(core, ALICE, "q1"))
+    assert running.ended and running.error is not None  # an admin's

@@ -21,50 +21,8 @@ import structlog
 
 from liveupdated.backends import Backend, Key
 from liveupdated.core import commands
+from liveupdated.core import effects as fx
 from liveupdated.core.commands import Plan
-from liveupdated.core.effects import (
-    ASYNC,
-    SHARED,
-    Announce,
-    BackendFinish,
-    BackendFinishSession,
-    BootFacts,
-    Claim,
-    CloseFds,
-    CloseReleased,
-    Compact,
-    Deadline,
-    DiscardHandover,
-    Dup,
-    Effect,
-    Enqueue,
-    Flush,
-    FollowUndo,
-    FreezeStarted,
-    Hold,
-    Inspect,
-    LetGo,
-    Log,
-    LogRestored,
-    Notify,
-    PrepareHandover,
-    RebootCounts,
-    RebootNotFollowed,
-    Refused,
-    Release,
-    ReleaseSpares,
-    Restore,
-    RestoreAhead,
-    Rewrite,
-    SettleRestores,
-    Sizes,
-    StoreBarrier,
-    TakeCarried,
-    Unheld,
-    WaitChange,
-    WriteHandover,
-    WriteRestoredLog,
-)
 from liveupdated.core.errors import UnsupportedFd
 from liveupdated.core.orchestrator import Caller, FdEntry, FdFacts, Orchestrator, Session
 from liveupdated.core.records import (
@@ -108,7 +66,7 @@ class Running(Generic[T]):
     def __init__(self, plan: Plan[T], context: dict[str, Any] | None = None) -> None:
         self.plan = plan
         self.context = context or {}  # log fields its effects are carried out with
-        self.pending: Effect | None = None
+        self.pending: fx.Effect | None = None
         self.value: T | None = None
         self.error: BaseException | None = None
 
@@ -149,46 +107,47 @@ class LiveUpdate:
         # Released fds wait here, with their decision's serial, until it is durable.
         self._releasing: deque[tuple[int, Key, int]] = deque()
         core.durable_through(core.serial)
-        self._table: dict[type[Effect], Callable[[Any], Any]] = {
-            Enqueue: lambda e: self.journal.enqueue(e.records),
-            Flush: self._flush,
-            StoreBarrier: lambda e: self.notifier.stored(),
-            Rewrite: lambda e: self._write_snapshot(self.journal.rewrite),
-            Compact: lambda e: self._write_snapshot(self.journal.compact),
-            Inspect: self._inspect,
-            CloseFds: self._close_fds,
-            Hold: self._hold,
-            LetGo: self._let_go,
-            CloseReleased: self._close_released,
-            FollowUndo: self._follow_undo,
-            Unheld: lambda e: tuple(key for key in e.keys if key not in self.vault),
-            Dup: self._dup,
-            Release: lambda e: self.vault.release(e.key),
-            ReleaseSpares: lambda e: self.vault.release_spares(e.session),
-            Sizes: self._sizes,
-            TakeCarried: self._take_carried,
-            Restore: self._restore,
-            Claim: self._claim,
-            RestoreAhead: self._restore_ahead,
-            SettleRestores: lambda e: self.restores.settle(e.session),
-            RebootCounts: lambda e: asyncio.to_thread(self.backend.reboot_counts),
-            BootFacts: lambda e: (boot_id(), pid1_start()),
-            PrepareHandover: lambda e: asyncio.to_thread(
+        self._table: dict[type[fx.Effect], Callable[[Any], Any]] = {
+            fx.Enqueue: lambda e: self.journal.enqueue(e.records),
+            fx.Flush: self._flush,
+            fx.StoreBarrier: lambda e: self.notifier.stored(),
+            fx.Rewrite: lambda e: self._write_snapshot(self.journal.rewrite),
+            fx.Compact: lambda e: self._write_snapshot(self.journal.compact),
+            fx.Inspect: self._inspect,
+            fx.CloseFds: self._close_fds,
+            fx.Hold: self._hold,
+            fx.LetGo: self._let_go,
+            fx.CloseReleased: self._close_released,
+            fx.FollowUndo: self._follow_undo,
+            fx.Unheld: lambda e: tuple(key for key in e.keys if key not in self.vault),
+            fx.Dup: self._dup,
+            fx.Release: lambda e: self.vault.release(e.key),
+            fx.ReleaseSpares: lambda e: self.vault.release_spares(e.session),
+            fx.Sizes: self._sizes,
+            fx.TakeCarried: self._take_carried,
+            fx.Restore: self._restore,
+            fx.Claim: self._claim,
+            fx.RestoreAhead: self._restore_ahead,
+            fx.SettleRestores: lambda e: self.restores.settle(e.session),
+            fx.RebootCounts: lambda e: asyncio.to_thread(self.backend.reboot_counts),
+            fx.BootFacts: lambda e: (boot_id(), pid1_start()),
+            fx.PrepareHandover: lambda e: asyncio.to_thread(
                 self.backend.prepare_handover, *self._held()),
-            WriteHandover: self._write_handover,
-            DiscardHandover: lambda e: _refusing(asyncio.to_thread(self.backend.discard_handover)),
-            BackendFinishSession: lambda e: asyncio.to_thread(
+            fx.WriteHandover: self._write_handover,
+            fx.DiscardHandover: lambda e: _refusing(
+                asyncio.to_thread(self.backend.discard_handover)),
+            fx.BackendFinishSession: lambda e: asyncio.to_thread(
                 self.backend.finish_session, e.session, e.released),
-            BackendFinish: lambda e: asyncio.to_thread(self.backend.finish),
-            Deadline: lambda e: asyncio.get_running_loop().time() + e.seconds,
-            WaitChange: self._wait_change,
-            Announce: self._announce_records,
-            FreezeStarted: lambda e: self.listeners.freeze_started(),
-            RebootNotFollowed: lambda e: self.listeners.reboot_failed(e.reason),
-            Notify: lambda e: self.notifier.notify(*e.fields),
-            Log: lambda e: getattr(log, e.level)(e.event, **e.fields),
-            LogRestored: self._log_restored,
-            WriteRestoredLog: lambda e: self._write_restored_log(),
+            fx.BackendFinish: lambda e: asyncio.to_thread(self.backend.finish),
+            fx.Deadline: lambda e: asyncio.get_running_loop().time() + e.seconds,
+            fx.WaitChange: self._wait_change,
+            fx.Announce: self._announce_records,
+            fx.FreezeStarted: lambda e: self.listeners.freeze_started(),
+            fx.RebootNotFollowed: lambda e: self.listeners.reboot_failed(e.reason),
+            fx.Notify: lambda e: self.notifier.notify(*e.fields),
+            fx.Log: lambda e: getattr(log, e.level)(e.event, **e.fields),
+            fx.LogRestored: self._log_restored,
+            fx.WriteRestoredLog: lambda e: self._write_restored_log(),
         }
 
     # ---- running plans -------------------------------------------------------------
@@ -203,7 +162,11 @@ class LiveUpdate:
     async def run(self, plan: Plan[T]) -> T:
         running = self.start(plan)
         while running.pending is not None:
-            outcome, failure = await self._perform(running.pending)
+            try:
+                outcome, failure = await self._perform(running.pending)
+            except asyncio.CancelledError as cancelled:  # the plan's own cleanup runs
+                self._step(running, None, cancelled)
+                raise
             self._step(running, outcome, failure)
         return running.result()
 
@@ -219,11 +182,11 @@ class LiveUpdate:
         on at the same time (a flush, a store barrier) are carried out once. Cancelled,
         each keeps the effect it waits on, to be carried out again."""
         while waiting := [r for r in started if r.pending is not None]:
-            shared: dict[Effect, list[Running[Any]]] = {}
+            shared: dict[fx.Effect, list[Running[Any]]] = {}
             alone: list[Running[Any]] = []
             for running in waiting:
                 assert running.pending is not None
-                if type(running.pending) in SHARED:
+                if type(running.pending) in fx.SHARED:
                     shared.setdefault(running.pending, []).append(running)
                 else:
                     alone.append(running)
@@ -253,7 +216,7 @@ class LiveUpdate:
                 running.pending, running.error = None, exc
                 self.changed.set()
                 return
-            if type(effect) in ASYNC:
+            if type(effect) in fx.ASYNC:
                 running.pending = effect
                 return
             try:
@@ -261,7 +224,7 @@ class LiveUpdate:
             except Exception as exc:
                 outcome, failure = None, exc
 
-    async def _perform(self, effect: Effect) -> tuple[Any, BaseException | None]:
+    async def _perform(self, effect: fx.Effect) -> tuple[Any, BaseException | None]:
         try:
             return await self._table[type(effect)](effect), None
         except asyncio.CancelledError:
@@ -371,7 +334,7 @@ class LiveUpdate:
 
     # ---- the effects: the journal ----------------------------------------------------
 
-    async def _flush(self, effect: Flush) -> None:
+    async def _flush(self, effect: fx.Flush) -> None:
         """The journal's group commit; past its bound, a compaction in the background
         keeps replay, on the blackout path, proportional to what is held."""
         await _refusing(self.journal.flush())
@@ -401,7 +364,7 @@ class LiveUpdate:
 
     # ---- the effects: held fds -------------------------------------------------------
 
-    def _inspect(self, effect: Inspect) -> tuple[FdFacts, ...]:
+    def _inspect(self, effect: fx.Inspect) -> tuple[FdFacts, ...]:
         """The memfd's facts; an error about one fd of several says which token it is for."""
         facts: list[FdFacts] = []
         for token, fd in effect.fds:
@@ -413,15 +376,15 @@ class LiveUpdate:
                 raise
         return tuple(facts)
 
-    def _close_fds(self, effect: CloseFds) -> None:
+    def _close_fds(self, effect: fx.CloseFds) -> None:
         for fd in effect.fds:
             os.close(fd)
 
-    def _hold(self, effect: Hold) -> None:
+    def _hold(self, effect: fx.Hold) -> None:
         for key, fd in effect.fds:
             self.vault.keep(key, fd)
 
-    def _let_go(self, effect: LetGo) -> None:
+    def _let_go(self, effect: fx.LetGo) -> None:
         for record in effect.records:
             if isinstance(record, FdReleased):
                 key = (record.session, record.token)
@@ -433,11 +396,11 @@ class LiveUpdate:
                 if fd is not None:
                     self._releasing.append((effect.serial, key, fd))
 
-    def _close_released(self, effect: CloseReleased) -> None:
+    def _close_released(self, effect: fx.CloseReleased) -> None:
         while self._releasing and self._releasing[0][0] <= effect.serial:
             os.close(self._releasing.popleft()[2])
 
-    def _follow_undo(self, effect: FollowUndo) -> None:
+    def _follow_undo(self, effect: fx.FollowUndo) -> None:
         for change, key in effect.changes:
             if change == "unpreserved":
                 self.restores.drop(key)
@@ -448,7 +411,7 @@ class LiveUpdate:
                 self._releasing.remove(kept[-1])
                 self.vault.keep(key, kept[-1][2])
 
-    def _dup(self, effect: Dup) -> list[int]:
+    def _dup(self, effect: fx.Dup) -> list[int]:
         fds: list[int] = []
         try:
             for key in effect.keys:
@@ -468,12 +431,12 @@ class LiveUpdate:
         fds = {key: fd for key, fd in self.vault.items().items() if key in entries}
         return fds, entries
 
-    def _sizes(self, effect: Sizes) -> dict[Key, int]:
+    def _sizes(self, effect: fx.Sizes) -> dict[Key, int]:
         return {key: os.fstat(fd).st_size for key, fd in self._held()[0].items()}
 
     # ---- the effects: restores -------------------------------------------------------
 
-    def _take_carried(self, effect: TakeCarried) -> dict[Key, tuple[int, int]]:
+    def _take_carried(self, effect: fx.TakeCarried) -> dict[Key, tuple[int, int]]:
         """A dup of the backend's is kept, not stored again (systemd would only compare
         it with every fd of the store to drop it)."""
         kept: dict[Key, tuple[int, int]] = {}
@@ -486,14 +449,14 @@ class LiveUpdate:
             kept[key] = (st.st_dev, st.st_ino)
         return kept
 
-    async def _restore(self, effect: Restore) -> None:
+    async def _restore(self, effect: fx.Restore) -> None:
         # wanted() is called before the first await: in the step that allowed it.
         waits = [self.restores.wanted(key, entry) for key, entry in effect.entries]
         for outcome in await asyncio.gather(*waits, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    def _claim(self, effect: Claim) -> dict[Key, tuple[int, int] | None]:
+    def _claim(self, effect: fx.Claim) -> dict[Key, tuple[int, int] | None]:
         kept: dict[Key, tuple[int, int] | None] = {}
         for key in effect.keys:
             fd = self.restores.claim(key)
@@ -508,12 +471,12 @@ class LiveUpdate:
             kept[key] = (st.st_dev, st.st_ino)
         return kept
 
-    def _restore_ahead(self, effect: RestoreAhead) -> None:
+    def _restore_ahead(self, effect: fx.RestoreAhead) -> None:
         """Only where the backend says it is worth it (the kernel's retrieve is cheap)."""
         if self.backend.restores_ahead:
             self.restores.ahead(effect.entries)
 
-    def _log_restored(self, effect: LogRestored) -> None:
+    def _log_restored(self, effect: fx.LogRestored) -> None:
         """One `fds_restored` line per session for the fds restored for callers within
         STATUS_INTERVAL: after the reboot every VMM asks at once, one call in flight
         each, and a line a call would cost a quarter of the call."""
@@ -530,7 +493,7 @@ class LiveUpdate:
 
     # ---- the effects: the backend's handover -----------------------------------------
 
-    async def _write_handover(self, effect: WriteHandover) -> int:
+    async def _write_handover(self, effect: fx.WriteHandover) -> int:
         fds, entries = self._held()
         return await _refusing(asyncio.to_thread(
             self.backend.write_handover, fds, entries, boot_id(), self._report_progress))
@@ -545,7 +508,7 @@ class LiveUpdate:
 
     # ---- the effects: waits and listeners --------------------------------------------
 
-    async def _wait_change(self, effect: WaitChange) -> bool:
+    async def _wait_change(self, effect: fx.WaitChange) -> bool:
         self.changed.clear()
         if effect.deadline is None:
             await self.changed.wait()
@@ -558,7 +521,7 @@ class LiveUpdate:
             return False
         return True
 
-    def _announce_records(self, effect: Announce) -> None:
+    def _announce_records(self, effect: fx.Announce) -> None:
         """Who hears of durable records: signals, properties, STATUS=, the log."""
         changed: dict[str, None] = {}
         for record in effect.records:
@@ -629,4 +592,4 @@ async def _refusing(work: Awaitable[T]) -> T:
     try:
         return await work
     except OSError as exc:
-        raise Refused(describe(exc)) from exc
+        raise fx.Refused(describe(exc)) from exc

@@ -227,7 +227,9 @@ def preserve_fds(
              for (token, _, requires), fact in zip(fds, facts, strict=True)],
             command,
         )
-    except Exception:
+    except GeneratorExit:
+        raise  # closed unfinished: nothing may be yielded now
+    except BaseException:  # refused, failed or cancelled: the fds are closed
         yield CloseFds(tuple(fd for _, fd, _ in fds))
         raise
     yield Hold(tuple(((session, token), fd) for token, fd, _ in fds))

@@ -24,6 +24,13 @@ def preserve(world: World, token: str) -> Running:
         world.core, ALICE, VM, [(token, fd, ())], "PreserveFd"), owned=(fd,))
 
 
+def updated_world() -> World:
+    """After the reboot: ALICE's VM holding "ram", not retrieved yet but held."""
+    world = World(in_phase(Phase.UPDATED, "ram"))
+    world.held[(VM, "ram")] = world.new_fd(PAGE)
+    return world
+
+
 def world_with(*tokens: str) -> World:
     """ALICE's session VM holding `tokens`, all durable and held."""
     world = World(new_core())
@@ -156,9 +163,8 @@ def test_cancel_is_served_while_degraded_and_keeps_the_handover_when_not_journal
 
 
 def test_finish_lets_a_session_finish_under_way_end_first_and_the_backend_go_once() -> None:
-    core = in_phase(Phase.UPDATED, "ram")
-    world = World(core)
-    world.held[(VM, "ram")] = world.new_fd(PAGE)
+    world = updated_world()
+    core = world.core
     yielded: list[fx.Effect] = []
     session = world.start("finish_session", commands.finish_session(core, ALICE, VM))
     while not isinstance(session.pending, fx.SettleRestores):
@@ -181,9 +187,8 @@ def test_finish_lets_a_session_finish_under_way_end_first_and_the_backend_go_onc
 
 
 def test_a_session_finish_alone_lets_its_backend_part_go() -> None:
-    core = in_phase(Phase.UPDATED, "ram")
-    world = World(core)
-    world.held[(VM, "ram")] = world.new_fd(PAGE)
+    world = updated_world()
+    core = world.core
     seen: list[fx.Effect] = []
     running = world.start("finish_session", commands.finish_session(core, ALICE, VM))
     while not running.ended:

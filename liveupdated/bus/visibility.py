@@ -94,8 +94,7 @@ class Visibility(MessageHandler):
             return True
         label = path[len(SESSION_PATH_PREFIX):].split("/", 1)[0]
         name = self._sessions.name_at(SESSION_PATH_PREFIX + label)
-        session = self._service.core.sessions.get(name) if name is not None else None
-        return session is not None and session.uid == caller.uid
+        return name is not None and self._service.core.may_use(caller, name)
 
     def _listing(self, msg: Message, path: str, caller: Caller) -> Message:
         """dbus-fast's introspection of `path`, with only the child nodes that lead to

@@ -630,10 +630,16 @@ class Orchestrator:
         except KeyError:
             raise NoSuchSession(f"no session named {name!r}", {"session": name}) from None
 
+    def may_use(self, caller: Caller, name: str) -> bool:
+        """Is there a session `name` the caller owns, or may use as an admin? The one
+        ownership rule: calls, properties, introspection and signals all ask it."""
+        session = self.sessions.get(name)
+        return session is not None and (caller.admin or caller.uid == session.uid)
+
     def owned_session(self, caller: Caller, name: str) -> Session:
         """The session, if the caller is its owner or root; AccessDenied otherwise."""
         session = self.session(name)
-        if caller.uid != session.uid and not caller.admin:
+        if not self.may_use(caller, name):
             raise AccessDenied(
                 f"session {name!r} belongs to uid {session.uid}; only it or root may use it",
                 {"session": name},
@@ -641,7 +647,7 @@ class Orchestrator:
         return session
 
     def visible_sessions(self, caller: Caller) -> list[Session]:
-        return [s for s in self.sessions.values() if caller.admin or caller.uid == s.uid]
+        return [s for s in self.sessions.values() if self.may_use(caller, s.name)]
 
     def session_state(self, session: Session) -> str:
         if self.phase is Phase.UPDATED:

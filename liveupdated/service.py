@@ -254,7 +254,7 @@ class LiveUpdate:
     async def flush(self) -> None:
         await self.run(commands.flush(self.core))
 
-    async def create_session(self, caller: Caller, name: str) -> Session:
+    async def create_session(self, caller: Caller, name: str) -> str:
         return await self.run(commands.create_session(self.core, caller, name))
 
     def retrieve_session(self, caller: Caller, name: str) -> Session:
@@ -527,7 +527,8 @@ class LiveUpdate:
         for record in effect.records:
             match record:
                 case SessionCreated():
-                    self.listeners.session_added(self.core.sessions[record.session])
+                    if record.session in self.core.sessions:  # not dropped behind it
+                        self.listeners.session_added(self.core.sessions[record.session])
                     log.info("session_created", session=record.session, uid=record.uid,
                              unit=record.unit)
                 case FdPreserved():

@@ -242,3 +242,23 @@ async def test_drop_session_releases_a_waiting_freeze(host: Host, bus: PrivateBu
         assert sorted(host.store.store) == ["vm-ok/ram"]
     for fd in fds:
         os.close(fd)
+
+
+async def test_a_session_dropped_behind_its_creation_is_created_then_gone(
+    host: Host, bus: PrivateBus
+) -> None:
+    """CreateSession and a DropSession of it pipelined: the drop is decided before the
+    creation is durable. Both succeed, in order; the session is never exported, and the
+    daemon goes on serving."""
+    host.start_now()
+    async with await Client.connect(bus.address) as vmm:
+        for round_ in range(5):
+            name = f"vm-{round_}"
+            created, dropped = await _outcomes(
+                [vmm.create_session(name), vmm.drop_session(name, "pipelined")])
+            assert created is None and dropped is None, (created, dropped)
+            assert name not in [s.name for s in await vmm.list_sessions()]
+            with pytest.raises(LiveUpdateError):  # never exported, or gone
+                await SessionClient(vmm, name, session_path(name)).close()
+        session = await vmm.create_session("after")
+        assert session.name == "after"

@@ -67,8 +67,7 @@ class Manager(ServiceInterface):
     @contract
     async def create_session(self, name: DBusStr) -> DBusObjectPath:
         caller = await self._callers.current()
-        session = await self._service.create_session(caller, name)
-        return session_path(session.name)
+        return session_path(await self._service.create_session(caller, name))
 
     @dbus_method(name="RetrieveSession")
     @contract

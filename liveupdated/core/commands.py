@@ -195,10 +195,11 @@ def unconditional_drop(core: Orchestrator, records: Sequence[Record]) -> Plan[No
 # ---- sessions ------------------------------------------------------------------------------
 
 
-def create_session(core: Orchestrator, caller: Caller, name: str) -> Plan[Session]:
+def create_session(core: Orchestrator, caller: Caller, name: str) -> Plan[str]:
+    """The session's name: durable, though a Close pipelined behind it may end it."""
     yield from writable(core)
     yield from durable(core, core.create_session(caller, name))
-    return core.session(name)
+    return name
 
 
 def retrieve_session(core: Orchestrator, caller: Caller, name: str) -> Plan[Session]:

@@ -1,7 +1,8 @@
 """Session.Finish pipelined with Manager.Finish: the backend lets go of each session
 once, in order, whatever lands first; nothing is left behind and nothing is handed out
 after its release. (The simulated backend here; the fdstore backend's run is in the
-nspawn suite, which drives the same calls across a soft-reboot.)"""
+nspawn suite, tests/nspawn/test_sid.py, which pipelines the same calls after a real
+soft-reboot.)"""
 
 import asyncio
 import os

@@ -227,6 +227,13 @@ class Installed:
         )
         return files
 
+    def vmm_finish_race(self, *sessions: str) -> dict[str, Any]:
+        """Session.Finish of each and Manager.Finish pipelined, by a new client."""
+        report: dict[str, Any] = json.loads(
+            self.box.run_unit([PYTHON, VMM, "finish-race", *sessions]).stdout
+        )
+        return report
+
     def vmm_show(self, session: str) -> dict[str, Any]:
         """ListSessions, ListFds and the fingerprints of RetrieveFd, by a new client."""
         report: dict[str, Any] = json.loads(

@@ -79,6 +79,19 @@ def _figures(blackout: float, to_active: float, bare: float, cycle: dict[str, An
             f"daemon to the last fd {cycle['last_fd_ms']} ms")
 
 
+def _finish_race(installed: Installed) -> None:
+    """Session.Finish pipelined with Manager.Finish: the backend lets go once, in order,
+    and every call is answered (done, or refused once the update has ended)."""
+    race = installed.vmm_finish_race("vm-s1", "vm-s2")
+    refused = ("WrongState", "NoSuchSession")
+    assert all(o is None or o.startswith(refused) for o in race["outcomes"]), race
+    assert race["outcomes"][:2] == [None, None], race  # the first two land in updated
+    assert (race["state"], race["sessions"]) == ("normal", [])
+    assert installed.prop("State") == "normal"
+    installed.wait_fd_store(0)  # the VMMs went with the old userspace: nothing held now
+    assert not installed.journal("err"), installed.journal("err")
+
+
 def test_fdstore_backend_across_soft_reboot(
     sid_installed: Installed, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -134,9 +147,7 @@ def test_fdstore_backend_across_soft_reboot(
     # The unrelated unit kept its store across the same soft-reboot.
     assert _keeper_restarted(installed)[-1] == {**keeper, "from_store": True}
 
-    installed.call("Finish")
-    assert installed.prop("State") == "normal"
-    installed.wait_fd_store(0)  # the VMMs went with the old userspace: nothing held now
+    _finish_race(installed)
 
     # Removal releases the store that FileDescriptorStorePreserve=yes keeps past a stop.
     installed.systemctl("stop", "vmm-vm-s1.service", check=False)

@@ -115,14 +115,32 @@ async def show(name: str) -> None:
     print(json.dumps(report))
 
 
+async def finish_race(names: list[str]) -> None:
+    """After the reboot: each session's Session.Finish and the host's Manager.Finish
+    pipelined on one connection, in this order; prints each outcome (null: done)."""
+    async with await Client.connect("system") as client:
+        sessions = [await client.retrieve_session(name) for name in names]
+        calls = [sessions[0].finish(), client.finish(), *(s.finish() for s in sessions[1:])]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        report = {
+            "outcomes": [None if o is None else f"{type(o).__name__}: {o}" for o in outcomes],
+            "state": await client.state(),
+            "sessions": [s.name for s in await client.list_sessions()],
+        }
+    print(json.dumps(report))
+
+
 def main(argv: list[str]) -> None:
     match argv:
         case ["hold", name, out]:
             asyncio.run(hold(name, Path(out)))
         case ["show", name]:
             asyncio.run(show(name))
+        case ["finish-race", *names] if names:
+            asyncio.run(finish_race(names))
         case _:
-            sys.exit(f"usage: {sys.argv[0]} hold SESSION OUT | show SESSION")
+            sys.exit(f"usage: {sys.argv[0]} hold SESSION OUT | show SESSION"
+                     " | finish-race SESSION...")
 
 
 if __name__ == "__main__":

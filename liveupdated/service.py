@@ -105,9 +105,9 @@ class LiveUpdate:
         self._status_timer: asyncio.TimerHandle | None = None
         self._restored_log: dict[str, dict[str, int]] = {}  # session -> token -> bytes
         # Released fds wait here, with their decision's serial, until it is durable.
-        self._releasing: deque[tuple[int, Key, int]] = deque()
+        self._releasing: deque[tuple[int, Key, int | None]] = deque()
         core.durable_through(core.serial)
-        self._table: dict[type[fx.Effect], Callable[[Any], Any]] = {
+        self._table: dict[type, Callable[[Any], Any]] = {
             fx.Enqueue: lambda e: self.journal.enqueue(e.records),
             fx.Flush: self._flush,
             fx.StoreBarrier: lambda e: self.notifier.stored(),
@@ -182,12 +182,12 @@ class LiveUpdate:
         on at the same time (a flush, a store barrier) are carried out once. Cancelled,
         each keeps the effect it waits on, to be carried out again."""
         while waiting := [r for r in started if r.pending is not None]:
-            shared: dict[fx.Effect, list[Running[Any]]] = {}
+            shared: dict[type, list[Running[Any]]] = {}  # SHARED effects have no fields
             alone: list[Running[Any]] = []
             for running in waiting:
                 assert running.pending is not None
                 if type(running.pending) in fx.SHARED:
-                    shared.setdefault(running.pending, []).append(running)
+                    shared.setdefault(type(running.pending), []).append(running)
                 else:
                     alone.append(running)
             groups = [*shared.values(), *([r] for r in alone)]
@@ -200,6 +200,9 @@ class LiveUpdate:
     def _step(self, running: Running[Any], outcome: Any, failure: BaseException | None) -> None:
         """Send the outcome in; carry out every effect that takes no await, until one does
         or the plan ends."""
+        if not running.context:  # the caller's task has its own bound already
+            self._steps(running, outcome, failure)
+            return
         with structlog.contextvars.bound_contextvars(**running.context):
             self._steps(running, outcome, failure)
 
@@ -337,7 +340,12 @@ class LiveUpdate:
     async def _flush(self, effect: fx.Flush) -> None:
         """The journal's group commit; past its bound, a compaction in the background
         keeps replay, on the blackout path, proportional to what is held."""
-        await _refusing(self.journal.flush())
+        through = self.core.serial  # every decision so far is enqueued (in its step)
+        try:
+            await self.journal.flush()
+        except OSError as exc:
+            raise fx.Refused(describe(exc)) from exc
+        self.core.durable_through(through)  # at once: no later refusal may take it back
         if self._compaction is None and self.journal.needs_compaction():
             self._compaction = asyncio.ensure_future(self._compact())
 
@@ -385,20 +393,23 @@ class LiveUpdate:
             self.vault.keep(key, fd)
 
     def _let_go(self, effect: fx.LetGo) -> None:
+        """A release the journal may still refuse keeps the fd, and a restore of it under
+        way (a kernel's retrieve is done once), until it is durable."""
         for record in effect.records:
             if isinstance(record, FdReleased):
                 key = (record.session, record.token)
-                self.restores.drop(key)
                 if not effect.undoable:
+                    self.restores.drop(key)
                     self.vault.release(key)
                     continue
-                fd = self.vault.take(key)
-                if fd is not None:
-                    self._releasing.append((effect.serial, key, fd))
+                self._releasing.append((effect.serial, key, self.vault.take(key)))
 
     def _close_released(self, effect: fx.CloseReleased) -> None:
         while self._releasing and self._releasing[0][0] <= effect.serial:
-            os.close(self._releasing.popleft()[2])
+            _, key, fd = self._releasing.popleft()
+            self.restores.drop(key)
+            if fd is not None:
+                os.close(fd)
 
     def _follow_undo(self, effect: fx.FollowUndo) -> None:
         for change, key in effect.changes:
@@ -409,7 +420,8 @@ class LiveUpdate:
             kept = [item for item in self._releasing if item[1] == key]
             if kept:
                 self._releasing.remove(kept[-1])
-                self.vault.keep(key, kept[-1][2])
+                if kept[-1][2] is not None:
+                    self.vault.keep(key, kept[-1][2])
 
     def _dup(self, effect: fx.Dup) -> list[int]:
         fds: list[int] = []
@@ -436,18 +448,23 @@ class LiveUpdate:
 
     # ---- the effects: restores -------------------------------------------------------
 
-    def _take_carried(self, effect: fx.TakeCarried) -> dict[Key, tuple[int, int]]:
+    def _take_carried(
+        self, effect: fx.TakeCarried
+    ) -> tuple[dict[Key, tuple[int, int]], Exception | None]:
         """A dup of the backend's is kept, not stored again (systemd would only compare
         it with every fd of the store to drop it)."""
         kept: dict[Key, tuple[int, int]] = {}
         for key, entry in effect.entries:
             if key in self.vault:  # the same token twice in one call
                 continue
-            fd = self.backend.retrieve_fd(key, entry)
+            try:
+                fd = self.backend.retrieve_fd(key, entry)
+            except Exception as exc:
+                return kept, exc
             self.vault.keep(key, fd, store=False)
             st = os.fstat(fd)
             kept[key] = (st.st_dev, st.st_ino)
-        return kept
+        return kept, None
 
     async def _restore(self, effect: fx.Restore) -> None:
         # wanted() is called before the first await: in the step that allowed it.
@@ -524,16 +541,21 @@ class LiveUpdate:
     def _announce_records(self, effect: fx.Announce) -> None:
         """Who hears of durable records: signals, properties, STATUS=, the log."""
         changed: dict[str, None] = {}
+        bound: tuple[tuple[str, Any], ...] | None = None  # the caller's log fields
         for record in effect.records:
             match record:
                 case SessionCreated():
-                    if record.session in self.core.sessions:  # not dropped behind it
-                        self.listeners.session_added(self.core.sessions[record.session])
+                    live = self.core.sessions.get(record.session)
+                    # Not one dropped behind it, nor another of the same name since.
+                    if live is not None and (live.client, live.bus) == (record.client,
+                                                                        record.bus):
+                        self.listeners.session_added(live)
                     log.info("session_created", session=record.session, uid=record.uid,
                              unit=record.unit)
                 case FdPreserved():
                     changed[record.session] = None
-                    bound = tuple(structlog.contextvars.get_contextvars().items())
+                    if bound is None:
+                        bound = tuple(structlog.contextvars.get_contextvars().items())
                     self._preserved.setdefault((record.session, bound), []).append(record)
                 case FdReleased():
                     changed[record.session] = None

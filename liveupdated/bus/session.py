@@ -230,6 +230,8 @@ class SessionObjects:
 
     def add(self, session: Session) -> None:
         path = session_path(session.name)
+        if path in self._objects:  # announced already (a pipelined re-creation of it)
+            return
         obj = SessionObject(session.name, self._service, self._callers)
         self._objects[path] = obj
         exports = self._bus._path_exports.setdefault(path, {})

@@ -134,8 +134,12 @@ def flush(core: Orchestrator, decision: int | None = None) -> Plan[None]:
         yield Flush()
     except Refused as exc:
         yield FollowUndo(tuple(core.roll_back()))
+        with core.unconditional():  # a departure a taken-back Prepare had kept from them
+            dropped = core.departed_meanwhile()
+        yield from unconditional_drop(core, dropped)
         error = yield from degrade(core, exc.problem)
-        if decision is None or decision > core.durable_serial or core.taken_back(decision):
+        taken_back = decision is not None and core.taken_back(decision)
+        if decision is None or taken_back or decision > core.durable_serial:
             raise error from exc
         target = core.durable_serial  # a rewrite of the journal had it: durable all the same
     else:
@@ -219,7 +223,8 @@ def preserve_fds(
     all held, or all closed. Answered once each fd is in the journal and systemd has it
     (a retry after a crash in between wins: the journal records which file it was)."""
     try:
-        yield from writable(core)
+        if core.storage_problem:
+            yield from writable(core)
         core.check_preserve_all(caller, session, [(t, r) for t, _, r in fds], command)
         facts = yield Inspect(tuple((token, fd) for token, fd, _ in fds))
         records = core.preserve_fds(
@@ -293,6 +298,8 @@ def finish_session(core: Orchestrator, caller: Caller, session: str) -> Plan[Non
         yield SettleRestores(session)  # its fds let go while being restored: closed
         yield WriteRestoredLog()
         yield ReleaseSpares(session)  # its Finish is durable: the old boot's go
+        while core.finish_pending():  # a Manager.Finish lets go of all once durable
+            yield WaitChange()
         if core.phase is Phase.UPDATED and core.in_flight is not UnderWay.FINISH:
             released = tuple(r.token for r in records if isinstance(r, FdReleased))
             yield BackendFinishSession(session, released)
@@ -363,7 +370,8 @@ def take_carried(
     its name already; a dup is kept and handed out at once. Its FdRestored is durable
     with the next group commit, after the reply: until then recovery takes the fd in the
     store for one not yet retrieved, which to the journal it still is."""
-    kept: dict[Key, tuple[int, int]] = yield TakeCarried(tuple(missing))
+    kept: dict[Key, tuple[int, int]]
+    kept, failure = yield TakeCarried(tuple(missing))
     records: list[Record] = []
     for key, entry in missing:
         if key in kept and not entry.restored:
@@ -371,6 +379,8 @@ def take_carried(
             with core.unconditional():  # the fd is held and served either way
                 records += core.fd_restored(*key, dev=dev, ino=ino)
     yield Enqueue(tuple(records))
+    if failure is not None:  # those kept before it are recorded all the same
+        raise failure
     return {key[1]: entry.size for key, entry in missing if key in kept}
 
 
@@ -489,8 +499,10 @@ def cancel(core: Orchestrator, caller: Caller) -> Plan[None]:
             return
         try:
             yield DiscardHandover()
-        except Refused as exc:
-            raise (yield from degrade(core, exc.problem)) from exc
+        except Refused as exc:  # the Cancel is durable: the next start discards it
+            yield Log("error", "handover_discard_failed", {
+                "error": exc.problem,
+                "hint": "the update is cancelled; the handover is deleted at the next start"})
     finally:
         core.done(UnderWay.CANCEL)
 
@@ -572,10 +584,7 @@ def finish(core: Orchestrator, caller: Caller) -> Plan[None]:
         yield ReleaseSpares()
         yield BackendFinish()
         yield StoreBarrier()
-        try:
-            covered: int = yield Compact()
-        except Refused as exc:
-            raise (yield from degrade(core, exc.problem)) from exc
-        core.durable_through(covered)
+        # The Finish is durable: a compaction refused now only makes the daemon degraded.
+        yield from compact(core)
     finally:
         core.done(UnderWay.FINISH)

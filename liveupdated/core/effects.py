@@ -7,21 +7,20 @@ plan. Effects hold plain values: keys, fds, records, sizes.
 
 Two kinds. Most are carried out at once, without an await (holding an fd, a dup, a log
 line); `ASYNC` ones take an await (the journal, systemd, the backend's threads, a wait).
-Plans waiting on equal effects of `SHARED` types at the same time share one (a group
-commit: every PreserveFd decided in one turn of the loop waits on one flush).
+Plans waiting on effects of a `SHARED` type at the same time share one (a group commit:
+every PreserveFd decided in one turn of the loop waits on one flush).
+
+Effects are NamedTuples, not dataclasses: the daemon imports them on the blackout path
+(the next boot's start), and a NamedTuple costs a fifth of a frozen dataclass to build.
+Two of them compare as tuples, so an effect is told by its type first.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from liveupdated.core.orchestrator import FdEntry, Follow
 from liveupdated.core.records import Record
 from liveupdated.core.recovery import Key
-
-
-class Effect:
-    """Base of every effect; the outcome type is in each class's docstring."""
 
 
 class Refused(Exception):
@@ -36,61 +35,52 @@ class Refused(Exception):
 # ---- the journal and systemd's fd store ----------------------------------------------
 
 
-@dataclass(frozen=True)
-class Enqueue(Effect):
+class Enqueue(NamedTuple):
     """Add records to the journal's next group commit. -> None"""
 
     records: tuple[Record, ...]
 
 
-@dataclass(frozen=True)
-class Flush(Effect):
+class Flush(NamedTuple):
     """Everything enqueued so far written and fsynced. -> None; raises Refused."""
 
 
-@dataclass(frozen=True)
-class StoreBarrier(Effect):
+class StoreBarrier(NamedTuple):
     """systemd has taken every fd sent to its store so far (BARRIER=1). -> None"""
 
 
-@dataclass(frozen=True)
-class Rewrite(Effect):
+class Rewrite(NamedTuple):
     """The journal written anew as the core's snapshot. -> int: the serial the snapshot
     covered (every decision up to it is durable); raises Refused."""
 
 
-@dataclass(frozen=True)
-class Compact(Effect):
+class Compact(NamedTuple):
     """The journal compacted to the core's snapshot. -> int, as Rewrite; raises Refused."""
 
 
 # ---- the fds the daemon holds ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Inspect(Effect):
+class Inspect(NamedTuple):
     """The facts of each fd (a memfd's size, seals, identity), in order; the error
     names the token when several are given. -> tuple[FdFacts, ...]; UnsupportedFd."""
 
     fds: tuple[tuple[str, int], ...]  # (token, fd)
 
 
-@dataclass(frozen=True)
-class CloseFds(Effect):
+class CloseFds(NamedTuple):
     """Close fds handed over with a call that is refused. -> None"""
 
     fds: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Hold(Effect):
+class Hold(NamedTuple):
     """Keep each fd under its key, and in systemd's fd store. -> None"""
 
     fds: tuple[tuple[Key, int], ...]
 
 
-@dataclass(frozen=True)
-class LetGo(Effect):
+class LetGo(NamedTuple):
     """The fds that `records` (decided up to `serial`) release leave the fd store now;
     each is closed once its release is durable (`undoable`) or at once. -> None"""
 
@@ -99,75 +89,66 @@ class LetGo(Effect):
     undoable: bool = True
 
 
-@dataclass(frozen=True)
-class CloseReleased(Effect):
+class CloseReleased(NamedTuple):
     """Close the fds whose release is durable now (decided up to `serial`). -> None"""
 
     serial: int
 
 
-@dataclass(frozen=True)
-class FollowUndo(Effect):
+class FollowUndo(NamedTuple):
     """The held fds follow decisions taken back: ("unpreserved", key) lets its fd go,
     ("unreleased", key) holds it again. -> None"""
 
     changes: tuple[Follow, ...]
 
 
-@dataclass(frozen=True)
-class Unheld(Effect):
+class Unheld(NamedTuple):
     """Which of these keys hold no fd. -> tuple[Key, ...]"""
 
     keys: tuple[Key, ...]
 
 
-@dataclass(frozen=True)
-class Dup(Effect):
+class Dup(NamedTuple):
     """A new fd for each key, in order, all or none. -> list[int]"""
 
     keys: tuple[Key, ...]
 
 
-@dataclass(frozen=True)
-class Release(Effect):
+class Release(NamedTuple):
     """Close the fd held under `key` and drop it from the store. -> None"""
 
     key: Key
 
 
-@dataclass(frozen=True)
-class ReleaseSpares(Effect):
+class ReleaseSpares(NamedTuple):
     """Close the old boot's own fds kept as spares (of one session, or all). -> None"""
 
     session: str | None = None
 
 
-@dataclass(frozen=True)
-class Sizes(Effect):
+class Sizes(NamedTuple):
     """The size of each fd held for a live fd entry now. -> dict[Key, int]"""
 
 
 # ---- restores after the reboot ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TakeCarried(Effect):
+class TakeCarried(NamedTuple):
     """A dup of each fd the fd store carried kept under its key (not stored again).
-    -> dict[Key, tuple[int, int]]: (st_dev, st_ino) of each newly kept."""
+    -> (dict[Key, tuple[int, int]], Exception | None): (st_dev, st_ino) of each newly
+    kept, and the failure that stopped the rest, if one did."""
 
     entries: tuple[tuple[Key, FdEntry], ...]
 
 
-@dataclass(frozen=True)
-class Restore(Effect):
+class Restore(NamedTuple):
     """Rebuild the fds from the handover, or wait for those rebuilt ahead. -> None;
     raises the first failure (Corrupted)."""
 
     entries: tuple[tuple[Key, FdEntry], ...]
 
 
-@dataclass(frozen=True)
-class Claim(Effect):
+class Claim(NamedTuple):
     """Keep each rebuilt fd under its key. -> dict[Key, tuple[int, int] | None]: the
     (st_dev, st_ino) of each newly kept, None where an fd was already held, no entry
     where none was rebuilt."""
@@ -175,15 +156,13 @@ class Claim(Effect):
     keys: tuple[Key, ...]
 
 
-@dataclass(frozen=True)
-class RestoreAhead(Effect):
+class RestoreAhead(NamedTuple):
     """Rebuild these fds in this order, ahead of the calls that will want them. -> None"""
 
     entries: tuple[tuple[Key, FdEntry], ...]
 
 
-@dataclass(frozen=True)
-class SettleRestores(Effect):
+class SettleRestores(NamedTuple):
     """Wait for rebuilds of fds let go (of one session, or all) to end. -> None"""
 
     session: str | None = None
@@ -192,114 +171,139 @@ class SettleRestores(Effect):
 # ---- the backend ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RebootCounts(Effect):
+class RebootCounts(NamedTuple):
     """systemd's reboot counts, where the backend rests on them. -> RebootCounts | None"""
 
 
-@dataclass(frozen=True)
-class BootFacts(Effect):
+class BootFacts(NamedTuple):
     """This boot's id and PID 1's start time. -> tuple[str, int | None]"""
 
 
-@dataclass(frozen=True)
-class PrepareHandover(Effect):
+class PrepareHandover(NamedTuple):
     """The backend's brownout work on every held fd. -> None; raises its failure."""
 
 
-@dataclass(frozen=True)
-class WriteHandover(Effect):
+class WriteHandover(NamedTuple):
     """The handover for the next kernel written. -> int bytes carried; raises Refused
     for an OSError, the backend's own error otherwise."""
 
 
-@dataclass(frozen=True)
-class DiscardHandover(Effect):
+class DiscardHandover(NamedTuple):
     """Every trace of a (partial) handover removed. -> None; raises Refused."""
 
 
-@dataclass(frozen=True)
-class BackendFinishSession(Effect):
+class BackendFinishSession(NamedTuple):
     """The backend lets go of what `session` never retrieved. -> None"""
 
     session: str
     released: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class BackendFinish(Effect):
+class BackendFinish(NamedTuple):
     """The backend lets go of everything the previous boot handed over. -> None"""
 
 
 # ---- waits, and who hears of it ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Deadline(Effect):
+class Deadline(NamedTuple):
     """The loop's time `seconds` from now. -> float"""
 
     seconds: float
 
 
-@dataclass(frozen=True)
-class WaitChange(Effect):
+class WaitChange(NamedTuple):
     """Until the core's state changes (a record is announced, a command ends) or the
     deadline passes. -> bool: True if it changed."""
 
     deadline: float | None = None
 
 
-@dataclass(frozen=True)
-class Announce(Effect):
+class Announce(NamedTuple):
     """Tell listeners (signals, properties, STATUS=) of durable records. -> None"""
 
     records: tuple[Record, ...]
 
 
-@dataclass(frozen=True)
-class FreezeStarted(Effect):
+class FreezeStarted(NamedTuple):
     """Tell the VMMs that asked to quiesce that Freeze is waiting for them. -> None"""
 
 
-@dataclass(frozen=True)
-class RebootNotFollowed(Effect):
+class RebootNotFollowed(NamedTuple):
     """Tell listeners that the reboot failed, and why. -> None"""
 
     reason: str
 
 
-@dataclass(frozen=True)
-class Notify(Effect):
+class Notify(NamedTuple):
     """sd_notify fields for systemd. -> None"""
 
     fields: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Log(Effect):
+class Log(NamedTuple):
     """One structured log line. -> None"""
 
     level: str
     event: str
-    fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    fields: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
-class LogRestored(Effect):
+class LogRestored(NamedTuple):
     """Fds restored for a caller, logged with others restored within a moment. -> None"""
 
     session: str
-    restored: Mapping[str, int] = field(hash=False)  # token -> bytes
+    restored: Mapping[str, int]  # token -> bytes
 
 
-@dataclass(frozen=True)
-class WriteRestoredLog(Effect):
+class WriteRestoredLog(NamedTuple):
     """The restored fds logged so far written out now. -> None"""
 
 
-ASYNC: frozenset[type[Effect]] = frozenset({
+# Every effect, one closed union; the outcome of each is in its docstring.
+Effect = (
+    Enqueue
+    | Flush
+    | StoreBarrier
+    | Rewrite
+    | Compact
+    | Inspect
+    | CloseFds
+    | Hold
+    | LetGo
+    | CloseReleased
+    | FollowUndo
+    | Unheld
+    | Dup
+    | Release
+    | ReleaseSpares
+    | Sizes
+    | TakeCarried
+    | Restore
+    | Claim
+    | RestoreAhead
+    | SettleRestores
+    | RebootCounts
+    | BootFacts
+    | PrepareHandover
+    | WriteHandover
+    | DiscardHandover
+    | BackendFinishSession
+    | BackendFinish
+    | Deadline
+    | WaitChange
+    | Announce
+    | FreezeStarted
+    | RebootNotFollowed
+    | Notify
+    | Log
+    | LogRestored
+    | WriteRestoredLog
+)
+
+ASYNC: frozenset[type] = frozenset({
     Flush, StoreBarrier, Rewrite, Compact, Restore, SettleRestores, RebootCounts,
     PrepareHandover, WriteHandover, DiscardHandover, BackendFinishSession, BackendFinish,
     WaitChange,
 })
-SHARED: frozenset[type[Effect]] = frozenset({Flush, StoreBarrier, Rewrite})
+SHARED: frozenset[type] = frozenset({Flush, StoreBarrier, Rewrite})

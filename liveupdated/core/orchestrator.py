@@ -247,6 +247,7 @@ class Orchestrator:
         self.in_flight = UnderWay.NOTHING
         self.freeze_attempt = 0  # which Freeze holds in_flight FREEZE
         self.session_finishes = 0  # Session.Finish calls between decision and backend
+        self.finish_decided = 0  # the serial of the latest Manager.Finish
         self.restoring_ahead = False  # fds of the previous boot rebuilt ahead (once)
         # Not durable: why the journal cannot be written (degraded while set), and why it
         # could not be read at start (then degraded until a restart reads it).
@@ -261,6 +262,8 @@ class Orchestrator:
         # (serial, the serial its decision ends at, undo), oldest first.
         self._undo: deque[tuple[int, int, Callable[[], Follow | None]]] = deque()
         self._taken_back: set[int] = set()  # decisions rolled back, by their last serial
+        # Clients that left while decisions were still to undo: (unique name, bus id).
+        self._departed: set[tuple[str, str]] = set()
         self._revertible = True
         self._host_epoch = 0  # unconditional host decisions so far
         # Files whose release is durable in the journal since its last compaction:
@@ -451,6 +454,8 @@ class Orchestrator:
         self.durable_serial = max(self.durable_serial, serial)
         while self._undo and self._undo[0][0] <= serial:
             self._undo.popleft()
+        if not self._undo:
+            self._departed.clear()  # nothing left to take back: their drops stand
 
     def roll_back(self) -> list[Follow]:
         """Undo, newest first, every revertible decision not yet durable (the journal
@@ -487,9 +492,15 @@ class Orchestrator:
         def restore_host() -> None:
             if self._host_epoch != epoch:
                 return  # an unconditional host decision (a Cancel) came since: it stands
+            restores_since = self.cycle
             (self.phase, self.freeze_started_usec, self.reboot, self.kexec_simulated,
              self.last_blackout_usec, self.handover_boot_id, self.cycle, self.history,
              self.started) = host
+            if self.cycle is not None and restores_since is not None:
+                # Restores are unconditional and stand: the cycle keeps counting them.
+                self.cycle = replace(self.cycle, fds_retrieved=restores_since.fds_retrieved,
+                                     first_fd_usec=restores_since.first_fd_usec,
+                                     last_fd_usec=restores_since.last_fd_usec)
             for name, (ready, prepared) in flags.items():
                 if name in self.sessions:
                     self.sessions[name].ready, self.sessions[name].prepared = ready, prepared
@@ -1078,9 +1089,11 @@ class Orchestrator:
         its sessions that never went through Prepare go with it. A session created on
         another bus (before a reboot of the bus) is never matched by a unique name of
         this one: unique names are reused by a new bus."""
+        bus = self.bus_id if bus_id is None else bus_id
+        if self._undo:  # a Prepare taken back would bring its sessions back: remembered
+            self._departed.add((client, bus))
         if self.phase is not Phase.NORMAL:
             return []
-        bus = self.bus_id if bus_id is None else bus_id
         records: list[Record] = []
         for name, session in list(self.sessions.items()):
             if session.client != client or session.prepared:
@@ -1089,6 +1102,15 @@ class Orchestrator:
                 continue
             records += self._drop(name, "its client left the bus before Prepare")
         return self._commit(records)
+
+    def departed_meanwhile(self) -> list[Record]:
+        """After a roll back: the sessions of clients that left while a decision that is
+        now taken back (a Prepare) kept them, dropped as their departure would have."""
+        departed, self._departed = self._departed, set()
+        records: list[Record] = []
+        for client, bus in sorted(departed):
+            records += self.client_gone(client, bus)
+        return records
 
     def departed_elsewhere(self) -> list[Record]:
         """At start, once the bus is known: sessions whose client was on another bus
@@ -1352,7 +1374,12 @@ class Orchestrator:
             dropped += self._drop(name, "update finished")
         records = self._commit([*dropped, *transition])
         self.in_flight = UnderWay.FINISH
+        self.finish_decided = self.serial
         return records
+
+    def finish_pending(self) -> bool:
+        """A Manager.Finish is decided but not yet durable: it may still be taken back."""
+        return self.in_flight is UnderWay.FINISH and self.durable_serial < self.finish_decided
 
     def status_line(self) -> str:
         return (

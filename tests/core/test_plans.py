@@ -11,7 +11,18 @@ from liveupdated.core import commands
 from liveupdated.core import effects as fx
 from liveupdated.core.errors import Storage, Timeout, WrongState
 from liveupdated.core.orchestrator import Phase, UnderWay
-from tests.core.steps import ALICE, BOB, PAGE, ROOT, VM, core_with, in_phase, new_core
+from tests.core.steps import (
+    ALICE,
+    BOB,
+    PAGE,
+    ROOT,
+    VM,
+    core_with,
+    facts,
+    in_phase,
+    new_core,
+    updated,
+)
 from tests.core.world import Running, World
 
 BOBS = "1001-vm"
@@ -194,7 +205,8 @@ def test_a_session_finish_alone_lets_its_backend_part_go() -> None:
     while not running.ended:
         seen.append(running.pending)  # type: ignore[arg-type]
         world.perform(running)
-    assert fx.BackendFinishSession(VM, ("ram",)) in seen  # never retrieved: released
+    finished = [e for e in seen if isinstance(e, fx.BackendFinishSession)]
+    assert finished == [fx.BackendFinishSession(VM, ("ram",))]  # never retrieved: released
 
 
 def test_a_journaled_fd_not_held_before_the_reboot_is_corrupted_not_restored() -> None:
@@ -208,28 +220,13 @@ def test_a_journaled_fd_not_held_before_the_reboot_is_corrupted_not_restored() -
 @pytest.mark.parametrize("carried_in_store", [False, True])
 def test_a_restore_is_decided_unconditionally_and_handed_out(carried_in_store: bool) -> None:
     core = in_phase(Phase.UPDATED, "ram")
-    world = World(core)
-    rebuilt = world.new_fd(PAGE)
-    original = World.answer
-
-    def answer(self: World, effect: fx.Effect) -> object:
-        if isinstance(effect, fx.TakeCarried | fx.Claim):
-            self.held[(VM, "ram")] = rebuilt
-            return {(VM, "ram"): (1, rebuilt)}
-        if isinstance(effect, fx.Restore):
-            return None
-        return original(self, effect)
-
-    World.answer = answer  # type: ignore[method-assign]
-    try:
-        running = world.start("retrieve_fd", commands.retrieve_fds(
-            core, ALICE, VM, ["ram"], "RetrieveFd", carried_in_store=carried_in_store))
-        while not running.ended:
-            world.perform(running)
-    finally:
-        World.answer = original  # type: ignore[method-assign]
+    world = World(core, carried={(VM, "ram"): PAGE}, handover=True)
+    running = world.start("retrieve_fd", commands.retrieve_fds(
+        core, ALICE, VM, ["ram"], "RetrieveFd", carried_in_store=carried_in_store))
+    while not running.ended:
+        world.perform(running)
     assert running.error is None and len(running.value) == 1
-    assert core.sessions[VM].fds["ram"].restored
+    assert core.sessions[VM].fds["ram"].restored and (VM, "ram") in world.held
     assert core.roll_back() == [], "a restore was left to undo"
 
 
@@ -245,3 +242,71 @@ def test_quarantined_fds_never_block_a_session_of_the_same_name() -> None:
     core.quarantine_fds([(VM, "ram", PAGE, "found in the store")])
     running = world.start("release", commands.release_quarantined(core, ALICE, "q1"))
     assert running.ended and running.error is not None  # an admin's
+
+
+def test_a_session_finish_waits_for_a_manager_finish_to_be_durable_or_taken_back() -> None:
+    """Session.Finish leaves its backend part to a Manager.Finish only once that one is
+    durable: one the journal refuses is taken back, and the session's backend part is
+    done by Session.Finish after all."""
+    world = updated_world()
+    core = world.core
+    seen: list[fx.Effect] = []
+    session = world.start("finish_session", commands.finish_session(core, ALICE, VM))
+    while not isinstance(session.pending, fx.SettleRestores):
+        world.perform(session)
+    manager = world.start("finish", commands.finish(core, ROOT))
+    assert isinstance(manager.pending, fx.Flush)
+    world.perform(session)  # SettleRestores: then it waits on the Manager.Finish
+    assert isinstance(session.pending, fx.WaitChange)
+    world.perform(manager, fail=True)
+    assert isinstance(manager.error, Storage) and core.phase is Phase.UPDATED
+    while not session.ended:
+        seen.append(session.pending)
+        world.perform(session)
+    assert session.error is None and core.sessions[VM].finished
+    assert [e for e in seen if isinstance(e, fx.BackendFinishSession)] == [
+        fx.BackendFinishSession(VM, ("ram",))]
+
+
+def test_a_roll_back_keeps_the_restores_counted_in_the_update_history() -> None:
+    """A Session.Finish not yet durable, then a restore (unconditional: it stands), then
+    the journal refuses the Finish: the history still counts the restore."""
+    core = core_with("ram")
+    core.create_session(BOB, BOBS)
+    core.preserve_fd(BOB, BOBS, "ram", [], facts())
+    updated(core)
+    core.durable_through(core.serial)
+    core.finish_session(ALICE, VM)
+    with core.unconditional():
+        core.fd_restored(BOBS, "ram", dev=1, ino=2)
+    core.roll_back()
+    assert core.sessions[BOBS].fds["ram"].restored and not core.sessions[VM].finished
+    assert core.cycle is not None and core.cycle.fds_retrieved == 1
+
+
+def test_a_client_gone_while_a_refused_prepare_kept_its_session_loses_it_then() -> None:
+    """Prepare decided (prepared at once), its flush in flight; the client leaves (its
+    session is kept: prepared); the journal refuses Prepare: back in normal, the session
+    of the departed client goes as its departure would have dropped it."""
+    world = world_with("ram")
+    core = world.core
+    prepare = world.start("prepare", commands.prepare(core, ROOT))
+    assert isinstance(prepare.pending, fx.Flush)
+    world.run("client_left", commands.client_left(core, ALICE.client))
+    assert VM in core.sessions  # prepared, for now
+    world.perform(prepare, fail=True)
+    assert isinstance(prepare.error, Storage) and core.phase is Phase.NORMAL
+    assert VM not in core.sessions and world.held == {} and world.sizes == {}
+
+
+def test_a_cancel_whose_handover_cannot_be_deleted_is_done_all_the_same() -> None:
+    world = world_with("ram")
+    world.run("prepare", commands.prepare(world.core, ROOT))
+    world.run("freeze", commands.freeze(world.core, ROOT, 5.0))
+    world.handover = True
+    running = world.start("cancel", commands.cancel(world.core, ROOT))
+    while not isinstance(running.pending, fx.DiscardHandover):
+        world.perform(running)
+    world.perform(running, fail=True)
+    assert running.ended and running.error is None  # durable: the next start deletes it
+    assert world.core.phase is Phase.NORMAL and not world.core.storage_problem

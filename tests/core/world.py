@@ -31,7 +31,8 @@ FAILURES: dict[type[fx.Effect], Callable[[], BaseException]] = {
 
 
 # Plans whose decisions stand whatever the journal says (core.unconditional()).
-UNCONDITIONAL = frozenset({"cancel", "unconditional", "reboot_did_not_follow", "reboot"})
+UNCONDITIONAL = frozenset({"cancel", "unconditional", "reboot_did_not_follow", "reboot",
+                           "retrieve_fd"})  # a restore stands, journaled or not
 
 
 @dataclass
@@ -63,9 +64,10 @@ class World:
     _unconditional_next: bool = False
     journal_failed: bool = False  # refuses every write until rewritten
     held: dict[Key, int] = field(default_factory=dict)
-    releasing: list[tuple[int, Key, int]] = field(default_factory=list)
+    releasing: list[tuple[int, Key, int | None]] = field(default_factory=list)
     sizes: dict[int, int] = field(default_factory=dict)  # the open fds, and their sizes
     handover: bool = False
+    carried: dict[Key, int] = field(default_factory=dict)  # the handover: each fd's size
     changed: bool = False  # a WaitChange would wake
     _next_fd: int = 100
 
@@ -194,14 +196,15 @@ class World:
                 for record in effect.records:
                     if isinstance(record, FdReleased):
                         key = (record.session, record.token)
-                        if key in self.held and effect.undoable:
-                            self.releasing.append((effect.serial, key, self.held.pop(key)))
+                        if effect.undoable:  # held (if it is) until the release is durable
+                            self.releasing.append((effect.serial, key, self.held.pop(key, None)))
                         elif key in self.held:
                             self.close(self.held.pop(key))
             case fx.CloseReleased():
                 for item in [i for i in self.releasing if i[0] <= effect.serial]:
                     self.releasing.remove(item)
-                    self.close(item[2])
+                    if item[2] is not None:
+                        self.close(item[2])
             case fx.FollowUndo():
                 for change, key in effect.changes:
                     if change == "unpreserved":
@@ -209,7 +212,8 @@ class World:
                     else:
                         item = [i for i in self.releasing if i[1] == key][-1]
                         self.releasing.remove(item)
-                        self.held[key] = item[2]
+                        if item[2] is not None:
+                            self.held[key] = item[2]
             case fx.Unheld():
                 return tuple(key for key in effect.keys if key not in self.held)
             case fx.Dup():
@@ -231,12 +235,30 @@ class World:
                 pass
             case fx.WriteHandover():
                 self.handover = True
-                return sum(self.sizes[fd] for fd in self.held.values())
+                self.carried = {key: self.sizes[fd] for key, fd in self.held.items()}
+                return sum(self.carried.values())
             case fx.DiscardHandover():
-                self.handover = False
+                self.handover, self.carried = False, {}
+            case fx.TakeCarried() | fx.Claim():
+                keys = [key for key, _ in effect.entries] if isinstance(
+                    effect, fx.TakeCarried) else list(effect.keys)
+                kept: dict[Key, tuple[int, int] | None] = {}
+                for key in keys:
+                    if key in self.held:
+                        kept[key] = None
+                    elif key in self.carried:
+                        self.held[key] = self.new_fd(self.carried[key])
+                        kept[key] = (1, self.held[key])
+                if isinstance(effect, fx.TakeCarried):
+                    return {key: ident for key, ident in kept.items() if ident is not None}, None
+                return kept
+            case fx.BackendFinish():
+                self.handover, self.carried = False, {}
+            case fx.BackendFinishSession():
+                self.carried = {k: v for k, v in self.carried.items() if k[0] != effect.session}
             case (fx.ReleaseSpares() | fx.SettleRestores() | fx.WriteRestoredLog()
-                  | fx.RestoreAhead() | fx.LogRestored() | fx.BackendFinish()
-                  | fx.BackendFinishSession() | fx.RebootNotFollowed()):
+                  | fx.RestoreAhead() | fx.LogRestored() | fx.RebootNotFollowed()
+                  | fx.Restore()):
                 pass
             case _:
                 raise AssertionError(f"no answer for {effect!r} in this world")

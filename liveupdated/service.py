@@ -107,6 +107,7 @@ class LiveUpdate:
         # Released fds wait here, with their decision's serial, until it is durable.
         self._releasing: deque[tuple[int, Key, int | None]] = deque()
         core.durable_through(core.serial)
+        self._context: dict[str, Any] = {}  # log fields of the plan being stepped
         self._table: dict[type, Callable[[Any], Any]] = {
             fx.Enqueue: lambda e: self.journal.enqueue(e.records),
             fx.Flush: self._flush,
@@ -145,7 +146,7 @@ class LiveUpdate:
             fx.FreezeStarted: lambda e: self.listeners.freeze_started(),
             fx.RebootNotFollowed: lambda e: self.listeners.reboot_failed(e.reason),
             fx.Notify: lambda e: self.notifier.notify(*e.fields),
-            fx.Log: lambda e: getattr(log, e.level)(e.event, **e.fields),
+            fx.Log: lambda e: getattr(log, e.level)(e.event, **self._context, **e.fields),
             fx.LogRestored: self._log_restored,
             fx.WriteRestoredLog: lambda e: self._write_restored_log(),
         }
@@ -199,12 +200,12 @@ class LiveUpdate:
 
     def _step(self, running: Running[Any], outcome: Any, failure: BaseException | None) -> None:
         """Send the outcome in; carry out every effect that takes no await, until one does
-        or the plan ends."""
-        if not running.context:  # the caller's task has its own bound already
+        or the plan ends. Log lines of its effects carry the plan's own log fields."""
+        self._context = running.context
+        try:
             self._steps(running, outcome, failure)
-            return
-        with structlog.contextvars.bound_contextvars(**running.context):
-            self._steps(running, outcome, failure)
+        finally:
+            self._context = {}
 
     def _steps(self, running: Running[Any], outcome: Any, failure: BaseException | None) -> None:
         plan = running.plan
@@ -338,14 +339,16 @@ class LiveUpdate:
     # ---- the effects: the journal ----------------------------------------------------
 
     async def _flush(self, effect: fx.Flush) -> None:
-        """The journal's group commit; past its bound, a compaction in the background
-        keeps replay, on the blackout path, proportional to what is held."""
+        """The journal's group commit, then systemd's barrier on the fds sent to its
+        store; past its bound, a compaction in the background keeps replay, on the
+        blackout path, proportional to what is held."""
         through = self.core.serial  # every decision so far is enqueued (in its step)
         try:
             await self.journal.flush()
         except OSError as exc:
             raise fx.Refused(describe(exc)) from exc
         self.core.durable_through(through)  # at once: no later refusal may take it back
+        await self.notifier.stored()
         if self._compaction is None and self.journal.needs_compaction():
             self._compaction = asyncio.ensure_future(self._compact())
 
@@ -554,8 +557,9 @@ class LiveUpdate:
                              unit=record.unit)
                 case FdPreserved():
                     changed[record.session] = None
-                    if bound is None:
-                        bound = tuple(structlog.contextvars.get_contextvars().items())
+                    if bound is None:  # the plan's log fields, or those its task bound
+                        fields = self._context or structlog.contextvars.get_contextvars()
+                        bound = tuple(fields.items())
                     self._preserved.setdefault((record.session, bound), []).append(record)
                 case FdReleased():
                     changed[record.session] = None

@@ -153,7 +153,6 @@ def flush(core: Orchestrator, decision: int | None = None) -> Plan[None]:
                 "kept: retry"
             )
     yield CloseReleased(target)
-    yield StoreBarrier()
 
 
 def compact(core: Orchestrator) -> Plan[bool]:

@@ -42,7 +42,8 @@ class Enqueue(NamedTuple):
 
 
 class Flush(NamedTuple):
-    """Everything enqueued so far written and fsynced. -> None; raises Refused."""
+    """Everything enqueued so far written and fsynced, then every fd sent to systemd's
+    store so far taken by it (BARRIER=1). -> None; raises Refused."""
 
 
 class StoreBarrier(NamedTuple):

@@ -189,6 +189,7 @@ class Notifier:
 
     def close(self) -> None:
         """Hand over what is still queued (waiting a little for room), then close."""
+        self._text.socket.close()  # sdnotify's own, opened even without NOTIFY_SOCKET
         if self._store is None:
             return
         if self._queue and self._loop is not None and not self._loop.is_closed():

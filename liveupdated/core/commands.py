@@ -89,7 +89,11 @@ HANDOVER_TIMEOUT_EXTENSION = "EXTEND_TIMEOUT_USEC=30000000"
 
 def writable(core: Orchestrator) -> Plan[None]:
     """Before a change: Storage while degraded, unless the whole state can be written
-    anew now (a rewrite of the journal), which ends the degraded mode."""
+    anew now (a rewrite of the journal), which ends the degraded mode. While a rewrite
+    is under way, a change waits for the calls waiting on it: calls are decided in the
+    order they came, also when one of them ends the degraded mode."""
+    while core.rewriting and not core.storage_problem:
+        yield WaitChange()
     if not core.storage_problem:
         return
     if core.journal_unreadable:
@@ -98,6 +102,7 @@ def writable(core: Orchestrator) -> Plan[None]:
             "change is accepted until the daemon restarts with a readable journal. "
             "Every fd from the fd store is held (quarantined)"
         )
+    core.rewriting += 1
     try:
         covered: int = yield Rewrite()
     except Refused as exc:
@@ -106,9 +111,12 @@ def writable(core: Orchestrator) -> Plan[None]:
             f"the daemon cannot write its journal ({exc.problem}); no change is accepted "
             "until it can. Held fds stay held; RetrieveFd and Cancel work"
         ) from exc
+    finally:
+        core.rewriting -= 1
     core.durable_through(covered)  # the rewrite wrote every decision taken until then
-    yield Log("warning", "storage_recovered", {"was": core.storage_problem})
-    core.storage_problem = ""
+    if core.storage_problem:  # (another call's rewrite may have ended it already)
+        yield Log("warning", "storage_recovered", {"was": core.storage_problem})
+        core.storage_problem = ""
 
 
 def degrade(core: Orchestrator, problem: str) -> Plan[Storage]:
@@ -142,6 +150,7 @@ def flush(core: Orchestrator, decision: int | None = None) -> Plan[None]:
         if decision is None or taken_back or decision > core.durable_serial:
             raise error from exc
         target = core.durable_serial  # a rewrite of the journal had it: durable all the same
+        yield StoreBarrier()  # answered only once systemd has its fds, as ever
     else:
         taken_back = decision is not None and core.taken_back(decision)
         core.durable_through(target)
@@ -222,7 +231,7 @@ def preserve_fds(
     all held, or all closed. Answered once each fd is in the journal and systemd has it
     (a retry after a crash in between wins: the journal records which file it was)."""
     try:
-        if core.storage_problem:
+        if core.storage_problem or core.rewriting:
             yield from writable(core)
         core.check_preserve_all(caller, session, [(t, r) for t, _, r in fds], command)
         facts = yield Inspect(tuple((token, fd) for token, fd, _ in fds))

@@ -253,6 +253,7 @@ class Orchestrator:
         # could not be read at start (then degraded until a restart reads it).
         self.storage_problem = ""
         self.journal_unreadable = ""
+        self.rewriting = 0  # calls waiting on a rewrite of the journal (to end degraded)
         self.quarantine: dict[str, QuarantinedFd] = {}  # by id
         self._quarantine_ids = 0  # the highest N of the ids q<N> given so far
         self.bus_id = ""  # the bus the daemon is on now (not durable: set at connect)
@@ -1090,7 +1091,9 @@ class Orchestrator:
         another bus (before a reboot of the bus) is never matched by a unique name of
         this one: unique names are reused by a new bus."""
         bus = self.bus_id if bus_id is None else bus_id
-        if self._undo:  # a Prepare taken back would bring its sessions back: remembered
+        if self._undo and any(s.client == client and s.bus == bus
+                              for s in self.sessions.values()):
+            # A Prepare taken back would bring its sessions back: remembered till then.
             self._departed.add((client, bus))
         if self.phase is not Phase.NORMAL:
             return []
@@ -1378,8 +1381,10 @@ class Orchestrator:
         return records
 
     def finish_pending(self) -> bool:
-        """A Manager.Finish is decided but not yet durable: it may still be taken back."""
-        return self.in_flight is UnderWay.FINISH and self.durable_serial < self.finish_decided
+        """A Manager.Finish is decided but not yet durable (it may still be taken back),
+        or was taken back and its call has not ended yet."""
+        return self.in_flight is UnderWay.FINISH and (
+            self.durable_serial < self.finish_decided or self.finish_decided in self._taken_back)
 
     def status_line(self) -> str:
         return (

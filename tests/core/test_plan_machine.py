@@ -91,6 +91,9 @@ class Plans(RuleBasedStateMachine):
                     else plan(self.core, ROOT))
             self.started.append(frozenset({"host"}))
             running = self.world.run(name, made)
+            if not running.ended:  # it waits on another: carried on by other rules
+                self.waiting.append(running)
+                return
             if running.error is not None:
                 return
         self.kexec()
@@ -229,27 +232,31 @@ class Plans(RuleBasedStateMachine):
     @rule(data=st.data(), fail=st.booleans())
     def effect_done(self, data: st.DataObject, fail: bool) -> None:
         """One effect of one waiting plan, answered or refused."""
-        if not self.waiting:
+        movable = [r for r in self.waiting if not self.world.blocked(r)]
+        if not movable:
             return
-        running = data.draw(st.sampled_from(self.waiting))
+        running = data.draw(st.sampled_from(movable))
         self.world.perform(running, fail=fail)
         self._settle(running)
 
     @rule(data=st.data())
     def plan_runs_on(self, data: st.DataObject) -> None:
-        """A waiting plan carried on to its end, each effect refused now and then."""
-        if not self.waiting:
+        """A waiting plan carried on to its end (or until it waits on another), each
+        effect refused now and then."""
+        movable = [r for r in self.waiting if not self.world.blocked(r)]
+        if not movable:
             return
-        running = data.draw(st.sampled_from(self.waiting))
-        while not running.ended:
+        running = data.draw(st.sampled_from(movable))
+        while not running.ended and not self.world.blocked(running):
             self.world.perform(running, fail=data.draw(RARELY))
         self._settle(running)
 
     @rule(data=st.data())
     def everything_runs_on(self, data: st.DataObject) -> None:
-        """Every waiting plan carried on, in turn, an effect at a time."""
-        while self.waiting:
-            running = self.waiting[0]
+        """Every waiting plan carried on, in turn, an effect at a time, until each has
+        ended or waits on another."""
+        while movable := [r for r in self.waiting if not self.world.blocked(r)]:
+            running = movable[0]
             self.world.perform(running, fail=data.draw(RARELY))
             self._settle(running)
 

@@ -310,3 +310,73 @@ def test_a_cancel_whose_handover_cannot_be_deleted_is_done_all_the_same() -> Non
     world.perform(running, fail=True)
     assert running.ended and running.error is None  # durable: the next start deletes it
     assert world.core.phase is Phase.NORMAL and not world.core.storage_problem
+
+
+def test_a_session_finish_waits_for_a_manager_finish_taken_back_by_another_refusal() -> None:
+    """Session.Finish durable; a Manager.Finish decided; another call's refused flush takes
+    the Finish back, and a rewrite then writes past its serial. The Session.Finish still
+    waits for the Finish's call to end, then does its backend part itself."""
+    world = updated_world()
+    core = world.core
+    seen: list[fx.Effect] = []
+    session = world.start("finish_session", commands.finish_session(core, ALICE, VM))
+    world.perform(session)  # its flush: durable
+    manager = world.start("finish", commands.finish(core, ROOT))
+    other = world.start("create_session", commands.create_session(core, BOB, BOBS))
+    world.perform(other, fail=True)  # takes the Finish back with it
+    assert isinstance(other.error, Storage) and core.phase is Phase.UPDATED
+    recovering = world.start("create_session", commands.create_session(core, BOB, "1001-x"))
+    while not recovering.ended:
+        world.perform(recovering)  # the rewrite: everything decided so far is written
+    while not world.blocked(session) and not session.ended:
+        seen.append(session.pending)  # type: ignore[arg-type]
+        world.perform(session)
+    assert not session.ended, "Session.Finish went on while the Finish's call was under way"
+    while not manager.ended:
+        world.perform(manager)
+    assert isinstance(manager.error, Storage)
+    while not session.ended:
+        seen.append(session.pending)  # type: ignore[arg-type]
+        world.perform(session)
+    assert session.error is None
+    assert [e for e in seen if isinstance(e, fx.BackendFinishSession)] == [
+        fx.BackendFinishSession(VM, ("ram",))]
+
+
+def test_a_preserve_durable_through_another_flush_waits_for_the_store_all_the_same() -> None:
+    """A PreserveFd whose own flush is refused, but whose records another call's flush
+    wrote, is answered: only once systemd has its fd (the store barrier)."""
+    world = world_with()
+    running = preserve(world, "a")
+    other = world.start("delay_freeze", commands.delay_freeze(world.core, ALICE, VM, True))
+    while not other.ended:
+        world.perform(other)  # writes everything enqueued: the PreserveFd's records too
+    seen: list[fx.Effect] = []
+    world.perform(running, fail=True)
+    while not running.ended:
+        seen.append(running.pending)  # type: ignore[arg-type]
+        world.perform(running)
+    assert running.error is None  # durable
+    assert any(isinstance(e, fx.StoreBarrier) for e in seen)
+
+
+def test_calls_are_decided_in_order_also_when_one_of_them_ends_the_degraded_mode() -> None:
+    """ALICE pipelines UnpreserveFd("ram") then PreserveFd("ram", fd) while degraded; BOB's
+    rewrite ends the degraded mode in between. The PreserveFd is decided after the
+    UnpreserveFd, as it was sent."""
+    world = world_with("ram")
+    doomed = preserve(world, "x")
+    world.perform(doomed, fail=True)  # degraded
+    bobs = world.start("create_session", commands.create_session(world.core, BOB, BOBS))
+    unpreserve = world.start("unpreserve_fd",
+                             commands.unpreserve_fd(world.core, ALICE, VM, "ram"))
+    assert isinstance(unpreserve.pending, fx.Rewrite)
+    while not bobs.ended:
+        world.perform(bobs)
+    again = preserve(world, "ram")
+    assert isinstance(again.pending, fx.WaitChange)  # behind the rewrite under way
+    while not unpreserve.ended:
+        world.perform(unpreserve)
+    while not again.ended:
+        world.perform(again)
+    assert unpreserve.error is None and again.error is None, again.error

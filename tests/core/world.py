@@ -121,10 +121,17 @@ class World:
         del self.enqueued[:count], self.enqueued_by[:count]
         self.written += count
 
+    def blocked(self, running: Running) -> bool:
+        """Waiting for a change that has not come (a WaitChange with no deadline)."""
+        pending = running.pending
+        return isinstance(pending, fx.WaitChange) and pending.deadline is None and not (
+            self.changed)
+
     def run(self, name: str, plan: Plan[Any], owned: tuple[int, ...] = ()) -> Running:
-        """A plan from start to end, every effect succeeding."""
+        """A plan from start to end (or until it waits on another), every effect
+        succeeding."""
         running = self.start(name, plan, owned)
-        while not running.ended:
+        while not running.ended and not self.blocked(running):
             self.perform(running)
         return running
 

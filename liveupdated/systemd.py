@@ -189,7 +189,8 @@ class Notifier:
 
     def close(self) -> None:
         """Hand over what is still queued (waiting a little for room), then close."""
-        self._text.socket.close()  # sdnotify's own, opened even without NOTIFY_SOCKET
+        if self._text.socket is not None:  # sdnotify's own (None: it found no socket)
+            self._text.socket.close()
         if self._store is None:
             return
         if self._queue and self._loop is not None and not self._loop.is_closed():

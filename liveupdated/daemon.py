@@ -275,7 +275,7 @@ class Daemon:
         service = LiveUpdate(
             core, journal, vault, backend, self.notifier, self.config.freeze_timeout
         )
-        service.journal_unreadable = unreadable
+        core.journal_unreadable = unreadable
         if refused is None:
             try:
                 journal.commit_now(recovered)
@@ -285,8 +285,8 @@ class Daemon:
                 refused = exc
                 journal.refuse(exc)
         if refused is not None:
-            service.storage_problem = unreadable or describe(refused)
-            log.critical("storage_failed", error=service.storage_problem,
+            core.storage_problem = unreadable or describe(refused)
+            log.critical("storage_failed", error=core.storage_problem,
                          hint="running degraded: changes are refused until the state dir "
                               "can be written; RetrieveFd and Cancel work")
         return service

@@ -146,7 +146,7 @@ class LiveUpdate:
             fx.FreezeStarted: lambda e: self.listeners.freeze_started(),
             fx.RebootNotFollowed: lambda e: self.listeners.reboot_failed(e.reason),
             fx.Notify: lambda e: self.notifier.notify(*e.fields),
-            fx.Log: lambda e: getattr(log, e.level)(e.event, **self._context, **e.fields),
+            fx.Log: lambda e: getattr(log, e.level)(e.event, **{**self._context, **e.fields}),
             fx.LogRestored: self._log_restored,
             fx.WriteRestoredLog: lambda e: self._write_restored_log(),
         }
@@ -179,21 +179,20 @@ class LiveUpdate:
         return running.result()
 
     async def run_together(self, started: Sequence[Running[Any]]) -> None:
-        """Plans started one after the other, carried on together: equal effects they wait
-        on at the same time (a flush, a store barrier) are carried out once. Cancelled,
+        """Plans started one after the other, carried on together: those waiting at the
+        same time on an effect of a SHARED type (a flush, a rewrite) share one. Cancelled,
         each keeps the effect it waits on, to be carried out again."""
         while waiting := [r for r in started if r.pending is not None]:
             shared: dict[type, list[Running[Any]]] = {}  # SHARED effects have no fields
-            alone: list[Running[Any]] = []
+            alone: list[list[Running[Any]]] = []
             for running in waiting:
-                assert running.pending is not None
                 if type(running.pending) in fx.SHARED:
                     shared.setdefault(type(running.pending), []).append(running)
                 else:
-                    alone.append(running)
-            groups = [*shared.values(), *([r] for r in alone)]
-            outcomes = await asyncio.gather(*[self._perform(group[0].pending) for group in groups
-                                              if group[0].pending is not None])
+                    alone.append([running])
+            groups = [*shared.values(), *alone]
+            outcomes = await asyncio.gather(
+                *[self._perform(group[0].pending) for group in groups])  # type: ignore[arg-type]
             for group, (outcome, failure) in zip(groups, outcomes, strict=True):
                 for running in group:
                     self._step(running, outcome, failure)
@@ -208,25 +207,14 @@ class LiveUpdate:
             self._context = {}
 
     def _steps(self, running: Running[Any], outcome: Any, failure: BaseException | None) -> None:
-        plan = running.plan
-        while True:
-            try:
-                effect = plan.throw(failure) if failure is not None else plan.send(outcome)
-            except StopIteration as end:
-                running.pending, running.value = None, end.value
-                self.changed.set()
-                return
-            except BaseException as exc:
-                running.pending, running.error = None, exc
-                self.changed.set()
-                return
-            if type(effect) in fx.ASYNC:
-                running.pending = effect
-                return
-            try:
-                outcome, failure = self._table[type(effect)](effect), None
-            except Exception as exc:
-                outcome, failure = None, exc
+        running.pending, value, error = commands.advance(
+            running.plan, outcome, failure, self._carry_out)
+        if running.pending is None:
+            running.value, running.error = value, error
+            self.changed.set()
+
+    def _carry_out(self, effect: fx.Effect) -> Any:
+        return self._table[type(effect)](effect)
 
     async def _perform(self, effect: fx.Effect) -> tuple[Any, BaseException | None]:
         try:
@@ -237,23 +225,6 @@ class LiveUpdate:
             return None, exc
 
     # ---- the contract's operations, as the bus edge calls them -------------------------
-
-    @property
-    def storage_problem(self) -> str:
-        """Why the journal cannot be written: the daemon is degraded while it is set."""
-        return self.core.storage_problem
-
-    @storage_problem.setter
-    def storage_problem(self, problem: str) -> None:
-        self.core.storage_problem = problem
-
-    @property
-    def journal_unreadable(self) -> str:
-        return self.core.journal_unreadable
-
-    @journal_unreadable.setter
-    def journal_unreadable(self, problem: str) -> None:
-        self.core.journal_unreadable = problem
 
     async def flush(self) -> None:
         await self.run(commands.flush(self.core))

@@ -148,7 +148,7 @@ class Manager(ServiceInterface):
                 if k[0] in service.core.sessions and k[1] in service.core.sessions[k[0]].fds}
         facts = await asyncio.to_thread(
             preflight.gather, service.backend, self._config.resolved_reboot_action(), held,
-            memfd.inspect, service.storage_problem,
+            memfd.inspect, service.core.storage_problem,
         )
         return [list(item) for item in preflight.verdicts(service.core, facts)]
 

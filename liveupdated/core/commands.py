@@ -22,10 +22,11 @@ This module does no I/O; tests drive a plan by hand (tests/core/test_plans.py).
 
 import contextlib
 import itertools
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 from liveupdated.core.effects import (
+    ASYNC,
     Announce,
     BackendFinish,
     BackendFinishSession,
@@ -80,6 +81,29 @@ from liveupdated.core.recovery import Key, quarantine_key
 
 T = TypeVar("T")
 Plan = Generator[Effect, Any, T]
+
+
+def advance(
+    plan: Plan[T], outcome: Any, failure: BaseException | None,
+    carry_out: Callable[[Effect], Any],
+) -> tuple[Effect | None, T | None, BaseException | None]:
+    """Send an outcome into a plan (or raise its failure at the yield), and carry out by
+    `carry_out` every effect after it that takes no await. Returns the effect the plan
+    waits on, or, once it ended, None with its value or its error. The service runs plans
+    by this, and so does the tests' in-memory world."""
+    while True:
+        try:
+            effect = plan.throw(failure) if failure is not None else plan.send(outcome)
+        except StopIteration as end:
+            return None, end.value, None
+        except BaseException as exc:
+            return None, None, exc
+        if type(effect) in ASYNC:
+            return effect, None, None
+        try:
+            outcome, failure = carry_out(effect), None
+        except Exception as exc:
+            outcome, failure = None, exc
 
 HANDOVER_TIMEOUT_EXTENSION = "EXTEND_TIMEOUT_USEC=30000000"
 
@@ -144,7 +168,8 @@ def flush(core: Orchestrator, decision: int | None = None) -> Plan[None]:
         yield FollowUndo(tuple(core.roll_back()))
         with core.unconditional():  # a departure a taken-back Prepare had kept from them
             dropped = core.departed_meanwhile()
-        yield from unconditional_drop(core, dropped)
+        if dropped:
+            yield from unconditional_drop(core, dropped)
         error = yield from degrade(core, exc.problem)
         taken_back = decision is not None and core.taken_back(decision)
         if decision is None or taken_back or decision > core.durable_serial:
@@ -187,11 +212,6 @@ def durable(core: Orchestrator, records: Sequence[Record], *, undoable: bool = T
     yield Enqueue(batch)
     yield from flush(core, core.serial if batch else None)
     yield Announce(batch)
-
-
-def change(core: Orchestrator, records: Sequence[Record]) -> Plan[None]:
-    """The plain command: writable, decided (by the caller of this), durable."""
-    yield from durable(core, records)
 
 
 def unconditional_drop(core: Orchestrator, records: Sequence[Record]) -> Plan[None]:

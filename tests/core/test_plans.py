@@ -48,8 +48,7 @@ def world_with(*tokens: str) -> World:
     world.run("create_session", commands.create_session(world.core, ALICE, VM))
     for token in tokens:
         running = preserve(world, token)
-        while not running.ended:
-            world.perform(running)
+        world.to_end(running)
         assert running.error is None
     return world
 
@@ -66,8 +65,7 @@ def test_a_flush_that_succeeds_after_a_rewrite_does_not_acknowledge_a_decision_t
     assert isinstance(a.error, Storage)
     c = world.start("create_session", commands.create_session(world.core, BOB, BOBS))
     assert isinstance(c.pending, fx.Rewrite)
-    while not c.ended:
-        world.perform(c)
+    world.to_end(c)
     assert c.error is None and not world.journal_failed
     world.perform(b)
     assert isinstance(b.error, Storage), "a decision taken back was acknowledged"
@@ -103,11 +101,9 @@ def test_a_refused_rewrite_keeps_the_daemon_degraded_and_the_fds_closed() -> Non
 def test_a_backend_that_refuses_prepare_takes_the_update_back_to_normal() -> None:
     world = world_with("ram")
     running = world.start("prepare", commands.prepare(world.core, ROOT))
-    while not isinstance(running.pending, fx.PrepareHandover):
-        world.perform(running)
+    world.until(running, fx.PrepareHandover)
     world.perform(running, fail=True)
-    while not running.ended:
-        world.perform(running)
+    world.to_end(running)
     assert isinstance(running.error, RuntimeError)
     assert world.core.phase is Phase.NORMAL and world.core.in_flight is UnderWay.NOTHING
     assert world.core.history[-1].outcome == "cancelled"
@@ -147,12 +143,10 @@ def test_a_failed_handover_is_discarded_and_the_state_stays_frozen() -> None:
     world.run("prepare", commands.prepare(world.core, ROOT))
     world.run("freeze", commands.freeze(world.core, ROOT, 5.0))
     running = world.start("reboot", commands.reboot(world.core, ROOT))
-    while not isinstance(running.pending, fx.WriteHandover):
-        world.perform(running)
+    world.until(running, fx.WriteHandover)
     world.handover = True  # partly written
     world.perform(running, fail=True)
-    while not running.ended:
-        world.perform(running)
+    world.to_end(running)
     assert isinstance(running.error, Storage) and "handover" in str(running.error)
     assert not world.handover
     assert world.core.phase is Phase.FROZEN and world.core.reboot is None
@@ -178,21 +172,14 @@ def test_finish_lets_a_session_finish_under_way_end_first_and_the_backend_go_onc
     core = world.core
     yielded: list[fx.Effect] = []
     session = world.start("finish_session", commands.finish_session(core, ALICE, VM))
-    while not isinstance(session.pending, fx.SettleRestores):
-        world.perform(session)
+    world.until(session, fx.SettleRestores)
     manager = world.start("finish", commands.finish(core, ROOT))
-    while not isinstance(manager.pending, fx.WaitChange):
-        world.perform(manager)
+    world.until(manager, fx.WaitChange)
     world.changed = False
-    while not session.ended:
-        if session.pending is not None:
-            yielded.append(session.pending)
-        world.perform(session)
+    yielded += world.to_end(session)
     assert session.error is None
     assert not any(isinstance(e, fx.BackendFinishSession) for e in yielded)
-    while not manager.ended:
-        yielded.append(manager.pending)
-        world.perform(manager)
+    yielded += world.to_end(manager)
     assert manager.error is None and core.phase is Phase.NORMAL
     assert sum(isinstance(e, fx.BackendFinish) for e in yielded) == 1
 
@@ -202,9 +189,7 @@ def test_a_session_finish_alone_lets_its_backend_part_go() -> None:
     core = world.core
     seen: list[fx.Effect] = []
     running = world.start("finish_session", commands.finish_session(core, ALICE, VM))
-    while not running.ended:
-        seen.append(running.pending)  # type: ignore[arg-type]
-        world.perform(running)
+    seen += world.to_end(running)
     finished = [e for e in seen if isinstance(e, fx.BackendFinishSession)]
     assert finished == [fx.BackendFinishSession(VM, ("ram",))]  # never retrieved: released
 
@@ -223,8 +208,7 @@ def test_a_restore_is_decided_unconditionally_and_handed_out(carried_in_store: b
     world = World(core, carried={(VM, "ram"): PAGE}, handover=True)
     running = world.start("retrieve_fd", commands.retrieve_fds(
         core, ALICE, VM, ["ram"], "RetrieveFd", carried_in_store=carried_in_store))
-    while not running.ended:
-        world.perform(running)
+    world.to_end(running)
     assert running.error is None and len(running.value) == 1
     assert core.sessions[VM].fds["ram"].restored and (VM, "ram") in world.held
     assert core.roll_back() == [], "a restore was left to undo"
@@ -252,17 +236,14 @@ def test_a_session_finish_waits_for_a_manager_finish_to_be_durable_or_taken_back
     core = world.core
     seen: list[fx.Effect] = []
     session = world.start("finish_session", commands.finish_session(core, ALICE, VM))
-    while not isinstance(session.pending, fx.SettleRestores):
-        world.perform(session)
+    world.until(session, fx.SettleRestores)
     manager = world.start("finish", commands.finish(core, ROOT))
     assert isinstance(manager.pending, fx.Flush)
     world.perform(session)  # SettleRestores: then it waits on the Manager.Finish
     assert isinstance(session.pending, fx.WaitChange)
     world.perform(manager, fail=True)
     assert isinstance(manager.error, Storage) and core.phase is Phase.UPDATED
-    while not session.ended:
-        seen.append(session.pending)
-        world.perform(session)
+    seen += world.to_end(session)
     assert session.error is None and core.sessions[VM].finished
     assert [e for e in seen if isinstance(e, fx.BackendFinishSession)] == [
         fx.BackendFinishSession(VM, ("ram",))]
@@ -305,8 +286,7 @@ def test_a_cancel_whose_handover_cannot_be_deleted_is_done_all_the_same() -> Non
     world.run("freeze", commands.freeze(world.core, ROOT, 5.0))
     world.handover = True
     running = world.start("cancel", commands.cancel(world.core, ROOT))
-    while not isinstance(running.pending, fx.DiscardHandover):
-        world.perform(running)
+    world.until(running, fx.DiscardHandover)
     world.perform(running, fail=True)
     assert running.ended and running.error is None  # durable: the next start deletes it
     assert world.core.phase is Phase.NORMAL and not world.core.storage_problem
@@ -326,18 +306,14 @@ def test_a_session_finish_waits_for_a_manager_finish_taken_back_by_another_refus
     world.perform(other, fail=True)  # takes the Finish back with it
     assert isinstance(other.error, Storage) and core.phase is Phase.UPDATED
     recovering = world.start("create_session", commands.create_session(core, BOB, "1001-x"))
-    while not recovering.ended:
-        world.perform(recovering)  # the rewrite: everything decided so far is written
+    world.to_end(recovering)  # the rewrite: everything decided so far is written
     while not world.blocked(session) and not session.ended:
         seen.append(session.pending)  # type: ignore[arg-type]
         world.perform(session)
     assert not session.ended, "Session.Finish went on while the Finish's call was under way"
-    while not manager.ended:
-        world.perform(manager)
+    world.to_end(manager)
     assert isinstance(manager.error, Storage)
-    while not session.ended:
-        seen.append(session.pending)  # type: ignore[arg-type]
-        world.perform(session)
+    seen += world.to_end(session)
     assert session.error is None
     assert [e for e in seen if isinstance(e, fx.BackendFinishSession)] == [
         fx.BackendFinishSession(VM, ("ram",))]
@@ -349,13 +325,10 @@ def test_a_preserve_durable_through_another_flush_waits_for_the_store_all_the_sa
     world = world_with()
     running = preserve(world, "a")
     other = world.start("delay_freeze", commands.delay_freeze(world.core, ALICE, VM, True))
-    while not other.ended:
-        world.perform(other)  # writes everything enqueued: the PreserveFd's records too
+    world.to_end(other)  # writes everything enqueued: the PreserveFd's records too
     seen: list[fx.Effect] = []
     world.perform(running, fail=True)
-    while not running.ended:
-        seen.append(running.pending)  # type: ignore[arg-type]
-        world.perform(running)
+    seen += world.to_end(running)
     assert running.error is None  # durable
     assert any(isinstance(e, fx.StoreBarrier) for e in seen)
 
@@ -371,12 +344,9 @@ def test_calls_are_decided_in_order_also_when_one_of_them_ends_the_degraded_mode
     unpreserve = world.start("unpreserve_fd",
                              commands.unpreserve_fd(world.core, ALICE, VM, "ram"))
     assert isinstance(unpreserve.pending, fx.Rewrite)
-    while not bobs.ended:
-        world.perform(bobs)
+    world.to_end(bobs)
     again = preserve(world, "ram")
     assert isinstance(again.pending, fx.WaitChange)  # behind the rewrite under way
-    while not unpreserve.ended:
-        world.perform(unpreserve)
-    while not again.ended:
-        world.perform(again)
+    world.to_end(unpreserve)
+    world.to_end(again)
     assert unpreserve.error is None and again.error is None, again.error

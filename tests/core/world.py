@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from liveupdated.core import effects as fx
-from liveupdated.core.commands import Plan
+from liveupdated.core.commands import Plan, advance
 from liveupdated.core.orchestrator import FdFacts, Orchestrator
 from liveupdated.core.records import FdReleased, Record
 from liveupdated.core.recovery import Key
@@ -127,6 +127,21 @@ class World:
         return isinstance(pending, fx.WaitChange) and pending.deadline is None and not (
             self.changed)
 
+    def until(self, running: Running, kind: type) -> list[fx.Effect]:
+        """Carry a plan on, every effect succeeding, until it waits on an effect of `kind`
+        (or ends); the effects it waited on meanwhile, in order."""
+        waited: list[fx.Effect] = []
+        while running.pending is not None and not isinstance(running.pending, kind):
+            waited.append(running.pending)
+            self.perform(running)
+        assert isinstance(running.pending, kind), (
+            f"{running.name} ended before it waited on a {kind.__name__}: {running.error!r}")
+        return waited
+
+    def to_end(self, running: Running) -> list[fx.Effect]:
+        """Carry a plan on to its end, every effect succeeding; the effects it waited on."""
+        return self.until(running, type(None))
+
     def run(self, name: str, plan: Plan[Any], owned: tuple[int, ...] = ()) -> Running:
         """A plan from start to end (or until it waits on another), every effect
         succeeding."""
@@ -143,30 +158,21 @@ class World:
         return FAILURES[type(effect)]()
 
     def _step(self, running: Running, outcome: Any, failure: BaseException | None) -> None:
+        """As the service steps a plan (commands.advance), effects answered here."""
         self.current = running.name
-        while True:
-            try:
-                effect = (running.plan.throw(failure) if failure is not None
-                          else running.plan.send(outcome))
-            except StopIteration as end:
-                running.pending, running.value, running.owned = None, end.value, ()
-                self.changed = True
-                return
-            except Exception as exc:
-                running.pending, running.error, running.owned = None, exc, ()
-                self.changed = True
-                return
+
+        def carry_out(effect: fx.Effect) -> Any:
             if isinstance(effect, fx.Hold | fx.CloseFds):
-                running.owned = ()
-            if type(effect) in fx.ASYNC:
-                running.pending = effect
-                # A flush covers what was enqueued when it was called (journal.py).
-                running.flush_covers = self.written + len(self.enqueued)
-                return
-            try:
-                outcome, failure = self.answer(effect), None
-            except Exception as exc:
-                outcome, failure = None, exc
+                running.owned = ()  # the plan's fds are held or closed from now on
+            return self.answer(effect)
+
+        running.pending, running.value, running.error = advance(
+            running.plan, outcome, failure, carry_out)
+        if running.pending is None:
+            running.owned = ()
+            self.changed = True
+        else:  # a flush covers what was enqueued when it was called (journal.py)
+            running.flush_covers = self.written + len(self.enqueued)
 
     # ---- the effects, as the service carries them out ---------------------------------
 

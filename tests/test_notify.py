@@ -1,10 +1,14 @@
-"""sd_notify as systemd sees it: READY, STATUS, WATCHDOG, EXTEND_TIMEOUT_USEC, STOPPING."""
+"""sd_notify as systemd sees it: READY, STATUS, WATCHDOG, EXTEND_TIMEOUT_USEC, STOPPING,
+and the fd store's BARRIER=1."""
 
+import asyncio
 import os
 
 from liveupdated.client import Client
+from liveupdated.privatebus import PrivateBus
 from liveupdated.sandbox import DaemonProcess
-from tests.conftest import DaemonFactory, make_memfd
+from tests.conftest import DaemonFactory, fd_links, is_barrier, make_memfd
+from tests.rules_support import eventually
 
 
 async def test_ready_comes_after_the_bus_name_is_owned(daemon: DaemonProcess,
@@ -51,3 +55,44 @@ async def test_reboot_extends_the_timeout_and_stopping_is_said(
 def test_sigterm_stops_cleanly_with_stopping(daemon: DaemonProcess) -> None:
     assert daemon.stop() == 0
     assert "STOPPING=1" in daemon.notifications.messages
+
+
+async def test_every_fd_store_barrier_ends_once_the_manager_has_read_it(
+    daemon: DaemonProcess, client: Client, bus: PrivateBus
+) -> None:
+    """A barrier is a pipe the daemon holds until the manager has read what came before
+    it: one a call waits on is closed by its answer, one after a departed client's drop
+    (no call waits on it) once the manager reads on; none is left behind."""
+
+    async def barriers() -> int:
+        return sum(is_barrier(link) for link in fd_links(daemon.pid))
+
+    async def some_barrier() -> bool:
+        return await barriers() > 0
+
+    async def no_barrier() -> bool:
+        return await barriers() == 0
+
+    session = await client.create_session("vm")
+    fd = make_memfd(4096, b"ram")
+    daemon.notifications.pause()
+    try:
+        call = asyncio.ensure_future(session.preserve_fd("ram", fd))
+        await eventually(some_barrier, "the PreserveFd's barrier to be sent")
+        assert not call.done()
+    finally:
+        daemon.notifications.resume()
+    await call
+    assert await barriers() == 0  # closed before the answer
+
+    async with await Client.connect(bus.address) as leaving:
+        gone = await leaving.create_session("vm-gone")
+        await gone.preserve_fd("ram", fd)
+        daemon.notifications.pause()
+    try:
+        await eventually(some_barrier, "the departed client's drop to send a barrier")
+    finally:
+        daemon.notifications.resume()
+    await eventually(no_barrier, "the drop's barrier to end")
+    assert daemon.notifications.wait_for(lambda n: set(n.store) == {"vm/ram"}, 10)
+    os.close(fd)

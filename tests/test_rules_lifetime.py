@@ -63,10 +63,18 @@ async def test_session_is_dropped_with_its_fds_when_its_owner_leaves_before_prep
             lambda n: set(n.store) == {"vm-stays/ram"}, timeout=10
         ), f"fd store still holds {host.stored_fd_names()}"
         assert await host.open_fds(root) == baseline + 1
+
+        departed = {"65534-vm-nobody", "65534-vm-nobody-2", "vm-root-gone"}
+
+        async def drops_durable() -> bool:  # by the flush after a drop: no call awaits it
+            return departed <= {r.session for r in host.journal_records()
+                                if isinstance(r, SessionDropped)}
+
+        await eventually(drops_durable, "the drops to reach the journal")
         records = host.journal_records()
         dropped = {r.session for r in records if isinstance(r, SessionDropped)}
         released = {(r.session, r.token) for r in records if isinstance(r, FdReleased)}
-        assert dropped == {"65534-vm-nobody", "65534-vm-nobody-2", "vm-root-gone"}
+        assert dropped == departed
         assert released == {("65534-vm-nobody", "ram"), ("65534-vm-nobody", "disk"),
                             ("vm-root-gone", "ram")}
         assert [f.token for f in await stays.list_fds()] == ["ram"]

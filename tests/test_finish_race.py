@@ -2,7 +2,7 @@
 once, in order, whatever lands first; nothing is left behind and nothing is handed out
 after its release. (The simulated backend here; the fdstore backend's run is in the
 nspawn suite, tests/nspawn/test_sid.py, which pipelines the same calls after a real
-soft-reboot.)"""
+soft-reboot; the kernel backend's, on the model of LUO, in tests/kernel/test_backend.py.)"""
 
 import asyncio
 import os

@@ -9,25 +9,36 @@ test_kexec.py.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import itertools
 import os
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from liveupdated import daemon as daemon_module
 from liveupdated.backends import kernel, luo_uapi
+from liveupdated.config import Config
 from liveupdated.core.errors import (
+    NoSuchSession,
     NoSuchToken,
     SessionExists,
     UnsupportedFd,
     WrongState,
 )
-from liveupdated.core.orchestrator import FdEntry
+from liveupdated.core.orchestrator import Caller, FdEntry, Phase
+from liveupdated.daemon import Daemon
 from liveupdated.fds import memfd
+from liveupdated.sandbox import Notifications
+from liveupdated.service import LiveUpdate
+from liveupdated.systemd import boot_id
 
 MIB = 1 << 20
 
@@ -467,3 +478,118 @@ def test_pid1_preservation_is_only_systemds_from_261(monkeypatch: pytest.MonkeyP
         assert kernel.pid1_preserves_fd_stores() == expected
     monkeypatch.setattr(kernel, "under_systemd", lambda: False)
     assert kernel.pid1_preserves_fd_stores() is None
+
+
+# ---- the daemon on this backend: Session.Finish pipelined with Manager.Finish ----------
+
+
+def daemon_on(luo: FakeLuo, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Daemon:
+    """A daemon as `liveupdated --backend kernel` builds it, in this process (where the
+    model of LUO is), without its session holder: the kexec here is the model's."""
+
+    def kernel_backend(config: Config, forget: Callable[[str], None],
+                       inherited: Sequence[str] | None, store: Callable[[str, int], None],
+                       adopted: Mapping[str, int] | None) -> kernel.KernelBackend:
+        return kernel.KernelBackend(holder=False, store=store, forget=forget, adopted=adopted)
+
+    monkeypatch.setattr(daemon_module, "make_backend", kernel_backend)
+    return Daemon(Config(state_dir=state_dir, backend="kernel", reboot_action="exit"))
+
+
+class AtOnce:
+    """How many calls of the backend's, which run in threads, were under way at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+        self.started = threading.Event()
+
+    def counted(self, method: Callable[..., None]) -> Callable[..., None]:
+        def call(*args: object) -> None:
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            self.started.set()
+            try:
+                # A kernel's FINISH takes its time (it frees what was not retrieved):
+                # calls that could overlap do, instead of finishing first by chance.
+                time.sleep(0.05)
+                method(*args)
+            finally:
+                with self.lock:
+                    self.running -= 1
+        return call
+
+
+async def through_a_kexec(luo: FakeLuo, state_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                          vmm: Caller, names: Sequence[str]) -> LiveUpdate:
+    """Sessions `names` of two memfds each, carried by one daemon through Reboot and the
+    model's kexec: the next daemon's service."""
+    old = daemon_on(luo, state_dir, monkeypatch).recover()
+    try:
+        for n, name in enumerate(names):
+            await old.create_session(vmm, name)
+            fds = [(token, guest_memory(f"{name}-{token}", MIB * (n + 1)), ())
+                   for token in ("ram", "state")]
+            await old.preserve_fds(vmm, name, fds, "PreserveFds")
+        await old.prepare(vmm)
+        await old.freeze(vmm)
+        await old.reboot(vmm)
+        with old.core.unconditional():  # the exit that stands for the kexec (daemon.run)
+            old.journal.enqueue(old.core.simulated_kexec_done(boot_id()))
+    finally:
+        await old.journal.aclose()
+        old.notifier.close()
+    luo.kexec()
+    return daemon_on(luo, state_dir, monkeypatch).recover()
+
+
+@pytest.mark.parametrize(
+    "order", ["session first", "manager first", "together", "while the kernel finishes one"])
+async def test_session_finish_pipelined_with_manager_finish_finishes_each_kernel_session_once(
+    luo: FakeLuo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
+    """On the kernel backend a Finish is the kernel's: a session finished twice, or
+    retrieved from after its finish, is an error the kernel answers. Whatever lands
+    first, each one is finished once and every call is answered: done, or as the
+    contract says of a session the update's end has let go (NoSuchSession, WrongState)."""
+    store = Notifications()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(store.path))
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    calls_at_once = AtOnce()
+    for method in ("finish_session", "finish"):
+        monkeypatch.setattr(kernel.KernelBackend, method,
+                            calls_at_once.counted(getattr(kernel.KernelBackend, method)))
+    vmm = Caller(uid=0, unit="", client=":1.7", admin=True)
+    names = [f"vm{n}" for n in range(4)]
+    new = await through_a_kexec(luo, tmp_path / "state", monkeypatch, vmm, names)
+    try:
+        assert [new.core.phase] == [Phase.UPDATED]  # (a list: the phase changes below)
+        assert sorted(luo.incoming) == sorted([*names, kernel.INDEX_SESSION])
+        for name in names:
+            new.retrieve_session(vmm, name)
+        os.close(await new.retrieve_fd(vmm, names[0], "ram"))  # one handed out
+
+        finishes: list[Awaitable[None]] = [new.finish_session(vmm, name) for name in names]
+        if order == "session first":
+            calls = [*finishes, new.finish(vmm)]
+        elif order == "manager first":
+            calls = [new.finish(vmm), *finishes]
+        elif order == "together":
+            calls = [finishes[0], new.finish(vmm), *finishes[1:]]
+        else:
+            first = asyncio.ensure_future(finishes[0])
+            await asyncio.to_thread(calls_at_once.started.wait, 10)
+            calls = [first, new.finish(vmm), *finishes[1:]]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for outcome in outcomes:
+            assert outcome is None or isinstance(outcome, NoSuchSession | WrongState), outcome
+        assert outcomes[0] is None  # the first call always does its part
+        assert new.core.phase is Phase.NORMAL
+        assert calls_at_once.most == 1
+        assert luo.incoming == {}  # each finished, none twice (the model raises then)
+        assert new.core.sessions == {}
+    finally:
+        await new.journal.aclose()
+        new.notifier.close()
+        store.close()

@@ -68,7 +68,10 @@ async def client(bus: PrivateBus, daemon: DaemonProcess) -> AsyncIterator[Client
 
 
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """The open fds of the daemon `pid`, not counting its fd store barriers in flight: a
+    flush no call waits on (the one after a departed client's sessions are dropped) may
+    start one after its change is visible. tests/test_notify.py shows that each ends."""
+    return sum(not is_barrier(link) for link in fd_links(pid))
 
 
 def fd_links(pid: int) -> list[str]:
@@ -254,13 +257,10 @@ class Host:
         return Client.connect(self.bus.address)
 
     async def open_fds(self, client: Client) -> int:
-        """The daemon's open fds, after a round trip through `client` (a reply's fds are
-        closed once it is written, so by the time the daemon answers the next call), not
-        counting its fd store barriers in flight: a flush no call waits on (the one
-        after a departed client's sessions are dropped) may start one after the drop is
-        visible. tests/test_notify.py shows that every barrier ends."""
+        """open_fds() after a round trip through `client`: a reply's fds are closed once
+        it is written, so by the time the daemon answers the next call."""
         await client.state()
-        return sum(not is_barrier(link) for link in fd_links(self.pid))
+        return open_fds(self.pid)
 
     def journal_records(self) -> list[Record]:
         """The journal as it is on disk now, read without touching it (daemon running)."""

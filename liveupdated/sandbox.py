@@ -75,6 +75,7 @@ class Notifications:
         self._receiving = threading.Event()  # cleared: a busy manager, messages queue up
         self._receiving.set()
         self.changed = threading.Condition()
+        self._settles = 0
         self._thread = threading.Thread(target=self._listen, daemon=True)
         self._thread.start()
 
@@ -159,6 +160,18 @@ class Notifications:
     def wait_for(self, predicate: Callable[["Notifications"], bool], timeout: float) -> bool:
         with self.changed:
             return self.changed.wait_for(lambda: predicate(self), timeout)
+
+    def settle(self, timeout: float = 30) -> None:
+        """Until every message sent to the socket so far is handled: a datagram of our
+        own, read after all that came before it (one socket, one reader, in order). A
+        reply of the daemon's says nothing of the messages it sent before it, unless it
+        waited for a BARRIER=1 (as PreserveFd does; a release does not)."""
+        self._settles += 1
+        marker = f"X_TEST_SETTLE={self._settles}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(marker.encode(), str(self.path))
+        if not self.wait_for(lambda n: marker in n.messages, timeout):
+            raise TimeoutError(f"the notify socket's reader did not reach {marker}")
 
     def close(self) -> None:
         self.resume()

@@ -22,7 +22,6 @@ import copy
 import itertools
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -129,21 +128,12 @@ class Run:
         self.store = Notifications()
         self.log = log
         self.daemons: list[DaemonProcess] = []
-        self._sync = itertools.count()
 
     def daemon(self, env: dict[str, str] | None = None) -> DaemonProcess:
         daemon = DaemonProcess(self.bus.address, self.state, "--backend", "simulated",
                                log=self.log, env=env, notifications=self.store)
         self.daemons.append(daemon)
         return daemon
-
-    def settle_store(self) -> None:
-        """Until the fd store has handled every message sent to it so far: a datagram of
-        our own, read after all that came before it (one socket, one reader, in order)."""
-        marker = f"X_TEST_SYNC={next(self._sync)}"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.sendto(marker.encode(), str(self.store.path))
-        assert self.store.wait_for(lambda n: marker in n.messages, 30)
 
     def close(self) -> None:
         for daemon in self.daemons:
@@ -472,7 +462,7 @@ class Cases:
                 if crash_at is None:
                     return Outcome(points_in(log), status, ledger, [])
                 await wait_name_released(vmm)
-                run.settle_store()
+                run.store.settle()
                 if sabotage is not None:  # the self-test: the store loses an fd
                     name = "/".join(sabotage)
                     assert name in run.store.store, (name, sorted(run.store.store))
@@ -493,7 +483,7 @@ class Cases:
                 assert old.wait() == 0
             first = Outcome(points_in(log1), 0, copy.deepcopy(ledger), [])
             ledger.calls, ledger.progress = [], []
-            run.settle_store()
+            run.store.settle()
             found: list[str] = []
             async with await Client.connect(self.bus.address) as vmm:
                 new = run.daemon(hook_env(log2, crash_at))
@@ -508,7 +498,7 @@ class Cases:
                 status = new.wait() if new.process is not None else None
                 if crash_at is not None:
                     await wait_name_released(vmm)
-                    run.settle_store()
+                    run.store.settle()
                     run.daemon().start()
                     found += await check_after_phase_2_crash(vmm, ledger, run.store)
             return first, Outcome(points_in(log2), status, ledger, found)

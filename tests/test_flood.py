@@ -28,7 +28,10 @@ from tests.conftest import make_memfd, open_fds
 from tests.test_bus_limits import LONG_NAMES, NOBODY, RawClient, create_sessions, outcome
 
 CALLS = 128  # the system bus's max_replies_per_connection
-ANSWER_WITHIN = 1.0  # seconds, for root's calls during the flood
+# Seconds, for root's calls during the flood. Starved, they wait as long as the flood
+# lasts (below); answered, a PreserveFd's fsync and store barrier on a busy 2-core
+# machine have been seen near a second, so the bound leaves room for that.
+ANSWER_WITHIN = 3.0
 # Measured before flow control (dbus-daemon 1.14): 40 connections of 64 ListSessions
 # and 64 RetrieveFd left root's State read unanswered for as long as the flood stayed,
 # with 1,900 fds held in the daemon's writer; 20 connections of unread PreserveFds left

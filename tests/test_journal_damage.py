@@ -201,6 +201,7 @@ async def _damage_one(
     problems: list[str] = []
     try:
         daemon.start()
+        store.settle()  # READY=1 may overtake store messages still queued in the daemon
         # The files, not their names: recovery may store a quarantined fd anew under a
         # name of its own.
         held = {_file(fd) for fd in store.store.values()}

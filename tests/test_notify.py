@@ -46,6 +46,7 @@ async def test_reboot_extends_the_timeout_and_stopping_is_said(
     await client.freeze()
     await client.reboot()
     assert daemon.wait() == 0
+    daemon.notifications.settle()  # its exit says nothing of the socket's reader
     messages = daemon.notifications.messages
     extend = [i for i, m in enumerate(messages) if m.startswith("EXTEND_TIMEOUT_USEC=")]
     stopping = messages.index("STOPPING=1")
@@ -54,6 +55,7 @@ async def test_reboot_extends_the_timeout_and_stopping_is_said(
 
 def test_sigterm_stops_cleanly_with_stopping(daemon: DaemonProcess) -> None:
     assert daemon.stop() == 0
+    daemon.notifications.settle()
     assert "STOPPING=1" in daemon.notifications.messages
 
 

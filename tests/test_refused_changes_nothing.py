@@ -59,6 +59,7 @@ async def test_a_refused_preserve_fd_holds_and_stores_nothing(
         refused = await _first_refused(lambda i: session.preserve_fd(f"t{i}", memfd))
         token = f"t{refused}"
         assert token not in {f.token for f in await session.list_fds()}
+        full_host.store.settle()  # a refusal's undo sends no barrier before the reply
         assert f"vm/{token}" not in full_host.store.store
         held = len(await session.list_fds())
         filler.unlink()
@@ -87,6 +88,7 @@ async def test_a_refused_unpreserve_fd_keeps_the_fd_held_and_stored(
             lambda i: sessions[i // 120].unpreserve_fd(f"t{i % 120}"))
         session, token = sessions[refused // 120], f"t{refused % 120}"
         assert token in {f.token for f in await session.list_fds()}
+        full_host.store.settle()  # a refusal's undo sends no barrier before the reply
         assert f"{session.name}/{token}" in full_host.store.store  # stored again
         fd = await session.retrieve_fd(token)
         expected = f"{session.name} {refused % 120}".encode()

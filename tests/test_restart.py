@@ -185,6 +185,7 @@ async def test_fds_the_journal_does_not_know_are_quarantined_not_closed(
         os.close(back)
         await vmm.release_quarantined(ghost.id)
         assert await vmm.list_quarantined() == []
+        host.store.settle()  # the release's FDSTOREREMOVE: no barrier before the reply
         assert "@q/q1" not in host.store.store
     os.close(stray)
 

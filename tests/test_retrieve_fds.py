@@ -23,7 +23,7 @@ from liveupdated.core.errors import (
 )
 from liveupdated.core.names import session_path
 from liveupdated.privatebus import PrivateBus
-from tests.conftest import Host, carried_data, fill_disk, make_memfd, memfds_held
+from tests.conftest import Host, carried_data, fill_disk, make_memfd, memfds_held, open_fds
 from tests.other_uid import OtherUid, digest
 
 NOBODY = 65534
@@ -111,7 +111,7 @@ async def test_retrieve_fds_refuses_what_retrieve_fd_refuses_naming_the_token(
     async with await Client.connect(bus.address) as vmm, OtherUid(bus.address) as nobody:
         await _preserve(vmm, "vm", {"ram": 4096, "state": 4096})
         session = SessionClient(vmm, "vm", session_path("vm"))
-        held = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+        held = open_fds(daemon.pid)
         with pytest.raises(NoSuchToken, match="'nvram'"):
             await session.retrieve_fds(["ram", "nvram", "state"])
         with pytest.raises(InvalidArgument, match="'ram' twice"):
@@ -123,7 +123,7 @@ async def test_retrieve_fds_refuses_what_retrieve_fd_refuses_naming_the_token(
         await vmm.prepare()
         with pytest.raises(WrongState, match="RetrieveFd"):
             await session.retrieve_fds(["ram"])
-        assert len(os.listdir(f"/proc/{daemon.pid}/fd")) == held  # no dup left behind
+        assert open_fds(daemon.pid) == held  # no dup left behind
         await vmm.freeze()
         await vmm.reboot()
         assert host.daemons[-1].wait() == 0

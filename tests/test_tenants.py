@@ -23,6 +23,7 @@ from liveupdated.core.names import MAX_REQUIRES, session_path
 from liveupdated.privatebus import PrivateBus
 from tests.conftest import DaemonFactory, Host, make_memfd
 from tests.other_uid import OtherUid
+from tests.rules_support import gone_from_bus
 
 NOBODY = 65534
 
@@ -70,6 +71,7 @@ async def test_a_tenants_session_names_start_with_its_uid(
         await nobody.call("create_session", name=f"{NOBODY}-vm42")
         with pytest.raises(SessionExists):
             await client.create_session(f"{NOBODY}-vm42")
+    await gone_from_bus(client, nobody.unique_name)  # its departure, then our call: in order
     assert [s.name for s in await client.list_sessions()] == ["vm42"]  # the tenant left
 
 

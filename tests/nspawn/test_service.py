@@ -101,7 +101,7 @@ def test_crash_and_restart_lose_nothing(installed: Installed) -> None:
     ]
     installed.wait_fd_store(installed.held_fds())
     assert installed.held_fds() == 2
-    assert installed.show("StatusText")["StatusText"] == "normal, 1 sessions, 2 fds"
+    installed.wait_status("normal, 1 sessions, 2 fds")
 
     # A crash: Restart=on-failure, and the new process gets its fds from the fd store.
     before = installed.show("MainPID", "NRestarts")

@@ -1,7 +1,8 @@
 """The test inside the QEMU guest: a VMM hands memfds to the installed liveupdated, the
 host side of the update goes through busctl (Prepare, Cancel, Prepare, Freeze, Reboot),
 the kernel kexecs into itself with LUO, and the next boot checks that every fd comes back
-byte-exact and that Finish leaves the kernel holding no session. Run by luo-test.service
+byte-exact and that Finish, pipelined with each session's Session.Finish, leaves the
+kernel holding no session. Run by luo-test.service
 with liveupdated's own venv python.
 
   guest.py run          the stage this boot is in (by /var/lib/luo-test/stage)
@@ -131,6 +132,17 @@ async def fds_back() -> tuple[dict[str, Any], dict[str, str]]:
         return prints, names
 
 
+async def finish_race(names: list[str]) -> list[str]:
+    """Session.Finish of every VM pipelined with Manager.Finish on one connection, the
+    manager's sent second: what each call answered ("done", or the error's name). The
+    backend must let go of each session once, whichever the daemon decides first."""
+    async with await Client.connect("system") as client:
+        sessions = [await client.retrieve_session(name) for name in names]
+        calls = [sessions[0].finish(), client.finish(), *(s.finish() for s in sessions[1:])]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    return ["done" if o is None else type(o).__name__ for o in outcomes]
+
+
 # What LUO does not carry, and the kernel backend no longer hides with a copy: the name
 # (the memfd comes back nameless; FdNames has it) and the holes (every page allocated).
 NOT_CARRIED = ("name", "extents")
@@ -227,14 +239,31 @@ def stage_after(previous_boot: str) -> dict[str, Any]:
     say("not_carried", **{key: {k: after[key][k] for k in NOT_CARRIED} for key in after})
     names_wrong = {key: {"before": facts_["name"], "fd_names": names.get(key)}
                    for key, facts_ in before.items() if names.get(key) != facts_["name"]}
-    busctl("Finish")
+    cursor = journal_cursor()
+    finished = asyncio.run(finish_race(list(SESSIONS)))
     wait_for_state("normal")
-    say("finished")
+    say("finished", answers=finished)
     subprocess.run(["systemctl", "stop", "liveupdated.service"], check=True)
     left = kernel_sessions_left()
     return {"boot_changed": previous_boot != boot_id(), "mismatches": mismatches,
-            "names_wrong": names_wrong,
+            "names_wrong": names_wrong, "finish_answers": finished,
+            "daemon_errors": errors_since(cursor),
             "kernel_sessions_left": left, "fds": sorted(after)}
+
+
+def journal_cursor() -> str:
+    """Where the system journal ends now."""
+    out = subprocess.run(["journalctl", "-q", "-n", "1", "-o", "cat", "--show-cursor"],
+                         check=True, capture_output=True, text=True).stdout
+    return out.strip().rsplit("-- cursor: ", 1)[1]
+
+
+def errors_since(cursor: str) -> list[str]:
+    """What liveupdated itself logged at error or worse after `cursor`."""
+    out = subprocess.run(["journalctl", "-q", "-o", "cat", "-p", "err", f"--after-cursor={cursor}",
+                          "_SYSTEMD_UNIT=liveupdated.service"],
+                         check=True, capture_output=True, text=True).stdout
+    return [line for line in out.split("\n") if line]
 
 
 def crash_daemon(timeout: float = 120.0) -> int:

@@ -4,8 +4,8 @@ busctl plays the host (Prepare, Freeze, Reboot with --reboot-action kexec): live
 asks systemd for the kexec, and PID 1 carries every fd store through LUO
 (FileDescriptorStorePreserve=yes). The next boot checks that liveupdated sees the new boot
 (KExecCount grew), that every fd comes back byte-exact, that the unrelated keeper.service
-kept its store too, that no one holds /dev/liveupdate and that after Finish the kernel
-hands over no session of liveupdated's. Run by luo-fdstore-test.service with liveupdated's
+kept its store too, that no one holds /dev/liveupdate and that after Finish (pipelined
+with each VM's Session.Finish) the kernel hands over no session of liveupdated's. Run by luo-fdstore-test.service with liveupdated's
 own venv python, beside guest.py (shared helpers).
 
   guest_fdstore.py run              the stage this boot is in (/var/lib/luo-test/stage)
@@ -154,16 +154,19 @@ def kernel_sessions_left() -> dict[str, str]:
 
 
 def journal_events(event: str) -> list[dict[str, Any]]:
-    out = subprocess.run(["journalctl", "-b", "-u", UNIT, "-o", "cat", "--no-pager"],
+    """This boot's `event`s of the daemon, from the native fields it logs under systemd
+    (LIVEUPDATED_<KEY>, liveupdated/logs.py): their fields, numbers as numbers."""
+    out = subprocess.run(["journalctl", "-b", "-u", UNIT, "-o", "json", "--no-pager"],
                          check=True, capture_output=True, text=True).stdout
     found = []
     for line in out.splitlines():
-        try:
-            message = json.loads(line)
-        except json.JSONDecodeError:
+        entry = json.loads(line)
+        if entry.get("LIVEUPDATED_EVENT") != event:
             continue
-        if isinstance(message, dict) and message.get("event") == event:
-            found.append(message)
+        found.append({key.removeprefix("LIVEUPDATED_").lower():
+                      int(value) if value.isdigit() else value
+                      for key, value in entry.items()
+                      if key.startswith("LIVEUPDATED_") and isinstance(value, str)})
     return found
 
 
@@ -239,14 +242,17 @@ def stage_after(previous_boot: str, previous_kexecs: int) -> dict[str, Any]:
     found = journal_events("handover_found")
     holders_updated = device_holders()
     keeper = keeper_starts()
-    guest.busctl("Finish")
+    cursor = guest.journal_cursor()
+    finished = asyncio.run(guest.finish_race(list(SESSIONS)))
     guest.wait_for_state("normal")
-    guest.say("finished")
+    guest.say("finished", answers=finished)
     return {
         "boot_changed": previous_boot != guest.boot_id(),
         "kexecs": [previous_kexecs, kexecs],
         "backend": backend(),
         "handover_found": found[-1] if found else None,
+        "finish_answers": finished,
+        "daemon_errors": guest.errors_since(cursor),
         "fds": sorted(after),
         "mismatches": mismatches,
         "not_carried": lost,

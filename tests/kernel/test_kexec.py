@@ -9,8 +9,8 @@ plays the VMM and, through busctl, the host: Prepare, Cancel, Prepare, Freeze, l
 same kernel for kexec, Reboot. The daemon then runs `systemctl kexec` (the default) or the
 kexec syscall itself. After the kexec the guest retrieves and checks every fd (content, size, seals,
 position; its name from Session.FdNames, since the memfd comes back as the kernel
-restores it, nameless and fully allocated), calls Finish and asks the kernel which
-sessions are left. Timings go to the terminal summary.
+restores it, nameless and fully allocated), calls Finish pipelined with each session's
+Session.Finish and asks the kernel which sessions are left. Timings go to the terminal summary.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,14 @@ def test_memfds_come_back_byte_exact_after_a_real_kexec(
     assert result.fields["mismatches"] == {}  # content, size, seals, position
     assert result.fields["names_wrong"] == {}  # Session.FdNames: the names as preserved
     assert result.fields["kernel_sessions_left"] == []
+    finish_race_answered(result.fields)
+
+
+def finish_race_answered(fields: dict[str, Any]) -> None:
+    """Session.Finish of the first VM, Manager.Finish, Session.Finish of the others,
+    pipelined (guest.finish_race): the first is done; the others done, or refused as the
+    update's end let the session go; the daemon logged no error meanwhile."""
+    first, *rest = fields["finish_answers"]
+    assert first == "done", fields["finish_answers"]
+    assert set(rest) <= {"done", "WrongState", "NoSuchSession"}, fields["finish_answers"]
+    assert fields["daemon_errors"] == []

@@ -5,8 +5,9 @@ asks systemd for the kexec, and PID 1 carries every fd store through LUO
 (FileDescriptorStorePreserve=yes). The next boot checks that liveupdated sees the new boot
 (KExecCount grew), that every fd comes back byte-exact, that the unrelated keeper.service
 kept its store too, that no one holds /dev/liveupdate and that after Finish (pipelined
-with each VM's Session.Finish) the kernel hands over no session of liveupdated's. Run by luo-fdstore-test.service with liveupdated's
-own venv python, beside guest.py (shared helpers).
+with each VM's Session.Finish) the kernel hands over no session of liveupdated's. Run by
+luo-fdstore-test.service with liveupdated's own venv python, beside guest.py (shared
+helpers).
 
   guest_fdstore.py run              the stage this boot is in (/var/lib/luo-test/stage)
   guest_fdstore.py vmm SESSION OUT  a VMM (a Type=notify unit): create SESSION, hand over

@@ -11,7 +11,7 @@ missing requirement through, and Cancel returns exactly to the state before Prep
 import itertools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from liveupdated.core.errors import LiveUpdateError
 from liveupdated.core.orchestrator import Caller, FdFacts, Limits, Orchestrator, Phase
-from liveupdated.core.records import CycleRecorded, Record
+from liveupdated.core.records import CycleRecorded, Record, SessionCreated
 from tests.conftest import closes_cycle
 
 LIMITS = Limits(max_sessions=5, max_fds_per_session=3, max_sessions_per_uid=2,
@@ -60,6 +60,7 @@ class ModelSession:
     delay: bool = False
     ready: bool = False
     finished: bool = False
+    prepared: bool = False  # through a Prepare: it outlives its client, even after Cancel
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -263,7 +264,8 @@ class CoreMachine(RuleBasedStateMachine):
         gone = self.clients[actor]
         self.records += self.core.client_gone(gone)
         if self.phase == "normal":
-            self.sessions = {n: s for n, s in self.sessions.items() if s.client != gone}
+            self.sessions = {n: s for n, s in self.sessions.items()
+                             if s.client != gone or s.prepared}
         self.clients[actor] = self._new_client()
 
     @precondition(lambda self: self.phase == "normal" and self.sessions)
@@ -314,6 +316,7 @@ class CoreMachine(RuleBasedStateMachine):
             self.phase = "prepared"
             for s in self.sessions.values():
                 s.ready = False
+                s.prepared = True
 
     @rule(actor=actors)
     def freeze(self, actor: str) -> None:
@@ -329,7 +332,13 @@ class CoreMachine(RuleBasedStateMachine):
             self.phase = "normal"
             for s in self.sessions.values():
                 s.ready = False
-            assert _without_history(self.core.snapshot()) == self.before_prepare, (
+            # All of the update undone, but its sessions keep having been through a
+            # Prepare (docs/API.md: from Prepare on a session survives its client, even
+            # after a Cancel).
+            assert self.before_prepare is not None
+            undone = [replace(r, prepared=True) if isinstance(r, SessionCreated) else r
+                      for r in self.before_prepare]
+            assert _without_history(self.core.snapshot()) == undone, (
                 "Cancel did not undo the update"
             )
 
@@ -388,9 +397,9 @@ class CoreMachine(RuleBasedStateMachine):
         assert set(self.core.sessions) == set(self.sessions)
         for name, model in self.sessions.items():
             live = self.core.sessions[name]
-            assert (live.uid, live.client, live.delay_freeze, live.ready, live.finished) == (
-                model.uid, model.client, model.delay, model.ready, model.finished
-            ), name
+            assert (live.uid, live.client, live.delay_freeze, live.ready, live.finished,
+                    live.prepared) == (model.uid, model.client, model.delay, model.ready,
+                                       model.finished, model.prepared), name
             assert {t: (e.requires, e.size, e.problem == "lost", e.restored)
                     for t, e in live.fds.items()} == {
                 t: (fd.requires, fd.size, fd.lost, fd.restored) for t, fd in model.fds.items()
